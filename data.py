@@ -1,0 +1,152 @@
+"""Data sets: MNIST through torchvision, and any folder of images (CelebA's img_align_celeba included).
+
+Every data set yields (image, label) with the image a float tensor (C, H, W) in [-1, 1] and the
+label an int (0 where the data has no classes). Random flips happen in the training step, on
+the device, so that they follow the step's seed and a resumed run sees the same batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class DataError(Exception):
+    """Data that cannot be found or read; the message says what to do."""
+
+
+class TensorImages(Dataset):
+    """uint8 images (N, H, W) or (N, C, H, W) with labels (N,), scaled to [-1, 1] and resized on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int):
+        self.images = images if images.dim() == 4 else images[:, None]
+        self.labels = labels
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i].float() / 127.5 - 1
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x[None], size=self.image_size, mode="bilinear", antialias=True, align_corners=False)[0]
+        return x, int(self.labels[i])
+
+
+def load_mnist(root: str | Path, train: bool, image_size: int = 28, download: bool = True) -> TensorImages:
+    """MNIST split read (or downloaded) by torchvision into memory: the same files TensorFlow used."""
+    from torchvision.datasets import MNIST
+
+    root = Path(root)
+    try:
+        ds = MNIST(str(root), train=train, download=download)
+    except (RuntimeError, OSError) as e:  # torchvision says "Dataset not found" or the download failed
+        raise DataError(
+            f"MNIST not found under {root}/MNIST/raw ({str(e).splitlines()[0]}). Put the four files "
+            "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), "
+            f"t10k-labels-idx1-ubyte(.gz) in {root}/MNIST/raw, or run online with --download"
+        ) from e
+    return TensorImages(ds.data, ds.targets, image_size)
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Image files under root, searched recursively, sorted by relative path; errors if none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist: pass --data-root DIR (a folder of images, e.g. img_align_celeba)")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return files
+
+
+def readable(files: list[Path]) -> list[Path]:
+    """Files whose header PIL can identify; the rest are skipped with one warning that counts them."""
+    good = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.size
+            good.append(path)
+        except (UnidentifiedImageError, OSError):
+            continue
+    if len(good) < len(files):
+        log.warning("skipped %d of %d files that are not readable images", len(files) - len(good), len(files))
+    if not good:
+        raise DataError("none of the image files could be read")
+    return good
+
+
+def in_validation(path: Path, root: Path, fraction: float) -> bool:
+    """Deterministic split by file name: stable across machines and when files are added."""
+    digest = hashlib.md5(path.relative_to(root).as_posix().encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+class ImageFolder(Dataset):
+    """Center-cropped, resized RGB images from a folder tree; labels from top-level sub-folders if asked."""
+
+    def __init__(self, files: list[Path], root: Path, image_size: int, class_names: list[str] | None = None):
+        from torchvision import transforms
+
+        self.files, self.root = files, root
+        self.class_index = {name: i for i, name in enumerate(class_names or [])}
+        self.transform = transforms.Compose([
+            transforms.Resize(image_size, antialias=True),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * 3, [0.5] * 3),
+        ])
+        self.warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def label(self, i: int) -> int:
+        """Index of the file's top-level sub-folder, or 0 without classes."""
+        if not self.class_index:
+            return 0
+        return self.class_index[self.files[i].relative_to(self.root).parts[0]]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        # A file that passed the header check but fails to decode (truncated) is replaced by its
+        # neighbour, with a warning, so a long run never dies mid-epoch on one bad file.
+        for j in range(i, i + len(self.files)):
+            j %= len(self.files)
+            try:
+                with Image.open(self.files[j]) as im:
+                    return self.transform(im.convert("RGB")), self.label(j)
+            except OSError as e:
+                if j not in self.warned:
+                    self.warned.add(j)
+                    log.warning("skipping unreadable image %s (%s)", self.files[j], e)
+        raise DataError("no image in the folder could be decoded")
+
+
+def image_folder_splits(
+    root: str | Path, image_size: int, val_fraction: float, class_from_folders: bool = False
+) -> tuple[ImageFolder, ImageFolder | None, list[str] | None]:
+    """(train, validation or None, class names or None) for a folder of images."""
+    root = Path(root)
+    files = readable(find_images(root))
+    class_names = None
+    if class_from_folders:
+        class_names = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+        if not class_names:
+            raise DataError(f"--class-from-folders needs images in sub-folders of {root} (one folder per class)")
+        files = [f for f in files if len(f.relative_to(root).parts) > 1]
+    val = [f for f in files if in_validation(f, root, val_fraction)]
+    train = [f for f in files if not in_validation(f, root, val_fraction)]
+    if not train:
+        raise DataError(f"--val-fraction {val_fraction} leaves no training images out of {len(files)}")
+    log.info("%d training and %d validation images from %s", len(train), len(val), root)
+    val_set = ImageFolder(val, root, image_size, class_names) if val else None
+    return ImageFolder(train, root, image_size, class_names), val_set, class_names

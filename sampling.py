@@ -1,0 +1,145 @@
+"""Sampling from a model or a checkpoint file, and labelled sample grids.
+
+`sample_from_checkpoint` needs only the file: the U-Net is rebuilt from the stored config.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from flow import generate
+
+DEFAULT_SOLVER = "midpoint"  # measured in benchmark.py: see README "Results"
+DEFAULT_STEPS = 10  # midpoint: 2 NFE per step -> 20 network evaluations per image
+DEFAULT_GUIDANCE = 1.5  # for class-conditional models; unconditional ones always use 1
+
+
+@dataclass
+class Samples:
+    """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    nfe: int
+    seconds: float
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device | str) -> torch.Tensor:
+    """Noise (n, *shape) where sample i depends only on (seed, i), not on the batch size."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]).to(device)
+
+
+def check_labels(labels: torch.Tensor | None, num_classes: int | None) -> None:
+    """Raise ValueError unless labels fit the model's classes."""
+    if labels is None:
+        return
+    if num_classes is None:
+        raise ValueError("this model is unconditional: it takes no labels")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise ValueError(f"label {int(bad[0])} is out of range: this model knows classes 0-{num_classes - 1}")
+
+
+@torch.no_grad()
+def sample_model(
+    model: nn.Module,
+    n: int,
+    labels: torch.Tensor | None = None,
+    solver: str = DEFAULT_SOLVER,
+    steps: int = DEFAULT_STEPS,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> Samples:
+    """Draw n images in batches; conditional models without labels cycle through the classes."""
+    cfg = model.config
+    device = torch.device(device or next(model.parameters()).device)
+    if labels is None and cfg.num_classes is not None:
+        labels = torch.arange(n) % cfg.num_classes
+    check_labels(labels, cfg.num_classes)
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE if cfg.num_classes is not None else 1.0
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    noise = make_noise(n, shape, seed, "cpu")
+    start, images, nfe = time.perf_counter(), [], 0
+    for i in range(0, n, batch_size):
+        y = labels[i:i + batch_size].to(device) if labels is not None else None
+        x, nfe = generate(model, noise[i:i + batch_size].to(device), y, solver, steps, guidance)
+        images.append(((x + 1) / 2).cpu())
+    return Samples(torch.cat(images), labels, nfe, time.perf_counter() - start)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None,
+              class_names: list[str] | None = None, scale: int = 2) -> Path:
+    """PNG grid of images (B, C, H, W) in [0, 1]; runs of equal labels become labelled rows."""
+    rows = _label_rows(labels)
+    ncol = len(images) // len(rows) if rows else math.ceil(math.sqrt(len(images)))
+    nrow = len(rows) if rows else math.ceil(len(images) / ncol)
+    c, h, w = images.shape[1:]
+    pad, margin = 2, (48 if rows else 0)
+    grid = Image.new("RGB", (margin + ncol * (w + pad) + pad, nrow * (h + pad) + pad), "white")
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, img in enumerate(pixels):
+        tile = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB")
+        grid.paste(tile, (margin + pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + pad)))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(grid)
+    for r, label in enumerate(rows):
+        name = class_names[label] if class_names else str(label)
+        draw.text((4, (pad + r * (h + pad) + h // 2) * scale - 6), name[:6], fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def _label_rows(labels: torch.Tensor | None) -> list[int]:
+    """Row labels when labels form equal-length runs (e.g. 0,0,1,1,2,2), else []."""
+    if labels is None or len(labels) == 0:
+        return []
+    values, counts = torch.unique_consecutive(labels, return_counts=True)
+    if len(values) < 2 or (counts != counts[0]).any():
+        return []
+    return values.tolist()
+
+
+def sample_from_checkpoint(
+    checkpoint_path: str | Path,
+    out_path: str | Path | None = None,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int = 4,
+    solver: str = DEFAULT_SOLVER,
+    guidance: float | None = None,
+    labels: list[int] | torch.Tensor | None = None,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    use_ema: bool = True,
+) -> torch.Tensor:
+    """Images (B, C, H, W) in [0, 1] from a checkpoint; writes a grid PNG when out_path is given.
+
+    B is len(labels) when labels are given, else batch_size. guidance None means the default
+    (DEFAULT_GUIDANCE for class-conditional models). seed None draws a random seed.
+    """
+    device = torch.device(device) if device else default_device()
+    ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
+    model = model_from_checkpoint(ckpt, use_ema).to(device)
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    n = len(labels) if labels is not None else batch_size
+    seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size=max(batch_size, 1), device=device)
+    if out_path is not None:
+        save_grid(samples.images, out_path, samples.labels, ckpt.get("class_names"))
+    return samples.images

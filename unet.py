@@ -1,0 +1,182 @@
+"""Conditional U-Net that predicts the rectified-flow velocity v(x_t, t, y)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = 8  # GroupNorm groups, as in the seed
+
+
+@dataclass
+class UNetConfig:
+    """Constructor arguments of ConditionalUNet; stored in every checkpoint."""
+
+    image_size: int = 28  # side of the square input in pixels
+    in_channels: int = 1  # 1 for MNIST, 3 for RGB
+    base_channels: int = 64  # channels at full resolution (multiple of 8)
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # channel multiplier per level; len-1 downsamplings
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    attention_resolutions: tuple[int, ...] = (7,)  # feature-map sides (pixels) that get self-attention
+    dropout: float = 0.1  # dropout inside ResBlocks
+    num_classes: int | None = 10  # None = unconditional; index num_classes is the "no label" token
+    head_channels: int = 32  # channels per attention head
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of t in [0, 1] followed by a two-layer MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 128):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (B,) -> (B, dim)."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
+        # Scale t to [0, 1000] so the usual diffusion frequencies resolve small steps in t.
+        args = 1000 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=1))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time/class embedding as a scale and shift."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(GROUPS, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(GROUPS, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_ch, H, W), emb: (B, emb_dim) -> (B, out_ch, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int, head_channels: int):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(GROUPS, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Level(nn.Module):
+    """A ResBlock optionally followed by self-attention: the unit the U-Net is built from."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool, head_channels: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
+        self.attn = SelfAttentionBlock(out_ch, head_channels) if attention else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.res(x, emb))
+
+
+class ConditionalUNet(nn.Module):
+    """U-Net v(x, t, y): x (B, C, H, W) in [-1, 1]-scale, t (B,) in [0, 1], y (B,) class indices or None."""
+
+    def __init__(self, config: UNetConfig | None = None, **kwargs):
+        super().__init__()
+        cfg = config or UNetConfig(**kwargs)
+        check_config(cfg)
+        self.config = cfg
+        ch, emb_dim = cfg.base_channels, 4 * cfg.base_channels
+        self.time_embed = TimeEmbedding(emb_dim)
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+        self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_channels, res, cur = [ch], cfg.image_size, ch
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                out = cfg.base_channels * mult
+                self.down.append(Level(cur, out, emb_dim, cfg.dropout, res in cfg.attention_resolutions, cfg.head_channels))
+                skip_channels.append(out)
+                cur = out
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+                skip_channels.append(cur)
+                res //= 2
+
+        attn_mid = SelfAttentionBlock(cur, cfg.head_channels)
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout), attn_mid, ResBlock(cur, cur, emb_dim, cfg.dropout)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                out = cfg.base_channels * mult
+                attention = res in cfg.attention_resolutions
+                self.up.append(Level(cur + skip_channels.pop(), out, emb_dim, cfg.dropout, attention, cfg.head_channels))
+                cur = out
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)))
+                res *= 2
+
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity (B, C, H, W) at x_t; y may hold num_classes (the null token) for guidance."""
+        if (y is None) != (self.class_embed is None):
+            raise ValueError(
+                "labels y must be given exactly when the model is class-conditional "
+                f"(num_classes={self.config.num_classes}, y {'missing' if y is None else 'given'})"
+            )
+        emb = self.time_embed(t)
+        if y is not None:
+            emb = emb + self.class_embed(y)
+
+        h = self.stem(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, emb) if isinstance(layer, Level) else layer(h)
+            skips.append(h)
+        h = self.mid[0](h, emb)
+        h = self.mid[1](h)
+        h = self.mid[2](h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, Level) else layer(h)
+        return self.out(h)
+
+
+def check_config(cfg: UNetConfig) -> None:
+    """Raise ValueError with a readable message when the U-Net cannot be built for cfg."""
+    factor = 2 ** (len(cfg.channel_mult) - 1)
+    if cfg.image_size < factor or cfg.image_size % factor:
+        raise ValueError(
+            f"image size {cfg.image_size} cannot go through {len(cfg.channel_mult) - 1} downsamplings: "
+            f"use a multiple of {factor} (e.g. 28 with 3 levels, 32/64/128 with 3-4 levels)"
+        )
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
+    if any(w % GROUPS for w in widths):
+        raise ValueError(f"channel widths {widths} must be multiples of {GROUPS} (GroupNorm groups)")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise ValueError(f"num_classes must be None or >= 1, got {cfg.num_classes}")
