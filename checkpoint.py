@@ -13,7 +13,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from unet import ConditionalUNet, UNetConfig
 
@@ -24,17 +23,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or not one of ours."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DataParallel / DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def clean_state_dict(state: dict) -> dict:

@@ -64,7 +64,7 @@ def parse_configs(
     Returns the filled configs and the preset name used. A preset's keys may belong to any of the
     configs; a key that belongs to none is a programming error and raises.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help=f"named set of defaults (default: {default_preset}, chosen from the device)")

@@ -91,20 +91,25 @@ def in_validation(path: Path, root: Path, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
+def photo_transform(image_size: int):
+    """PIL image -> (3, S, S) tensor in [-1, 1]: resize the short side, center-crop."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(image_size, antialias=True),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),
+    ])
+
+
 class ImageFolder(Dataset):
     """Center-cropped, resized RGB images from a folder tree; labels from top-level sub-folders if asked."""
 
     def __init__(self, files: list[Path], root: Path, image_size: int, class_names: list[str] | None = None):
-        from torchvision import transforms
-
         self.files, self.root = files, root
         self.class_index = {name: i for i, name in enumerate(class_names or [])}
-        self.transform = transforms.Compose([
-            transforms.Resize(image_size, antialias=True),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5] * 3, [0.5] * 3),
-        ])
+        self.transform = photo_transform(image_size)
         self.warned: set[int] = set()
 
     def __len__(self) -> int:
@@ -150,3 +155,31 @@ def image_folder_splits(
     log.info("%d training and %d validation images from %s", len(train), len(val), root)
     val_set = ImageFolder(val, root, image_size, class_names) if val else None
     return ImageFolder(train, root, image_size, class_names), val_set, class_names
+
+
+class Unlabelled(Dataset):
+    """Wrap a data set of (image, anything) as (image, 0)."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.data[i][0], 0
+
+
+def load_celeba(root: str | Path, image_size: int) -> tuple[Dataset, Dataset, None]:
+    """CelebA's official train/valid splits through torchvision (root/celeba/img_align_celeba + list files)."""
+    from torchvision.datasets import CelebA
+
+    try:
+        splits = [CelebA(str(root), split=s, target_type=[], transform=photo_transform(image_size))
+                  for s in ("train", "valid")]
+    except (RuntimeError, OSError) as e:
+        raise DataError(
+            f"CelebA not found under {root}/celeba ({str(e).splitlines()[0]}): it needs img_align_celeba/ and "
+            "list_eval_partition.txt there; or use --dataset folder --data-root path/to/img_align_celeba"
+        ) from e
+    return Unlabelled(splits[0]), Unlabelled(splits[1]), None

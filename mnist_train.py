@@ -20,7 +20,7 @@ from data import DataError, load_mnist
 from flow import generate
 from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, make_noise
 from trainer import TrainConfig, train
-from unet import UNetConfig
+from unet import UNetConfig, check_config
 
 
 @dataclass
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     default_preset = "gpu" if torch.cuda.is_available() else "cpu"
     (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset, argv, __doc__)
     print(f"preset: {preset}")
+    check_config(model_cfg)  # a bad --image-size fails here, before any data is read
     train_set = load_mnist(data_cfg.data_root, train=True, image_size=model_cfg.image_size, download=data_cfg.download)
     if data_cfg.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(data_cfg.subset, len(train_set))))

@@ -23,7 +23,7 @@ DEFAULT_GUIDANCE = 1.5  # for class-conditional models; unconditional ones alway
 
 @dataclass
 class Samples:
-    """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost."""
+    """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost (NFE per image)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
@@ -62,8 +62,12 @@ def sample_model(
     seed: int = 0,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
 ) -> Samples:
-    """Draw n images in batches; conditional models without labels cycle through the classes."""
+    """Draw n images in batches; conditional models without labels cycle through the classes.
+
+    The NFE reported is the mean over batches (adaptive dopri5 varies; fixed-step solvers do not)."""
     cfg = model.config
     device = torch.device(device or next(model.parameters()).device)
     if labels is None and cfg.num_classes is not None:
@@ -73,12 +77,13 @@ def sample_model(
         guidance = DEFAULT_GUIDANCE if cfg.num_classes is not None else 1.0
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     noise = make_noise(n, shape, seed, "cpu")
-    start, images, nfe = time.perf_counter(), [], 0
+    start, images, nfes = time.perf_counter(), [], []
     for i in range(0, n, batch_size):
         y = labels[i:i + batch_size].to(device) if labels is not None else None
-        x, nfe = generate(model, noise[i:i + batch_size].to(device), y, solver, steps, guidance)
+        x, nfe = generate(model, noise[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol)
         images.append(((x + 1) / 2).cpu())
-    return Samples(torch.cat(images), labels, nfe, time.perf_counter() - start)
+        nfes.append(nfe)
+    return Samples(torch.cat(images), labels, round(sum(nfes) / len(nfes)), time.perf_counter() - start)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None,
@@ -88,7 +93,7 @@ def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | Non
     ncol = len(images) // len(rows) if rows else math.ceil(math.sqrt(len(images)))
     nrow = len(rows) if rows else math.ceil(len(images) / ncol)
     c, h, w = images.shape[1:]
-    pad, margin = 2, (48 if rows else 0)
+    pad, margin = 2, (16 if rows else 0)
     grid = Image.new("RGB", (margin + ncol * (w + pad) + pad, nrow * (h + pad) + pad), "white")
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, img in enumerate(pixels):
@@ -115,6 +120,32 @@ def _label_rows(labels: torch.Tensor | None) -> list[int]:
     return values.tolist()
 
 
+def sample_checkpoint(
+    checkpoint_path: str | Path,
+    out_path: str | Path | None = None,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int = 4,
+    solver: str = DEFAULT_SOLVER,
+    guidance: float | None = None,
+    labels: list[int] | torch.Tensor | None = None,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    use_ema: bool = True,
+) -> Samples:
+    """sample_from_checkpoint, returning the Samples record (images, labels, NFE, seconds)."""
+    device = torch.device(device) if device else default_device()
+    ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
+    model = model_from_checkpoint(ckpt, use_ema).to(device)
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    n = len(labels) if labels is not None else batch_size
+    seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size=max(batch_size, 1), device=device)
+    if out_path is not None:
+        save_grid(samples.images, out_path, samples.labels, ckpt.get("class_names"))
+    return samples
+
+
 def sample_from_checkpoint(
     checkpoint_path: str | Path,
     out_path: str | Path | None = None,
@@ -127,19 +158,11 @@ def sample_from_checkpoint(
     device: str | torch.device | None = None,
     use_ema: bool = True,
 ) -> torch.Tensor:
-    """Images (B, C, H, W) in [0, 1] from a checkpoint; writes a grid PNG when out_path is given.
+    """Images (B, C, H, W) in [0, 1] from a checkpoint file alone; writes a grid PNG when out_path is given.
 
-    B is len(labels) when labels are given, else batch_size. guidance None means the default
-    (DEFAULT_GUIDANCE for class-conditional models). seed None draws a random seed.
+    B is len(labels) when labels are given, else batch_size (class-conditional models then cycle
+    through their classes). guidance None means DEFAULT_GUIDANCE for class-conditional models and
+    1 for unconditional ones; seed None draws a random seed.
     """
-    device = torch.device(device) if device else default_device()
-    ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
-    model = model_from_checkpoint(ckpt, use_ema).to(device)
-    if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-    n = len(labels) if labels is not None else batch_size
-    seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
-    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size=max(batch_size, 1), device=device)
-    if out_path is not None:
-        save_grid(samples.images, out_path, samples.labels, ckpt.get("class_names"))
-    return samples.images
+    return sample_checkpoint(checkpoint_path, out_path, steps, batch_size, solver, guidance, labels, seed, device,
+                             use_ema).images

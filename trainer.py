@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, model_config_from, save_checkpoint, unwrap
+from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, model_config_from, save_checkpoint
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
 from sampling import sample_model, save_grid
@@ -208,6 +208,58 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class Parts:
+    """What a training step touches."""
+
+    model: ConditionalUNet  # the plain module: what is saved and averaged
+    net: nn.Module  # the model as called: compiled and/or wrapped for DDP / DataParallel
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object  # context manager: bf16/fp16 autocast on CUDA, else a no-op
+
+
+def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
+    """Model, EMA, optimizer, grad scaler and autocast for cfg on rt's device."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = ConditionalUNet(model_cfg).to(rt.device, memory_format=memory_format)
+    net: nn.Module = torch.compile(model) if cfg.compile else model
+    if rt.ddp:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    elif cfg.parallel == "dp":
+        net = nn.DataParallel(net)  # on CPU or a single GPU this simply calls the module
+    cuda = rt.device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+                if cfg.amp != "none" and cuda else nullcontext())
+    return Parts(model, net, EMA(model, cfg.ema_decay),
+                 torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None),
+                 torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16" and cuda), autocast)
+
+
+def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None, step: int, rank: int = 0) -> torch.Tensor:
+    """One optimizer step on a batch already on the device (x: (B, C, H, W) in [-1, 1]); returns the loss."""
+    torch.manual_seed(step_seed(cfg.seed, rank, step))
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if cfg.hflip:
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    with parts.autocast:
+        loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, cfg.t_schedule)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.ema.update(parts.model)
+    return loss.detach()
+
+
 def train(
     cfg: TrainConfig,
     model_cfg: UNetConfig,
@@ -222,13 +274,8 @@ def train(
     configure_backends(cfg)
     say = print if rt.main else (lambda *a, **k: None)
     out_dir, conditional = Path(cfg.out_dir), model_cfg.num_classes is not None
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = ConditionalUNet(model_cfg).to(rt.device, memory_format=memory_format)
-    ema = EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16" and rt.device.type == "cuda")
+    parts = build(cfg, model_cfg, rt)
+    model, ema, optimizer, scaler = parts.model, parts.ema, parts.optimizer, parts.scaler
     step, best_val = 0, math.inf
 
     resume = str(out_dir / "last.pth") if cfg.resume == "auto" else cfg.resume
@@ -242,20 +289,12 @@ def train(
         step, best_val = ckpt["step"], ckpt.get("best_val_loss", math.inf)
         say(f"resumed from {resume} at step {step} (epoch {ckpt['epoch']})")
 
-    net: nn.Module = torch.compile(model) if cfg.compile else model
-    if rt.ddp:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    elif cfg.parallel == "dp":
-        net = nn.DataParallel(net)  # on CPU or a single GPU this simply calls the module
-
     per_rank = cfg.batch_size // rt.world
     sampler = ShardedSampler(len(train_set), per_rank, cfg.seed, rt.rank, rt.world)
     if sampler.batches == 0:
         raise ValueError(f"{len(train_set)} training images do not fill one batch of {per_rank} per process: lower --batch-size")
     loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
                         pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
-                if cfg.amp != "none" and rt.device.type == "cuda" else nullcontext())
     total_steps = cfg.epochs * sampler.batches
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -263,11 +302,17 @@ def train(
     def checkpoint_state(epoch: int, loss: float, val: float | None) -> dict:
         return {
             "epoch": epoch, "step": step, "loss": loss, "val_loss": val, "best_val_loss": best_val,
-            "model_state": unwrap(model).state_dict(), "ema_state": ema.state_dict(),
+            "model_state": model.state_dict(), "ema_state": ema.state_dict(),
             "optimizer_state": optimizer.state_dict(), "scaler_state": scaler.state_dict(),
             "model_config": asdict(model_cfg), "train_config": asdict(cfg), "class_names": class_names,
             **(extra or {}),
         }
+
+    def save_partial() -> None:
+        """last.pth in the middle of an epoch (Ctrl-C, --max-steps): usable for sampling and --resume."""
+        if rt.main:
+            save_checkpoint(out_dir / "last.pth", checkpoint_state(epoch, epoch_loss, None))
+            say(f"stopped at step {step}, inside epoch {epoch + 1}: saved {out_dir / 'last.pth'}; continue with --resume auto")
 
     if rt.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,30 +326,16 @@ def train(
     try:
         while step < total_steps:
             sampler.set_epoch(epoch, step - epoch * sampler.batches)
-            net.train()
+            parts.net.train()
             loss_sum, n_loss, window_sum, window_n = torch.zeros((), device=rt.device), 0, 0.0, 0
             epoch_start, epoch_steps = time.perf_counter(), 0
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not rt.main, leave=False, dynamic_ncols=True)
             for x, y in bar:
-                torch.manual_seed(step_seed(cfg.seed, rt.rank, step))
-                x = x.to(rt.device, non_blocking=True).contiguous(memory_format=memory_format)
+                x = x.to(rt.device, non_blocking=True)
                 y = y.to(rt.device, non_blocking=True) if conditional else None
-                if cfg.hflip:
-                    x = torch.where(torch.rand(len(x), 1, 1, 1, device=rt.device) < 0.5, x.flip(-1), x)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-                with autocast:
-                    loss = flow_matching_loss(net, x, y, model_cfg.num_classes, cfg.label_dropout, cfg.t_schedule)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                ema.update(model)
+                loss = train_step(parts, cfg, x, y, step, rt.rank)
                 step, epoch_steps = step + 1, epoch_steps + 1
-                loss_sum += loss.detach()
+                loss_sum += loss
                 n_loss += 1
                 if step % cfg.log_every == 0:  # the only host sync in the loop
                     window = loss_sum.item()
@@ -318,6 +349,9 @@ def train(
             bar.close()
             seconds = time.perf_counter() - epoch_start
             epoch_loss = loss_sum.item() / max(n_loss, 1)
+            if step % sampler.batches:  # --max-steps ended mid-epoch: keep the state, as Ctrl-C does
+                save_partial()
+                break
             epoch += 1
             if not rt.main:
                 continue
@@ -345,13 +379,11 @@ def train(
             say(f"epoch {epoch}/{cfg.epochs}  step {step}  loss {epoch_loss:.4f}  {val_text}"
                 f"{record['images_per_s']:.0f} img/s  elapsed {record['elapsed_s'] / 60:.1f} min")
     except KeyboardInterrupt:
-        if rt.main:
-            save_checkpoint(out_dir / "last.pth", checkpoint_state(epoch, epoch_loss, None))
-            say(f"\ninterrupted at step {step}: saved {out_dir / 'last.pth'}; continue with --resume auto")
+        save_partial()
     finally:
         if log_file:
             log_file.close()
         if rt.ddp:
             dist.destroy_process_group()
-    return {"step": step, "epoch": epoch, "loss": epoch_loss, "best_val_loss": best_val,
-            "checkpoint": cfg.checkpoint, "elapsed_s": time.perf_counter() - start_time}
+    return {"step": step, "epoch": epoch, "loss": epoch_loss, "best_val_loss": best_val, "checkpoint": cfg.checkpoint,
+            "elapsed_s": time.perf_counter() - start_time, "model": model, "ema": ema.model}

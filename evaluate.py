@@ -1,0 +1,228 @@
+"""How good are the samples? MNIST: a classifier's accuracy on generated digits and the Fréchet
+distance in its features (with the real-vs-real floor). RGB folders: Inception FID / KID.
+
+    python evaluate.py train-classifier --data-root ../shared/data
+    python evaluate.py mnist --checkpoint checkpoints/flow_matching_mnist.pth --n 2000
+    python evaluate.py fid --checkpoint checkpoints/rf_best.pth --real-dir img_align_celeba --n 5000
+
+The MNIST distance is measured in a small CNN's 128-d penultimate features: it is *not* the
+Inception FID and must not be compared with published FIDs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from data import DataError, TensorImages, load_mnist
+from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, default_device, sample_model
+
+CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
+
+
+class MnistClassifier(nn.Module):
+    """Two conv layers and two linear ones; input (B, 1, 28, 28) in [-1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * 12 * 12, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(128, 10))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, 128): the space the Fréchet distance is measured in."""
+        return self.conv(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def predict(classifier: MnistClassifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted digits (N,), features (N, 128)) for images (N, 1, 28, 28) in [-1, 1]."""
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    preds, feats = [], []
+    for i in range(0, len(images), batch_size):
+        f = classifier.features(images[i:i + batch_size].to(device))
+        feats.append(f.cpu())
+        preds.append(classifier.head(f).argmax(1).cpu())
+    return torch.cat(preds), torch.cat(feats)
+
+
+def tensors(data: TensorImages, n: int | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (n, 1, 28, 28) in [-1, 1] and labels (n,) from a TensorImages set, without a DataLoader."""
+    stop = len(data) if n is None else start + n
+    return data.images[start:stop].float() / 127.5 - 1, data.labels[start:stop]
+
+
+def train_classifier(data_root: str, epochs: int = 3, subset: int = 0, seed: int = 0, out: str | None = CLASSIFIER_PATH,
+                     device: torch.device | str = "cpu") -> float:
+    """Train the CNN on the MNIST training set only; save it with its test accuracy; return that accuracy."""
+    torch.manual_seed(seed)
+    train_set = load_mnist(data_root, train=True, download=False)
+    if subset:
+        train_set = torch.utils.data.Subset(train_set, range(subset))
+    test_x, test_y = tensors(load_mnist(data_root, train=False, download=False))
+    model = MnistClassifier().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * len(loader))
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    accuracy = (predict(model, test_x)[0] == test_y).float().mean().item()
+    if out:
+        from checkpoint import save_checkpoint
+
+        save_checkpoint(out, {"model_state": model.state_dict(), "test_accuracy": accuracy, "kind": "mnist-classifier"})
+    return accuracy
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[MnistClassifier, float]:
+    """The saved classifier and its test accuracy; a clear error when it has not been trained yet."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"classifier {path} not found: run `python evaluate.py train-classifier` first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("kind") != "mnist-classifier":
+        raise CheckpointError(f"{path} is not an MNIST classifier written by evaluate.py")
+    model = MnistClassifier()
+    model.load_state_dict(state["model_state"])
+    return model.to(device).eval(), state["test_accuracy"]
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between feature sets (N, D), in float64."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    # Tr (S_a S_b)^(1/2) = sum of sqrt eigenvalues of the symmetric S_a^(1/2) S_b S_a^(1/2).
+    w, v = torch.linalg.eigh(s_a)
+    root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    middle = root_a @ s_b @ root_a
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * trace_root).item()
+
+
+def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
+                  steps: int = DEFAULT_STEPS, guidance: float | None = None, seed: int = 0, batch_size: int = 500,
+                  rtol: float = 1e-3, atol: float = 1e-3) -> dict:
+    """Conditional accuracy and Fréchet distance of n generated digits (n/10 per digit) vs n real test digits."""
+    if n < 20 or n % 10 or 2 * n > len(real):
+        raise ValueError(f"--n must be a multiple of 10 between 20 and {len(real) // 2} (two disjoint real sets of n)")
+    labels = torch.arange(10).repeat_interleave(n // 10)
+    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
+    preds, fake_feats = predict(classifier, samples.images * 2 - 1)
+    _, real_feats = predict(classifier, tensors(real, n)[0])
+    _, other_feats = predict(classifier, tensors(real, n, start=n)[0])
+    return {"n": n, "solver": solver, "steps": steps, "nfe": samples.nfe, "seconds": samples.seconds,
+            "guidance": guidance, "accuracy": (preds == labels).float().mean().item(),
+            "frechet": frechet_distance(fake_feats, real_feats), "floor": frechet_distance(other_feats, real_feats)}
+
+
+def inception_scores(fake: torch.Tensor, real: torch.Tensor, weights: str | None = None, batch_size: int = 100) -> dict:
+    """Inception FID (and KID) through torchmetrics between image sets (N, 3, H, W) in [0, 1]."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+    except ImportError as e:
+        raise ValueError("the Inception FID needs `pip install torchmetrics torch-fidelity`") from e
+    try:
+        fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
+        kid = KernelInceptionDistance(subset_size=min(len(fake), len(real), 1000), normalize=True,
+                                      feature_extractor_weights_path=weights)
+    except Exception as e:  # no weights file and no network: torch-fidelity's download fails
+        raise CheckpointError(
+            f"could not load the Inception weights ({type(e).__name__}: {str(e).splitlines()[0][:120]}); offline, "
+            "download pt_inception-2015-12-05-6726825d.pth elsewhere and pass --inception-weights PATH") from e
+    for metric in (fid, kid):
+        for i in range(0, len(real), batch_size):
+            metric.update(real[i:i + batch_size], real=True)
+        for i in range(0, len(fake), batch_size):
+            metric.update(fake[i:i + batch_size], real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item()}
+
+
+def real_images(folder: str, image_size: int, n: int) -> torch.Tensor:
+    """The first n images of a folder (sorted), center-cropped to image_size, in [0, 1]."""
+    from data import ImageFolder, find_images, readable
+
+    files = readable(find_images(folder))[:n]
+    data = ImageFolder(files, Path(folder), image_size)
+    return (torch.stack([data[i][0] for i in range(len(data))]) + 1) / 2
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train-classifier", help="train the MNIST CNN used by the metrics (training set only)")
+    t.add_argument("--data-root", default="data", help="folder holding MNIST/raw")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--out", default=CLASSIFIER_PATH)
+    for name, helptext in (("mnist", "accuracy + Fréchet distance of a class-conditional MNIST checkpoint"),
+                           ("fid", "Inception FID/KID of an image-folder checkpoint against real images")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--checkpoint", required=True)
+        s.add_argument("--n", type=int, default=1000, help="generated (and real) images")
+        s.add_argument("--solver", default=DEFAULT_SOLVER)
+        s.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+        s.add_argument("--guidance", type=float, default=None, help="default: the sampler's default")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--batch-size", type=int, default=500)
+        s.add_argument("--device", default=None)
+        s.add_argument("--json", default=None, help="also write the result here")
+    sub.choices["mnist"].add_argument("--data-root", default="data", help="folder holding MNIST/raw (real test digits)")
+    sub.choices["mnist"].add_argument("--classifier", default=CLASSIFIER_PATH)
+    sub.choices["fid"].add_argument("--real-dir", required=True, help="folder of real images")
+    sub.choices["fid"].add_argument("--inception-weights", default=None, help="local Inception weights file (offline)")
+    args = p.parse_args(argv)
+
+    if args.command == "train-classifier":
+        start = time.perf_counter()
+        accuracy = train_classifier(args.data_root, args.epochs, out=args.out)
+        result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": args.out}
+        print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {args.out}")
+        return result
+    device = torch.device(args.device) if args.device else default_device()
+    model = model_from_checkpoint(load_checkpoint(args.checkpoint)).to(device)
+    if args.command == "mnist":
+        classifier, accuracy = load_classifier(args.classifier, device)
+        real = load_mnist(args.data_root, train=False, download=False)
+        result = mnist_quality(model, classifier, real, args.n, args.solver, args.steps, args.guidance, args.seed,
+                               args.batch_size)
+        print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']}  "
+              f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
+              f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  classifier accuracy {accuracy:.2%}")
+    else:
+        samples = sample_model(model, args.n, None, args.solver, args.steps, args.guidance, args.seed, args.batch_size)
+        result = inception_scores(samples.images, real_images(args.real_dir, model.config.image_size, args.n),
+                                  args.inception_weights)
+        result.update(n=args.n, nfe=samples.nfe)
+        print(f"N={args.n}  NFE {samples.nfe}  Inception FID {result['fid']:.2f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, DataError, ValueError) as e:
+        sys.exit(f"error: {e}")

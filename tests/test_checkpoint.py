@@ -1,0 +1,85 @@
+import torch
+import pytest
+
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from helpers import TINY, blobs, tiny_config
+from trainer import train
+from unet import ConditionalUNet
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    summary = train(tiny_config(tmp), TINY, blobs(), blobs(24, seed=1), class_names=["a", "b", "c"])
+    return tmp, summary
+
+
+def test_save_load_gives_identical_outputs(trained):
+    tmp, _ = trained
+    ckpt = load_checkpoint(tmp / "ck" / "last.pth")
+    for key in ("epoch", "step", "model_state", "ema_state", "optimizer_state", "loss", "model_config", "train_config",
+                "format_version", "class_names"):
+        assert key in ckpt
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model_state"])
+    a, b = model_from_checkpoint(ckpt), model_from_checkpoint(load_checkpoint(tmp / "ck" / "last.pth"))
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    assert torch.equal(a(x, t, y), b(x, t, y))
+    raw = model_from_checkpoint(ckpt, use_ema=False)
+    assert not torch.equal(raw(x, t, y), a(x, t, y))  # EMA and raw weights differ
+
+
+def test_dataparallel_prefixed_state_loads(trained, tmp_path):
+    tmp, _ = trained
+    ckpt = load_checkpoint(tmp / "ck" / "last.pth")
+    ckpt["model_state"] = {f"module.{k}": v for k, v in ckpt["model_state"].items()}
+    ckpt["ema_state"] = {f"module._orig_mod.{k}": v for k, v in ckpt["ema_state"]["weights"].items()}  # seed-style flat
+    save_checkpoint(tmp_path / "dp.pth", ckpt)
+    for use_ema in (True, False):
+        model = model_from_checkpoint(load_checkpoint(tmp_path / "dp.pth"), use_ema)
+        assert isinstance(model, ConditionalUNet)
+
+
+def test_truncated_foreign_and_missing_files(trained, tmp_path):
+    tmp, _ = trained
+    data = (tmp / "ck" / "last.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "cut.pth")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="not a Flow Image Generator checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    save_checkpoint(tmp_path / "a.pth", {"model_state": {}, "model_config": {}})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(tmp_path / "a.pth", {"model_state": {}, "x": Boom()})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]  # the old file survives, no temp left
+    assert "x" not in torch.load(tmp_path / "a.pth", weights_only=True)
+
+
+def test_resume_continues_the_step_count(trained, tmp_path):
+    tmp, summary = trained
+    steps_per_epoch = summary["step"] // 2
+    cfg = tiny_config(tmp_path, epochs=3, resume=str(tmp / "ck" / "last.pth"))
+    resumed = train(cfg, TINY, blobs(), None, class_names=["a", "b", "c"])
+    assert resumed["step"] == 3 * steps_per_epoch
+    assert load_checkpoint(tmp_path / "ck" / "last.pth")["epoch"] == 3
+    assert not (tmp_path / "ck" / "epoch_1.pth").exists()  # epochs 1-2 were not re-run
+
+
+def test_resume_with_another_model_is_refused(trained, tmp_path):
+    tmp, _ = trained
+    from dataclasses import replace
+
+    cfg = tiny_config(tmp_path, resume=str(tmp / "ck" / "last.pth"))
+    with pytest.raises(CheckpointError, match="another model config.*base_channels: 8 vs 16"):
+        train(cfg, replace(TINY, base_channels=16), blobs(), None)

@@ -1,0 +1,34 @@
+from dataclasses import dataclass
+
+import pytest
+
+from cli import parse_configs
+
+
+@dataclass
+class A:
+    epochs: int = 20  # passes
+    lr: float = 1e-4  # learning rate
+    amp: bool = False  # autocast
+    name: str | None = None  # optional
+
+
+@dataclass
+class B:
+    mult: tuple[int, ...] = (1, 2)  # multipliers
+
+
+def test_precedence_defaults_preset_flags():
+    presets = {"small": dict(epochs=2, mult=(1,))}
+    (a, b), preset = parse_configs([A(), B()], presets, "small", ["--lr", "0.5", "--amp", "--mult", "1,2,4"])
+    assert preset == "small" and a == A(epochs=2, lr=0.5, amp=True) and b.mult == (1, 2, 4)
+    (a, b), preset = parse_configs([A(), B()], presets, None, ["--name", "x"])
+    assert preset is None and a == A(name="x") and b == B()
+
+
+def test_unknown_flag_and_preset_exit(capsys):
+    with pytest.raises(SystemExit):
+        parse_configs([A()], {"small": {}}, None, ["--preset", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_configs([A()], None, None, ["--epoch", "3", "--bogus"])

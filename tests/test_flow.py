@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from flow import drop_labels, flow_matching_loss, interpolate, sample_t
+
+
+def test_interpolation_and_target_for_known_inputs():
+    x0, x1 = torch.full((3, 1, 2, 2), -1.0), torch.full((3, 1, 2, 2), 3.0)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    xt = interpolate(x0, x1, t)
+    assert torch.equal(xt[:, 0, 0, 0], torch.tensor([-1.0, 0.0, 3.0]))  # t=0 noise, t=1 data
+
+
+class Oracle(torch.nn.Module):
+    """Returns the exact target x1 - x0 given x_t, t and the known x1: loss must be 0."""
+
+    def __init__(self, x1):
+        super().__init__()
+        self.x1 = x1
+
+    def forward(self, xt, t, y=None):
+        t = t.view(-1, 1, 1, 1)
+        x0 = (xt - t * self.x1) / (1 - t)
+        return self.x1 - x0
+
+
+def test_loss_is_zero_for_the_true_velocity_and_positive_otherwise():
+    torch.manual_seed(0)
+    x1 = torch.randn(64, 1, 4, 4)
+    assert flow_matching_loss(Oracle(x1), x1) < 1e-8
+    zero = lambda x, t, y=None: torch.zeros_like(x)
+    # E|x1 - x0|^2 = Var(x1) + Var(x0) = 2 for standard normal data
+    assert flow_matching_loss(zero, x1) == pytest.approx(2.0, rel=0.1)
+
+
+def test_label_dropout_rate():
+    torch.manual_seed(0)
+    y = torch.zeros(100_000, dtype=torch.long)
+    dropped = (drop_labels(y, 0.1, null_class=10) == 10).float().mean().item()
+    assert dropped == pytest.approx(0.1, abs=0.005)
+    assert (drop_labels(y, 0.0, 10) == 0).all()
+
+
+def test_timestep_schedules():
+    torch.manual_seed(0)
+    u, ln = sample_t(50_000, "uniform"), sample_t(50_000, "logit-normal")
+    assert 0 <= u.min() and u.max() < 1 and u.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert ln.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert ((ln > 0.25) & (ln < 0.75)).float().mean() > ((u > 0.25) & (u < 0.75)).float().mean() + 0.1  # mid-t heavy
+    with pytest.raises(ValueError, match="unknown t schedule"):
+        sample_t(3, "cosine")

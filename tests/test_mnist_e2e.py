@@ -1,0 +1,130 @@
+"""End to end on real MNIST: train a tiny model, sample a grid, and the CLI's error messages."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import mnist_train
+from checkpoint import load_checkpoint
+from data import DataError, load_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FLAGS = ["--base-channels", "16", "--num-res-blocks", "1", "--attention-resolutions", "7", "--dropout", "0",
+              "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "20", "--val-size", "200", "--val-t-points", "2",
+              "--log-every", "25"]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny class-conditional model trained for 300 steps on 4,800 real digits."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip("real MNIST needs ../shared/data/MNIST/raw")
+    tmp = tmp_path_factory.mktemp("mnist")
+    summary = mnist_train.main([
+        "--data-root", str(SHARED_DATA), "--no-download", "--subset", "4800", "--epochs", "2", *TINY_FLAGS,
+        "--out-dir", str(tmp / "ck"), "--checkpoint", str(tmp / "mnist.pth"), "--sample-dir", str(tmp / "samples")])
+    return tmp, summary
+
+
+def test_training_loss_falls_and_outputs_are_written(trained):
+    tmp, summary = trained
+    assert summary["step"] == 300
+    steps = [json.loads(line) for line in (tmp / "ck" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in steps if r["kind"] == "step"]
+    assert losses[-1] < 0.6 * losses[0], losses
+    epochs = [r for r in steps if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(r["images_per_s"] > 0 for r in epochs)
+    for name in ("ck/epoch_1.pth", "ck/epoch_2.pth", "ck/last.pth", "mnist.pth", "ck/loss.png", "ck/config.json",
+                 "samples/epoch_2.png"):
+        assert (tmp / name).is_file(), name
+    ckpt = load_checkpoint(tmp / "mnist.pth")
+    assert ckpt["model_config"]["num_classes"] == 10 and ckpt["model_config"]["image_size"] == 28
+    assert ckpt["train_config"]["batch_size"] == 32 and ckpt["preset"] == "cpu"
+
+
+def test_mnist_test_writes_a_labelled_grid(trained, tmp_path):
+    tmp, _ = trained
+    out = tmp_path / "grid.png"
+    result = run("mnist_test.py", "--checkpoint", str(tmp / "mnist.pth"), "--digits", "0,3,7", "--per-digit", "5",
+                 "--solver", "heun", "--steps", "4", "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "solver heun" in result.stdout and "NFE 8" in result.stdout
+    width, height = Image.open(out).size
+    assert height == 2 * (3 * 30 + 2) and width == 2 * (16 + 5 * 30 + 2)  # 3 rows x 5 digits, scaled 2x
+
+
+def test_generate_sample_keeps_the_seed_signature(trained):
+    tmp, _ = trained
+    from checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(tmp / "mnist.pth"))
+    images = mnist_train.generate_sample(model, img_size=(1, 28, 28), steps=3, labels=[1, 2], seed=0)
+    assert images.shape == (2, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images, mnist_train.generate_sample(model, (1, 28, 28), 3, labels=[1, 2], seed=0))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "nowhere.pth"], "not found"),
+    (["--solver", "rk9"], "invalid choice: 'rk9'"),
+    (["--steps", "0"], "--steps and --per-digit must be >= 1"),
+    (["--digits", "3,12"], "--digits must be between 0 and 9"),
+])
+def test_mnist_test_cli_errors(trained, args, message):
+    tmp, _ = trained
+    checkpoint = [] if args[0] == "--checkpoint" else ["--checkpoint", str(tmp / "mnist.pth")]
+    result = run("mnist_test.py", *checkpoint, *args)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_guidance_with_an_unconditional_model_is_refused(tmp_path):
+    from helpers import TINY, blobs, tiny_config
+    from dataclasses import replace
+    from trainer import train
+
+    train(tiny_config(tmp_path, epochs=1), replace(TINY, num_classes=None), blobs(), None)
+    result = run("mnist_test.py", "--checkpoint", str(tmp_path / "best.pth"), "--device", "cpu")
+    assert result.returncode != 0 and "unconditional" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_truncated_checkpoint_is_a_one_line_error(trained, tmp_path):
+    tmp, _ = trained
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp / "mnist.pth").read_bytes()[:5000])
+    result = run("mnist_test.py", "--checkpoint", str(cut))
+    assert result.returncode != 0 and "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mnist_train_cli_errors(tmp_path):
+    result = run("mnist_train.py", "--data-root", str(tmp_path / "empty"), "--no-download")
+    assert result.returncode != 0 and "MNIST not found" in result.stderr and "MNIST/raw" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("mnist_train.py", "--preset", "tpu")
+    assert result.returncode != 0 and "invalid choice: 'tpu'" in result.stderr
+
+
+def test_first_run_download_path_extracts_local_gz_files(mnist_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (mnist_root / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(gz, raw)
+    data = load_mnist(tmp_path, train=False, download=True)  # finds the .gz files, checks md5, extracts
+    x, y = data[0]
+    assert len(data) == 10_000 and x.shape == (1, 28, 28) and -1 <= x.min() < x.max() <= 1 and y == 7
+
+
+def test_resize_flag_and_missing_data(mnist_root, tmp_path):
+    data = load_mnist(mnist_root, train=False, image_size=32, download=False)
+    assert data[0][0].shape == (1, 32, 32)
+    with pytest.raises(DataError, match="MNIST not found"):
+        load_mnist(tmp_path, train=True, download=False)

@@ -1,0 +1,164 @@
+"""rectified_flow_train.py: a real run on photos, exact resume, DDP and DataParallel, notebook sampling."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rectified_flow_train
+from checkpoint import load_checkpoint
+from helpers import TINY, blobs, tiny_config
+from trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--preset", "small32", "--base-channels", "16", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "10",
+         "--num-workers", "0", "--val-t-points", "2", "--log-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory):
+    """4 epochs at 32 px on 160 real CIFAR-10 photos (10% held out for validation)."""
+    from conftest import SHARED_DATA
+
+    source = SHARED_DATA / "cifar10-test-jpg"
+    if not source.is_dir():
+        pytest.skip("real photos need ../shared/data/cifar10-test-jpg")
+    tmp = tmp_path_factory.mktemp("rf")
+    for cls in ("automobile", "horse"):
+        (tmp / "photos" / cls).mkdir(parents=True)
+        for src in sorted((source / cls).glob("*.jpg"))[:80]:
+            shutil.copy(src, tmp / "photos" / cls)
+    summary = rectified_flow_train.main([
+        "--data-root", str(tmp / "photos"), "--val-fraction", "0.1", "--epochs", "4", "--keep-last", "2", *SMALL,
+        "--out-dir", str(tmp / "ck"), "--checkpoint", str(tmp / "ck" / "rf_best.pth"), "--sample-dir", str(tmp / "samples")])
+    return tmp, summary
+
+
+def test_photo_run_writes_epochs_last_and_best_by_validation(photo_run):
+    tmp, summary = photo_run
+    records = [json.loads(line) for line in (tmp / "ck" / "log.jsonl").read_text().splitlines()]
+    steps = [r["loss"] for r in records if r["kind"] == "step"]
+    assert steps[-1] < 0.75 * steps[0], steps
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 4 and all(r["val_loss"] is not None for r in epochs)
+    best_epoch = min(epochs, key=lambda r: r["val_loss"])["epoch"]
+    assert load_checkpoint(tmp / "ck" / "rf_best.pth")["epoch"] == best_epoch
+    assert load_checkpoint(tmp / "ck" / "last.pth")["epoch"] == 4
+    assert sorted(p.name for p in (tmp / "ck").glob("epoch_*.pth")) == ["epoch_3.pth", "epoch_4.pth"]  # --keep-last 2
+    assert (tmp / "samples" / "epoch_4.png").is_file()
+    ckpt = load_checkpoint(tmp / "ck" / "last.pth")
+    assert ckpt["model_config"]["num_classes"] is None and ckpt["model_config"]["image_size"] == 32
+
+
+def test_validation_loss_is_fixed_for_fixed_weights(photo_run):
+    from data import image_folder_splits
+    from checkpoint import model_from_checkpoint
+    from trainer import Runtime, validation_loss
+
+    tmp, _ = photo_run
+    _, val, _ = image_folder_splits(tmp / "photos", 32, 0.1)
+    model = model_from_checkpoint(load_checkpoint(tmp / "ck" / "last.pth"))
+    rt = Runtime(torch.device("cpu"))
+    assert validation_loss(model, val, rt, 8, 2, False) == validation_loss(model, val, rt, 8, 2, False)
+
+
+def weights(path: Path) -> dict:
+    return load_checkpoint(path)["model_state"]
+
+
+def test_resume_is_exact(tmp_path):
+    """12 steps straight == 7 steps, stop mid-epoch, resume, 5 more (same weights, EMA and optimizer)."""
+    straight = tmp_path / "straight"
+    train(tiny_config(straight, epochs=2), TINY, blobs(), None)
+    parts = tmp_path / "parts"
+    train(tiny_config(parts, epochs=2, max_steps=7), TINY, blobs(), None)
+    assert load_checkpoint(parts / "ck" / "last.pth")["step"] == 7
+    train(tiny_config(parts, epochs=2, resume="auto"), TINY, blobs(), None)
+    a, b = load_checkpoint(straight / "ck" / "last.pth"), load_checkpoint(parts / "ck" / "last.pth")
+    assert a["step"] == b["step"] == 12
+    for key in a["model_state"]:
+        torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a["ema_state"]["weights"][key], b["ema_state"]["weights"][key], rtol=1e-6, atol=1e-7)
+
+
+def test_ddp_on_cpu_keeps_ranks_in_sync_and_only_rank0_writes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0_weights.pt"), torch.load(tmp_path / "rank1_weights.pt")
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    # 96 images / 2 ranks / 8 per rank = 6 steps per epoch: the global batch of 16 is split, not doubled.
+    ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
+    assert ckpt["step"] == 12
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "epoch_1.pth", "epoch_2.pth", "last.pth",
+                                                                    "log.jsonl", "loss.png"]
+    assert result.stdout.count("epoch 2/2  step 12") == 1  # rank 0 prints, rank 1 does not
+    from checkpoint import model_from_checkpoint
+
+    single = model_from_checkpoint(ckpt, use_ema=False)
+    assert all(torch.equal(single.state_dict()[k], r0[k]) for k in r0)
+
+
+def test_dataparallel_path_runs_on_cpu_and_saves_without_prefix(tmp_path):
+    train(tiny_config(tmp_path, epochs=1, parallel="dp"), TINY, blobs(), None)
+    state = load_checkpoint(tmp_path / "ck" / "last.pth")["model_state"]
+    assert not any(k.startswith("module.") for k in state)
+
+
+def test_batch_smaller_than_world_is_refused(tmp_path, monkeypatch):
+    from trainer import Runtime, check_config
+
+    with pytest.raises(ValueError, match="multiple of the 4 processes"):
+        check_config(tiny_config(tmp_path, batch_size=2), Runtime(torch.device("cpu"), world=4))
+
+
+@pytest.mark.parametrize("which", ["photos", "labelled"])
+def test_sample_from_checkpoint(which, photo_run, tmp_path):
+    if which == "photos":
+        path, channels, size = photo_run[0] / "ck" / "rf_best.pth", 3, 32
+    else:  # a class-conditional checkpoint like mnist_train.py writes
+        train(tiny_config(tmp_path, epochs=1), TINY, blobs(), None, class_names=["a", "b", "c"])
+        path, channels, size = tmp_path / "best.pth", 1, 8
+    out = tmp_path / "grid.png"
+    images = rectified_flow_train.sample_from_checkpoint(path, out, steps=3, batch_size=5, seed=7, device="cpu")
+    assert images.shape == (5, channels, size, size) and 0 <= images.min() and images.max() <= 1 and images.std() > 0.01
+    assert out.is_file()
+    again = rectified_flow_train.sample_from_checkpoint(path, None, steps=3, batch_size=5, seed=7, device="cpu")
+    assert torch.equal(images, again)
+    other = rectified_flow_train.sample_from_checkpoint(path, None, steps=3, batch_size=5, seed=8, device="cpu")
+    assert not torch.equal(images, other)
+
+
+def test_sample_from_checkpoint_label_errors(tmp_path, photo_run):
+    train(tiny_config(tmp_path, epochs=1), TINY, blobs(), None)
+    with pytest.raises(ValueError, match="label 3 is out of range: this model knows classes 0-2"):
+        rectified_flow_train.sample_from_checkpoint(tmp_path / "best.pth", labels=[0, 3], steps=1, device="cpu")
+    with pytest.raises(ValueError, match="unconditional"):
+        rectified_flow_train.sample_from_checkpoint(photo_run[0] / "ck" / "rf_best.pth", labels=[0], steps=1, device="cpu")
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = "import sys; sys.argv = ['x', '--bogus']; import rectified_flow_train, mnist_train; print('imported')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0 and result.stdout == "imported\n", result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data-root", "/nonexistent/celeba"], "does not exist"),
+    (["--image-size", "30"], "cannot go through"),
+    (["--parallel", "ddp"], "unknown --parallel"),
+])
+def test_cli_errors(args, message, tmp_path, cifar_root):
+    base = ["--data-root", str(cifar_root), "--out-dir", str(tmp_path), "--epochs", "1"]
+    result = subprocess.run([sys.executable, str(ROOT / "rectified_flow_train.py"), *base, *args],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from flow import guided_velocity
+from solvers import FIXED_STEP, SOLVERS, solve
+
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_exact_on_polynomial_fields(solver):
+    x0 = torch.zeros(3, dtype=torch.float64)
+    # dx/dt = 3t^2 integrates to exactly 1; dx/dt = const to exactly const (every method is exact here
+    # except Euler on the quadratic, which is checked separately below).
+    x1, _ = solve(lambda t, x: torch.full_like(x, 2.5), x0, solver, steps=3)
+    assert torch.allclose(x1, torch.full_like(x0, 2.5), atol=1e-12)
+    if solver != "euler":
+        x1, _ = solve(lambda t, x: 2 * t * torch.ones_like(x), x0, solver, steps=3, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(x1, torch.ones_like(x0), atol=1e-9)
+    if solver in ("rk4", "dopri5"):
+        x1, _ = solve(lambda t, x: 3 * t**2 * torch.ones_like(x), x0, solver, steps=2, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(x1, torch.ones_like(x0), atol=1e-9)
+
+
+def test_euler_on_linear_time_field_by_hand():
+    # Left Riemann sum of 2t over 4 steps: 2 * (0 + 1/4 + 2/4 + 3/4) / 4 = 0.75
+    x1, nfe = solve(lambda t, x: 2 * t * torch.ones_like(x), torch.zeros(1, dtype=torch.float64), "euler", steps=4)
+    assert x1.item() == pytest.approx(0.75, abs=1e-12) and nfe == 4
+
+
+def exact_error(solver: str, steps: int) -> float:
+    """Error on dx/dt = -x^2 + cos(t) x, a smooth nonlinear ODE, against dopri5 at tight tolerance."""
+    f = lambda t, x: -x**2 + torch.cos(t) * x
+    x0 = torch.tensor([0.7, -0.3, 1.2], dtype=torch.float64)
+    ref, _ = solve(f, x0, "dopri5", rtol=1e-12, atol=1e-12)
+    x1, _ = solve(f, x0, solver, steps=steps)
+    return (x1 - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+def test_order_of_accuracy(solver, order):
+    ratio = exact_error(solver, 16) / exact_error(solver, 32)
+    assert ratio == pytest.approx(2**order, rel=0.15)
+
+
+@pytest.mark.parametrize("solver", FIXED_STEP)
+@pytest.mark.parametrize("steps", [1, 7])
+def test_nfe_counts(solver, steps):
+    _, nfe = solve(lambda t, x: x, torch.ones(2), solver, steps=steps)
+    assert nfe == NFE_PER_STEP[solver] * steps
+
+
+def test_dopri5_reports_its_evaluations():
+    calls = 0
+
+    def f(t, x):
+        nonlocal calls
+        calls += 1
+        return -x
+
+    x1, nfe = solve(f, torch.ones(1, dtype=torch.float64), "dopri5", rtol=1e-8, atol=1e-8)
+    assert nfe == calls > 6
+    assert x1.item() == pytest.approx(math.exp(-1), rel=1e-6)
+
+
+def test_bad_solver_and_steps():
+    with pytest.raises(ValueError, match="unknown solver 'rk5'"):
+        solve(lambda t, x: x, torch.ones(1), "rk5")
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        solve(lambda t, x: x, torch.ones(1), "euler", steps=0)
+
+
+class Linear(torch.nn.Module):
+    """A 'model' whose velocity is known: x + t + 10·y."""
+
+    class config:
+        num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append(len(x))
+        return x + t.view(-1, 1) + 10 * y.view(-1, 1).float()
+
+
+def test_guidance_convention():
+    model, x, t, y = Linear(), torch.zeros(2, 1), torch.tensor(0.5), torch.tensor([1, 2])
+    cond = guided_velocity(model, y, 1.0)(t, x)
+    assert torch.equal(cond, torch.tensor([[10.5], [20.5]]))  # w = 1 is the plain conditional velocity
+    assert model.calls == [2]
+    w = 3.0
+    guided = guided_velocity(model, y, w)(t, x)
+    v_uncond = 0.5 + 10 * 3  # null token = num_classes = 3
+    assert torch.allclose(guided, v_uncond + w * (cond - v_uncond))
+    assert model.calls == [2, 4]  # cond and uncond in one batched forward
