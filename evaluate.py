@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, TensorImages, load_mnist
-from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, default_device, sample_model
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, default_device, sample_model
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
 
@@ -127,6 +127,7 @@ def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorIma
     if n < 20 or n % 10 or 2 * n > len(real):
         raise ValueError(f"--n must be a multiple of 10 between 20 and {len(real) // 2} (two disjoint real sets of n)")
     labels = torch.arange(10).repeat_interleave(n // 10)
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
     preds, fake_feats = predict(classifier, samples.images * 2 - 1)
     _, real_feats = predict(classifier, tensors(real, n)[0])

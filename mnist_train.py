@@ -75,11 +75,15 @@ def generate_sample(
     return (x + 1) / 2
 
 
+def default_preset() -> str:
+    """The preset used when --preset is not given: it follows the device."""
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, load MNIST, run the shared training loop."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    default_preset = "gpu" if torch.cuda.is_available() else "cpu"
-    (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset, argv, __doc__)
+    (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     print(f"preset: {preset}")
     check_config(model_cfg)  # a bad --image-size fails here, before any data is read
     train_set = load_mnist(data_cfg.data_root, train=True, image_size=model_cfg.image_size, download=data_cfg.download)

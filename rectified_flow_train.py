@@ -57,10 +57,15 @@ PRESETS = {
 }
 
 
+def default_preset() -> None:
+    """No preset by default: the flags keep the seed's values (128 px)."""
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, build the data sets, run the shared training loop."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, None, argv, __doc__)
+    (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     check_config(model_cfg)  # a bad --image-size fails here, before any data is read
     if data_cfg.dataset == "celeba":
         train_set, val_set, class_names = load_celeba(data_cfg.data_root, model_cfg.image_size)

@@ -1,0 +1,168 @@
+"""Benchmarks that print tables and write JSON + PNG: training speed, NFE vs quality, guidance sweep.
+
+    python benchmark.py train-speed mnist --preset cpu            # flags after the script name are its flags
+    python benchmark.py train-speed rf --preset small32 --image-size 64
+    python benchmark.py nfe --checkpoint checkpoints/flow_matching_mnist.pth --data-root ../shared/data
+    python benchmark.py guidance --checkpoint checkpoints/flow_matching_mnist.pth --data-root ../shared/data
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
+
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from cli import parse_configs
+from data import DataError, load_mnist
+from evaluate import CLASSIFIER_PATH, load_classifier, mnist_quality
+from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, default_device
+from trainer import Runtime, build, train_step
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
+    """Images/s of the full training step (forward, backward, optimizer, EMA) on random data, after warm-up."""
+    import mnist_train
+    import rectified_flow_train
+
+    module = {"mnist": mnist_train, "rf": rectified_flow_train}[script]
+    (cfg, model_cfg, _), preset = parse_configs(module.DEFAULTS, module.PRESETS, module.default_preset(), argv)
+    rt = Runtime(torch.device(cfg.device if cfg.device != "auto" else default_device()))
+    parts = build(cfg, model_cfg, rt)
+    shape = (cfg.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    x = torch.rand(shape, device=rt.device) * 2 - 1
+    y = torch.randint(0, model_cfg.num_classes, (cfg.batch_size,), device=rt.device) if model_cfg.num_classes else None
+    for step in range(warmup + steps):
+        if step == warmup:
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        loss = train_step(parts, cfg, x, y, step)
+    loss.item()  # wait for the device
+    seconds = time.perf_counter() - start
+    return {"script": script, "preset": preset, "images_per_s": steps * cfg.batch_size / seconds,
+            "step_ms": 1000 * seconds / steps, "params_M": sum(p.numel() for p in parts.model.parameters()) / 1e6,
+            "train": asdict(cfg), "model": asdict(model_cfg), **machine()}
+
+
+def quality_rows(args: argparse.Namespace, settings: list[dict]) -> list[dict]:
+    """mnist_quality for each setting (solver/steps/guidance/tolerances) on one checkpoint."""
+    device = torch.device(args.device) if args.device else default_device()
+    model = model_from_checkpoint(load_checkpoint(args.checkpoint)).to(device)
+    classifier, accuracy = load_classifier(args.classifier, device)
+    real = load_mnist(args.data_root, train=False, download=False)
+    rows = []
+    for s in settings:
+        row = mnist_quality(model, classifier, real, args.n, seed=args.seed, batch_size=args.batch_size, **s)
+        row.update(s, classifier_accuracy=accuracy)
+        rows.append(row)
+        print(f"{row['solver']:>8} {str(row.get('rtol', row['steps'])):>7} NFE {row['nfe']:>5}  guidance {row['guidance']}  "
+              f"acc {row['accuracy']:.2%}  Fréchet {row['frechet']:.3f}  (floor {row['floor']:.3f})  {row['seconds']:.1f} s",
+              flush=True)
+    return rows
+
+
+def plot(rows: list[dict], x: str, path: Path, title: str) -> None:
+    """Fréchet distance vs x, one line per solver, log-x for NFE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for solver in dict.fromkeys(r["solver"] for r in rows if not r.get("reference")):
+        pts = sorted((r[x], r["frechet"]) for r in rows if r["solver"] == solver and not r.get("reference"))
+        ax.plot(*zip(*pts), "o-", label=solver)
+    for r in rows:
+        if r.get("reference"):
+            ax.axhline(r["frechet"], color="gray", ls="--", label=f"reference {r['solver']} {r['steps']} steps")
+    ax.axhline(rows[0]["floor"], color="black", ls=":", label="real vs real floor")
+    if x == "nfe":
+        ax.set_xscale("log")
+    ax.set(xlabel=x.upper() if x == "nfe" else "guidance scale w", ylabel="Fréchet distance (MNIST-CNN features)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("train-speed", help="images/s of the training step")
+    s.add_argument("script", choices=["mnist", "rf"], help="whose presets and flags: mnist_train or rectified_flow_train")
+    s.add_argument("--steps", type=int, default=20, help="timed steps")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    s.add_argument("--out", default="benchmarks/train_speed.json")
+    for name in ("nfe", "guidance"):
+        q = sub.add_parser(name, help="sample quality per solver/steps" if name == "nfe" else "quality per guidance scale")
+        q.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth")
+        q.add_argument("--classifier", default=CLASSIFIER_PATH)
+        q.add_argument("--data-root", default="data")
+        q.add_argument("--n", type=int, default=1000, help="generated digits (and real ones) per setting")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--batch-size", type=int, default=500)
+        q.add_argument("--device", default=None)
+        q.add_argument("--out-dir", default="benchmarks")
+    q = sub.choices["nfe"]
+    q.add_argument("--solvers", default="euler,midpoint,heun,rk4")
+    q.add_argument("--steps", default="2,4,8,16,32", help="steps per fixed-step solver")
+    q.add_argument("--tolerances", default="1e-2,1e-3,1e-4", help="dopri5 rtol=atol values; empty to skip")
+    q.add_argument("--guidance", type=float, default=None)
+    q.add_argument("--ref-steps", type=int, default=2000, help="rk4 steps of the reference (the seed's 2000)")
+    g = sub.choices["guidance"]
+    g.add_argument("--scales", default="1,1.5,2,3,5")
+    g.add_argument("--solver", default=DEFAULT_SOLVER)
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    args, rest = p.parse_known_args(argv)
+    if rest and args.command != "train-speed":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    if args.command == "train-speed":
+        rows = [train_speed(args.script, rest, args.steps, args.warmup)]
+        r = rows[0]
+        print(f"{args.script} preset {r['preset']}: {r['params_M']:.2f}M params, {r['model']['image_size']} px, batch "
+              f"{r['train']['batch_size']}: {r['images_per_s']:.1f} img/s ({r['step_ms']:.0f} ms/step) on {r['device']}, "
+              f"{r['threads']} threads, torch {r['torch']}")
+        out = Path(args.out)
+    elif args.command == "nfe":
+        settings = [dict(solver=s, steps=int(n), guidance=args.guidance)
+                    for s in args.solvers.split(",") for n in args.steps.split(",")]
+        settings += [dict(solver="dopri5", steps=0, guidance=args.guidance, rtol=float(t), atol=float(t))
+                     for t in args.tolerances.split(",") if t]
+        settings.append(dict(solver="rk4", steps=args.ref_steps, guidance=args.guidance))
+        rows = quality_rows(args, settings)
+        rows[-1]["reference"] = True
+        plot(rows, "nfe", Path(args.out_dir) / "nfe_vs_frechet.png", f"N={args.n} per setting")
+        out = Path(args.out_dir) / "nfe.json"
+    else:
+        settings = [dict(solver=args.solver, steps=args.steps, guidance=float(w)) for w in args.scales.split(",")]
+        rows = quality_rows(args, settings)
+        plot(rows, "guidance", Path(args.out_dir) / "guidance.png", f"{args.solver}, {args.steps} steps, N={args.n}")
+        out = Path(args.out_dir) / "guidance.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
