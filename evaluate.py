@@ -29,6 +29,7 @@ from data import DataError, TensorImages, load_mnist
 from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, default_device, sample_model
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 
 class MnistClassifier(nn.Module):
@@ -67,7 +68,7 @@ def tensors(data: TensorImages, n: int | None = None, start: int = 0) -> tuple[t
     return data.images[start:stop].float() / 127.5 - 1, data.labels[start:stop]
 
 
-def train_classifier(data_root: str, epochs: int = 3, subset: int = 0, seed: int = 0, out: str | None = CLASSIFIER_PATH,
+def train_classifier(data_root: str, epochs: int = 5, subset: int = 0, seed: int = 0, out: str | None = CLASSIFIER_PATH,
                      device: torch.device | str = "cpu") -> float:
     """Train the CNN on the MNIST training set only; save it with its test accuracy; return that accuracy."""
     torch.manual_seed(seed)
@@ -107,17 +108,21 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), state["test_accuracy"]
 
 
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between feature sets (N, D), in float64."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+def frechet_from_stats(mu_a: torch.Tensor, s_a: torch.Tensor, mu_b: torch.Tensor, s_b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) for two Gaussians, in float64."""
+    mu_a, s_a, mu_b, s_b = (t.double() for t in (mu_a, s_a, mu_b, s_b))
     # Tr (S_a S_b)^(1/2) = sum of sqrt eigenvalues of the symmetric S_a^(1/2) S_b S_a^(1/2).
     w, v = torch.linalg.eigh(s_a)
     root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
     middle = root_a @ s_b @ root_a
     trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * trace_root).item()
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a: (N, D) and b: (M, D)."""
+    a, b = a.double(), b.double()
+    return frechet_from_stats(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
 
 
 def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
@@ -146,12 +151,13 @@ def inception_scores(fake: torch.Tensor, real: torch.Tensor, weights: str | None
         raise ValueError("the Inception FID needs `pip install torchmetrics torch-fidelity`") from e
     try:
         fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
-        kid = KernelInceptionDistance(subset_size=min(len(fake), len(real), 1000), normalize=True,
-                                      feature_extractor_weights_path=weights)
     except Exception as e:  # no weights file and no network: torch-fidelity's download fails
         raise CheckpointError(
             f"could not load the Inception weights ({type(e).__name__}: {str(e).splitlines()[0][:120]}); offline, "
-            "download pt_inception-2015-12-05-6726825d.pth elsewhere and pass --inception-weights PATH") from e
+            f"download {INCEPTION_URL} elsewhere and pass --inception-weights PATH") from e
+    kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(len(fake), len(real), 1000), normalize=True)
+    if fake.shape[1] == 1:  # grayscale checkpoints: Inception wants RGB (real folder images are loaded as RGB)
+        fake = fake.expand(-1, 3, -1, -1)
     for metric in (fid, kid):
         for i in range(0, len(real), batch_size):
             metric.update(real[i:i + batch_size], real=True)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-classifier", help="train the MNIST CNN used by the metrics (training set only)")
     t.add_argument("--data-root", default="data", help="folder holding MNIST/raw")
-    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--out", default=CLASSIFIER_PATH)
     for name, helptext in (("mnist", "accuracy + Fréchet distance of a class-conditional MNIST checkpoint"),
                            ("fid", "Inception FID/KID of an image-folder checkpoint against real images")):

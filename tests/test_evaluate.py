@@ -1,0 +1,124 @@
+"""Metrics (Fréchet distance, MNIST classifier) and the benchmark CLI on small real data."""
+import json
+
+import pytest
+import torch
+
+import benchmark
+from checkpoint import CheckpointError, save_checkpoint
+from data import load_mnist
+from evaluate import frechet_distance, frechet_from_stats, inception_scores, load_classifier, predict, tensors, train_classifier
+from unet import ConditionalUNet, UNetConfig
+
+
+def test_frechet_zero_for_identical_sets_and_symmetric():
+    torch.manual_seed(0)
+    a, b = torch.randn(500, 6), torch.randn(400, 6) * 1.5 + 0.3
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
+    assert frechet_distance(a, b) > 0.5
+
+
+def test_frechet_closed_form_for_gaussians():
+    mu1, mu2 = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 0.0, 3.0])
+    d1, d2 = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 1.0])
+    expected = (mu1 - mu2).square().sum() + (d1.sqrt() - d2.sqrt()).square().sum()  # diagonal covariances
+    assert frechet_from_stats(mu1, torch.diag(d1), mu2, torch.diag(d2)) == pytest.approx(expected.item(), rel=1e-9)
+    # Non-diagonal: S1 = A^2 with A symmetric positive definite, S2 = I  ->  Tr((A - I)^2)
+    a = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 3.0]], dtype=torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    expected = torch.trace((a - torch.eye(3, dtype=torch.float64)) @ (a - torch.eye(3, dtype=torch.float64)))
+    assert frechet_from_stats(zero, a @ a, zero, torch.eye(3, dtype=torch.float64)) == pytest.approx(expected.item(), rel=1e-9)
+    # From samples: large N approaches the population value
+    torch.manual_seed(0)
+    x = torch.randn(200_000, 3) * d1.sqrt() + mu1
+    y = torch.randn(200_000, 3) * d2.sqrt() + mu2
+    population = ((mu1 - mu2).square().sum() + (d1.sqrt() - d2.sqrt()).square().sum()).item()
+    assert frechet_distance(x, y) == pytest.approx(population, rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip("real MNIST needs ../shared/data/MNIST/raw")
+    path = tmp_path_factory.mktemp("clf") / "clf.pth"
+    accuracy = train_classifier(str(SHARED_DATA), epochs=1, subset=6000, out=str(path))
+    return path, accuracy, SHARED_DATA
+
+
+def test_classifier_trains_and_metrics_behave(classifier):
+    path, accuracy, root = classifier
+    assert accuracy > 0.90
+    model, stored = load_classifier(path)
+    assert stored == accuracy
+    real = load_mnist(root, train=False, download=False)
+    x, y = tensors(real, 1000)
+    preds, feats = predict(model, x)
+    assert (preds == y).float().mean().item() == pytest.approx(accuracy, abs=0.04)
+    _, other = predict(model, tensors(real, 1000, start=1000)[0])
+    _, noise = predict(model, torch.rand(1000, 1, 28, 28) * 2 - 1)
+    floor = frechet_distance(other, feats)
+    assert frechet_distance(noise, feats) > 20 * floor
+
+
+def test_missing_classifier_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="run `python evaluate.py train-classifier` first"):
+        load_classifier(tmp_path / "none.pth")
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist_checkpoint(tmp_path_factory):
+    """An untrained 28 px class-conditional checkpoint: enough to exercise the benchmark plumbing."""
+    from dataclasses import asdict
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(base_channels=8, num_res_blocks=1, attention_resolutions=(), dropout=0.0)
+    model = ConditionalUNet(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_checkpoint(path, {"model_state": model.state_dict(), "ema_state": model.state_dict(), "model_config": asdict(cfg)})
+    return path
+
+
+def test_benchmark_nfe_and_guidance_write_json_and_png(classifier, tiny_mnist_checkpoint, tmp_path):
+    clf, _, root = classifier
+    common = ["--checkpoint", str(tiny_mnist_checkpoint), "--classifier", str(clf), "--data-root", str(root),
+              "--n", "20", "--device", "cpu", "--out-dir", str(tmp_path)]
+    rows = benchmark.main(["nfe", *common, "--solvers", "euler,heun", "--steps", "1,2", "--tolerances", "1e-2",
+                           "--ref-steps", "3"])
+    data = json.loads((tmp_path / "nfe.json").read_text())
+    assert [(r["solver"], r["nfe"]) for r in data["rows"]][:4] == [("euler", 1), ("euler", 2), ("heun", 2), ("heun", 4)]
+    assert data["rows"][-1]["reference"] and data["rows"][-1]["nfe"] == 12 and len(rows) == 6
+    assert all(0 <= r["accuracy"] <= 1 and r["frechet"] > 0 and r["n"] == 20 for r in rows)
+    assert (tmp_path / "nfe_vs_frechet.png").stat().st_size > 1000
+    benchmark.main(["guidance", *common, "--scales", "1,3", "--steps", "2"])
+    data = json.loads((tmp_path / "guidance.json").read_text())
+    assert [r["guidance"] for r in data["rows"]] == [1.0, 3.0]
+    assert (tmp_path / "guidance.png").stat().st_size > 1000
+
+
+def test_train_speed_reports_images_per_second(tmp_path):
+    out = tmp_path / "speed.json"
+    benchmark.main(["train-speed", "mnist", "--preset", "cpu", "--base-channels", "8", "--batch-size", "8",
+                    "--steps", "2", "--warmup", "1", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["images_per_s"] > 0 and row["preset"] == "cpu" and row["model"]["base_channels"] == 8
+    assert row["torch"] == torch.__version__ and row["threads"] >= 1
+
+
+def test_inception_without_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
+    import urllib.error
+    import torch.hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    images = torch.rand(4, 3, 32, 32)
+    with pytest.raises(CheckpointError, match="--inception-weights PATH"):
+        inception_scores(images, images)
+    with pytest.raises(CheckpointError, match="could not load the Inception weights"):
+        inception_scores(images, images, weights=str(tmp_path / "missing.pth"))
