@@ -24,7 +24,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
 from evaluate import CLASSIFIER_PATH, load_classifier, mnist_quality
-from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, default_device
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, default_device
 from trainer import Runtime, build, train_step
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     q.add_argument("--solvers", default="euler,midpoint,heun,rk4")
     q.add_argument("--steps", default="2,4,8,16,32", help="steps per fixed-step solver")
     q.add_argument("--tolerances", default="1e-2,1e-3,1e-4", help="dopri5 rtol=atol values; empty to skip")
-    q.add_argument("--guidance", type=float, default=None)
+    q.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     q.add_argument("--ref-steps", type=int, default=2000, help="rk4 steps of the reference (the seed's 2000)")
     g = sub.choices["guidance"]
     g.add_argument("--scales", default="1,1.5,2,3,5")

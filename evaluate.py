@@ -126,13 +126,12 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
-                  steps: int = DEFAULT_STEPS, guidance: float | None = None, seed: int = 0, batch_size: int = 500,
+                  steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500,
                   rtol: float = 1e-3, atol: float = 1e-3) -> dict:
     """Conditional accuracy and Fréchet distance of n generated digits (n/10 per digit) vs n real test digits."""
     if n < 20 or n % 10 or 2 * n > len(real):
         raise ValueError(f"--n must be a multiple of 10 between 20 and {len(real) // 2} (two disjoint real sets of n)")
     labels = torch.arange(10).repeat_interleave(n // 10)
-    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
     preds, fake_feats = predict(classifier, samples.images * 2 - 1)
     _, real_feats = predict(classifier, tensors(real, n)[0])
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         s.add_argument("--n", type=int, default=1000, help="generated (and real) images")
         s.add_argument("--solver", default=DEFAULT_SOLVER)
         s.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-        s.add_argument("--guidance", type=float, default=None, help="default: the sampler's default")
+        s.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale w (1 = none)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--batch-size", type=int, default=500)
         s.add_argument("--device", default=None)

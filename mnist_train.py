@@ -68,8 +68,6 @@ def generate_sample(
     n = len(labels) if labels is not None else num_samples
     if labels is None and model.config.num_classes is not None:
         labels = torch.arange(n, device=device) % model.config.num_classes
-    if labels is None:
-        guidance = 1.0
     noise = torch.randn(n, *img_size, device=device) if seed is None else make_noise(n, tuple(img_size), seed, device)
     x, _ = generate(model.eval(), noise, labels, solver, steps, guidance)
     return (x + 1) / 2

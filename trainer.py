@@ -48,7 +48,7 @@ class TrainConfig:
     parallel: str = "auto"  # auto (DDP under torchrun, else one device) | dp (DataParallel) | none
     num_workers: int = 0  # data-loader worker processes
     amp: str = "none"  # autocast on CUDA: none | bf16 | fp16 (ignored on CPU, where it is slower)
-    channels_last: bool = False  # NHWC memory layout (faster convolutions on recent GPUs)
+    channels_last: bool = True  # NHWC memory layout: 1.1-1.3x faster training on CPU (benchmark.py), and on recent GPUs
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic cuDNN kernels (slower); off = cudnn.benchmark
     out_dir: str = "checkpoints"  # epoch_N.pth, last.pth, log.jsonl, loss.png, config.json

@@ -93,8 +93,14 @@ def test_guidance_with_an_unconditional_model_is_refused(tmp_path):
     from trainer import train
 
     train(tiny_config(tmp_path, epochs=1), replace(TINY, num_classes=None), blobs(), None)
-    result = run("mnist_test.py", "--checkpoint", str(tmp_path / "best.pth"), "--device", "cpu")
+    result = run("mnist_test.py", "--checkpoint", str(tmp_path / "best.pth"), "--device", "cpu", "--guidance", "2")
     assert result.returncode != 0 and "unconditional" in result.stderr and "Traceback" not in result.stderr
+    from flow import guided_velocity
+    from checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "best.pth"))
+    with pytest.raises(ValueError, match="guidance 2.0 needs a class-conditional model"):
+        guided_velocity(model, None, 2.0)
 
 
 def test_truncated_checkpoint_is_a_one_line_error(trained, tmp_path):
