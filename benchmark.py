@@ -92,7 +92,7 @@ def plot(rows: list[dict], x: str, path: Path, title: str) -> None:
             ax.axhline(r["frechet"], color="gray", ls="--", label=f"reference {r['solver']} {r['steps']} steps")
     ax.axhline(rows[0]["floor"], color="black", ls=":", label="real vs real floor")
     if x == "nfe":
-        ax.set_xscale("log")
+        ax.set(xscale="log", yscale="log")
     ax.set(xlabel=x.upper() if x == "nfe" else "guidance scale w", ylabel="Fréchet distance (MNIST-CNN features)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -9,7 +9,7 @@ import inspect
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields, is_dataclass, replace
+from dataclasses import fields, is_dataclass, replace
 from typing import Any, Sequence
 
 
@@ -26,20 +26,20 @@ def _parser_for(tp: Any):
     return tp
 
 
-def add_flags(parser: argparse.ArgumentParser, config_cls: type, help_text: dict[str, str] | None = None) -> None:
-    """One --kebab-case flag per dataclass field; unset flags stay absent from the namespace."""
-    hints = typing.get_type_hints(config_cls)
-    help_text = help_text or {}
-    for f in fields(config_cls):
+def add_flags(parser: argparse.ArgumentParser, config: Any) -> None:
+    """One --kebab-case flag per field of the dataclass instance `config`; unset flags stay absent from the namespace."""
+    hints = typing.get_type_hints(type(config))
+    help_text = field_comments(type(config))
+    for f in fields(config):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
+        default = getattr(config, f.name)
         doc = help_text.get(f.name, "")
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{doc} (default: {default})")
+                                help=f"{doc} (default: {default}, unless a preset sets it)")
             continue
         parser.add_argument(flag, type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
-                            metavar=f.name.upper(), help=f"{doc} (default: {default})")
+                            metavar=f.name.upper(), help=f"{doc} (default: {default}, unless a preset sets it)")
 
 
 def field_comments(config_cls: type) -> dict[str, str]:
@@ -70,7 +70,7 @@ def parse_configs(
                             help=f"named set of defaults (default: {default_preset}, chosen from the device)")
     for cfg in configs:
         assert is_dataclass(cfg)
-        add_flags(parser, type(cfg), field_comments(type(cfg)))
+        add_flags(parser, cfg)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     preset = args.pop("preset", None) or default_preset
     overrides = dict(presets[preset]) if presets and preset else {}

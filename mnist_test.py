@@ -13,8 +13,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 
 from checkpoint import CheckpointError
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, sample_checkpoint
+from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, sample_checkpoint
 from solvers import SOLVERS
+
+# Digits drawn on request must be the digit asked for: w = 1.5 gives 99.9% class accuracy against
+# 97.2% at w = 1, at the price of diversity (README "Results"), so this CLI guides by default.
+ON_REQUEST_GUIDANCE = 1.5
 
 
 def parse_digits(text: str) -> list[int]:
@@ -34,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth", help="checkpoint written by mnist_train.py")
     p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS, help="ODE solver")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="solver steps (ignored by dopri5)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale w (1 = none)")
+    p.add_argument("--guidance", type=float, default=ON_REQUEST_GUIDANCE,
+                   help="classifier-free guidance scale w (1 = none, the closest to the data distribution)")
     p.add_argument("--digits", type=parse_digits, default=list(range(10)), help="digits to draw, e.g. 0,3,7")
     p.add_argument("--per-digit", type=int, default=8, help="samples per digit (one grid row each)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")

@@ -120,9 +120,9 @@ def test_batch_smaller_than_world_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("which", ["photos", "labelled"])
-def test_sample_from_checkpoint(which, photo_run, tmp_path):
+def test_sample_from_checkpoint(which, request, tmp_path):
     if which == "photos":
-        path, channels, size = photo_run[0] / "ck" / "rf_best.pth", 3, 32
+        path, channels, size = request.getfixturevalue("photo_run")[0] / "ck" / "rf_best.pth", 3, 32
     else:  # a class-conditional checkpoint like mnist_train.py writes
         train(tiny_config(tmp_path, epochs=1), TINY, blobs(), None, class_names=["a", "b", "c"])
         path, channels, size = tmp_path / "best.pth", 1, 8
@@ -136,12 +136,15 @@ def test_sample_from_checkpoint(which, photo_run, tmp_path):
     assert not torch.equal(images, other)
 
 
-def test_sample_from_checkpoint_label_errors(tmp_path, photo_run):
-    train(tiny_config(tmp_path, epochs=1), TINY, blobs(), None)
+def test_sample_from_checkpoint_label_errors(tmp_path):
+    from dataclasses import replace
+
+    train(tiny_config(tmp_path / "cond", epochs=1), TINY, blobs(), None)
     with pytest.raises(ValueError, match="label 3 is out of range: this model knows classes 0-2"):
-        rectified_flow_train.sample_from_checkpoint(tmp_path / "best.pth", labels=[0, 3], steps=1, device="cpu")
+        rectified_flow_train.sample_from_checkpoint(tmp_path / "cond" / "best.pth", labels=[0, 3], steps=1, device="cpu")
+    train(tiny_config(tmp_path / "uncond", epochs=1), replace(TINY, num_classes=None), blobs(), None)
     with pytest.raises(ValueError, match="unconditional"):
-        rectified_flow_train.sample_from_checkpoint(photo_run[0] / "ck" / "rf_best.pth", labels=[0], steps=1, device="cpu")
+        rectified_flow_train.sample_from_checkpoint(tmp_path / "uncond" / "best.pth", labels=[0], steps=1, device="cpu")
 
 
 def test_import_has_no_side_effects(tmp_path):
