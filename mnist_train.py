@@ -17,8 +17,7 @@ import torch
 from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, load_mnist
-from flow import generate
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, make_noise
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, sample_model
 from trainer import TrainConfig, train
 from unet import UNetConfig, check_config
 
@@ -50,7 +49,6 @@ PRESETS = {
 }
 
 
-@torch.no_grad()
 def generate_sample(
     model: torch.nn.Module,
     img_size: tuple[int, int, int] = (1, 28, 28),
@@ -61,16 +59,14 @@ def generate_sample(
     guidance: float = DEFAULT_GUIDANCE,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """Images (B, *img_size) in [0, 1] from a ConditionalUNet; B = len(labels) or num_samples."""
-    device = next(model.parameters()).device
+    """Images (B, *img_size) in [0, 1] from a ConditionalUNet; B = len(labels) or num_samples (the seed's helper)."""
+    cfg = model.config
+    if tuple(img_size) != (cfg.in_channels, cfg.image_size, cfg.image_size):
+        raise ValueError(f"img_size {tuple(img_size)} does not match the model's {(cfg.in_channels, cfg.image_size, cfg.image_size)}")
     if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     n = len(labels) if labels is not None else num_samples
-    if labels is None and model.config.num_classes is not None:
-        labels = torch.arange(n, device=device) % model.config.num_classes
-    noise = torch.randn(n, *img_size, device=device) if seed is None else make_noise(n, tuple(img_size), seed, device)
-    x, _ = generate(model.eval(), noise, labels, solver, steps, guidance)
-    return (x + 1) / 2
+    return sample_model(model.eval(), n, labels, solver, steps, guidance, seed).images
 
 
 def default_preset() -> str:

@@ -32,6 +32,7 @@ class Samples:
 
 
 def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -59,13 +60,13 @@ def sample_model(
     solver: str = DEFAULT_SOLVER,
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
-    seed: int = 0,
+    seed: int | None = 0,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     rtol: float = 1e-3,
     atol: float = 1e-3,
 ) -> Samples:
-    """Draw n images in batches; conditional models without labels cycle through the classes.
+    """Draw n images in batches; conditional models without labels cycle through the classes; seed None is random.
 
     The NFE reported is the mean over batches (adaptive dopri5 varies; fixed-step solvers do not)."""
     cfg = model.config
@@ -74,6 +75,7 @@ def sample_model(
         labels = torch.arange(n) % cfg.num_classes
     check_labels(labels, cfg.num_classes)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
     noise = make_noise(n, shape, seed, "cpu")
     start, images, nfes = time.perf_counter(), [], []
     for i in range(0, n, batch_size):
@@ -137,7 +139,6 @@ def sample_checkpoint(
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     n = len(labels) if labels is not None else batch_size
-    seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
     samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size=max(batch_size, 1), device=device)
     if out_path is not None:
         save_grid(samples.images, out_path, samples.labels, ckpt.get("class_names"))

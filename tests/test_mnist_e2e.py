@@ -72,6 +72,9 @@ def test_generate_sample_keeps_the_seed_signature(trained):
     images = mnist_train.generate_sample(model, img_size=(1, 28, 28), steps=3, labels=[1, 2], seed=0)
     assert images.shape == (2, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
     assert torch.equal(images, mnist_train.generate_sample(model, (1, 28, 28), 3, labels=[1, 2], seed=0))
+    assert mnist_train.generate_sample(model, num_samples=3).shape == (3, 1, 28, 28)  # unseeded, labels 0, 1, 2
+    with pytest.raises(ValueError, match=r"img_size \(1, 128, 128\) does not match the model's \(1, 28, 28\)"):
+        mnist_train.generate_sample(model, img_size=(1, 128, 128))
 
 
 @pytest.mark.parametrize("args,message", [
