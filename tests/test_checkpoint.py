@@ -83,3 +83,28 @@ def test_resume_with_another_model_is_refused(trained, tmp_path):
     cfg = tiny_config(tmp_path, resume=str(tmp / "ck" / "last.pth"))
     with pytest.raises(CheckpointError, match="another model config.*base_channels: 8 vs 16"):
         train(cfg, replace(TINY, base_channels=16), blobs(), None)
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
+            "from pathlib import Path; from helpers import TINY, blobs, tiny_config; from trainer import train\n"
+            "train(tiny_config(Path(sys.argv[2]), epochs=10_000), TINY, blobs(), None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "ck" / "epoch_2.pth").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "continue with --resume auto" in out
+    ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
+    assert ckpt["step"] >= 12  # at least the two finished epochs of 6 steps
+    model_from_checkpoint(ckpt)
