@@ -55,7 +55,8 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
     loss.item()  # wait for the device
     seconds = time.perf_counter() - start
     return {"script": script, "preset": preset, "images_per_s": steps * cfg.batch_size / seconds,
-            "step_ms": 1000 * seconds / steps, "params_M": sum(p.numel() for p in parts.model.parameters()) / 1e6,
+            "step_ms": 1000 * seconds / steps, "autocast": parts.amp, "channels_last": parts.channels_last,
+            "params_M": sum(p.numel() for p in parts.model.parameters()) / 1e6,
             "train": asdict(cfg), "model": asdict(model_cfg), **machine()}
 
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r = rows[0]
         print(f"{args.script} preset {r['preset']}: {r['params_M']:.2f}M params, {r['model']['image_size']} px, batch "
               f"{r['train']['batch_size']}: {r['images_per_s']:.1f} img/s ({r['step_ms']:.0f} ms/step) on {r['device']}, "
-              f"{r['threads']} threads, torch {r['torch']}")
+              f"autocast {r['autocast']}, {'channels_last' if r['channels_last'] else 'NCHW'}, {r['threads']} threads, torch {r['torch']}")
         out = Path(args.out)
     elif args.command == "nfe":
         settings = [dict(solver=s, steps=int(n), guidance=args.guidance)

@@ -47,8 +47,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "auto"  # auto (DDP under torchrun, else one device) | dp (DataParallel) | none
     num_workers: int = 0  # data-loader worker processes
-    amp: str = "none"  # autocast on CUDA: none | bf16 | fp16 (ignored on CPU, where it is slower)
-    channels_last: bool = True  # NHWC memory layout: 1.1-1.3x faster training on CPU (benchmark.py), and on recent GPUs
+    amp: str = "none"  # autocast: none | bf16 | fp16 | auto (= bf16 where it is faster: CUDA, and CPUs with AMX)
+    channels_last: str = "auto"  # NHWC memory layout: on | off | auto (= on, except with bf16 on the CPU; see resolve_speed)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic cuDNN kernels (slower); off = cudnn.benchmark
     out_dir: str = "checkpoints"  # epoch_N.pth, last.pth, log.jsonl, loss.png, config.json
@@ -135,8 +135,10 @@ def check_config(cfg: TrainConfig, rt: Runtime) -> None:
     """Reject settings that would fail later, deep inside torch."""
     if cfg.t_schedule not in T_SCHEDULES:
         raise ValueError(f"unknown --t-schedule {cfg.t_schedule!r}: choose one of {', '.join(T_SCHEDULES)}")
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"unknown --amp {cfg.amp!r}: choose none, bf16 or fp16")
+    if cfg.amp not in ("none", "bf16", "fp16", "auto"):
+        raise ValueError(f"unknown --amp {cfg.amp!r}: choose none, bf16, fp16 or auto")
+    if cfg.channels_last not in ("on", "off", "auto"):
+        raise ValueError(f"unknown --channels-last {cfg.channels_last!r}: choose on, off or auto")
     if cfg.parallel not in ("auto", "dp", "none"):
         raise ValueError(f"unknown --parallel {cfg.parallel!r}: choose auto, dp or none (DDP: launch with torchrun)")
     if cfg.batch_size < rt.world or cfg.batch_size % rt.world:
@@ -208,6 +210,26 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_has_amx() -> bool:
+    """Intel AMX tiles: they make bf16 autocast on the CPU faster than fp32 (without them it is ~18x slower)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def resolve_speed(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
+    """The autocast mode and memory layout that --amp and --channels-last give on this device."""
+    cpu = device.type == "cpu"
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if (cpu_has_amx() if cpu else torch.cuda.is_bf16_supported()) else "none"
+    if cpu and amp == "fp16":
+        amp = "none"  # fp16 autocast on the CPU is slower than fp32: a no-op there
+    if cfg.channels_last != "auto":
+        return amp, cfg.channels_last == "on"
+    # NHWC is faster for fp32 on the CPU and on GPUs; but bf16 GroupNorm on the CPU is ~4x slower in NHWC,
+    # which makes NCHW the faster layout for the small CPU presets (benchmark.py train-speed).
+    return amp, not (cpu and amp == "bf16")
+
+
 @dataclass
 class Parts:
     """What a training step touches."""
@@ -217,13 +239,16 @@ class Parts:
     ema: EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    autocast: object  # context manager: bf16/fp16 autocast on CUDA, else a no-op
+    autocast: object  # context manager: bf16/fp16 autocast, or a no-op
+    amp: str  # none | bf16 | fp16, as resolved for the device
+    channels_last: bool  # whether inputs and weights are NHWC
 
 
 def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
     """Model, EMA, optimizer, grad scaler and autocast for cfg on rt's device."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    amp, channels_last = resolve_speed(cfg, rt.device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = ConditionalUNet(model_cfg).to(rt.device, memory_format=memory_format)
     net: nn.Module = torch.compile(model) if cfg.compile else model
     if rt.ddp:
@@ -231,17 +256,17 @@ def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
     elif cfg.parallel == "dp":
         net = nn.DataParallel(net)  # on CPU or a single GPU this simply calls the module
     cuda = rt.device.type == "cuda"
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
-                if cfg.amp != "none" and cuda else nullcontext())
+    autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else nullcontext())
     return Parts(model, net, EMA(model, cfg.ema_decay),
                  torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None),
-                 torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16" and cuda), autocast)
+                 torch.amp.GradScaler(rt.device.type, enabled=amp == "fp16"), autocast, amp, channels_last)
 
 
 def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None, step: int, rank: int = 0) -> torch.Tensor:
     """One optimizer step on a batch already on the device (x: (B, C, H, W) in [-1, 1]); returns the loss."""
     torch.manual_seed(step_seed(cfg.seed, rank, step))
-    if cfg.channels_last:
+    if parts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     if cfg.hflip:
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
@@ -320,7 +345,8 @@ def train(
     log_file = open(out_dir / "log.jsonl", "a") if rt.main else None
     n_params = sum(p.numel() for p in model.parameters())
     say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {len(train_set)} images, "
-        f"{sampler.batches} steps/epoch, batch {cfg.batch_size}, until step {total_steps}")
+        f"{sampler.batches} steps/epoch, batch {cfg.batch_size}, until step {total_steps}; "
+        f"autocast {parts.amp}, {'channels_last' if parts.channels_last else 'NCHW'}")
 
     start_time, epoch, epoch_loss = time.perf_counter(), step // sampler.batches, math.nan
     try:

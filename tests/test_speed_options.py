@@ -1,0 +1,45 @@
+"""--amp and --channels-last: what each resolves to on the CPU, and a bf16 training step there."""
+import pytest
+import torch
+
+import trainer
+from helpers import TINY, tiny_config
+from trainer import Runtime, build, resolve_speed, train_step
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_amp_follows_the_cpu(monkeypatch, tmp_path, amx):
+    monkeypatch.setattr(trainer, "cpu_has_amx", lambda: amx)
+    # bf16 only where AMX makes it faster; bf16 GroupNorm is slow in NHWC on the CPU, so auto runs bf16 in NCHW
+    assert resolve_speed(tiny_config(tmp_path, amp="auto"), CPU) == (("bf16", False) if amx else ("none", True))
+
+
+def test_explicit_choices_on_the_cpu(tmp_path):
+    assert resolve_speed(tiny_config(tmp_path, amp="fp16"), CPU) == ("none", True)  # fp16 autocast is a no-op on the CPU
+    assert resolve_speed(tiny_config(tmp_path, amp="bf16"), CPU) == ("bf16", False)
+    assert resolve_speed(tiny_config(tmp_path, amp="none", channels_last="off"), CPU) == ("none", False)
+    assert resolve_speed(tiny_config(tmp_path, amp="bf16", channels_last="on"), CPU) == ("bf16", True)  # explicit wins
+
+
+def test_bad_layout_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--channels-last 'yes'"):
+        trainer.check_config(tiny_config(tmp_path, channels_last="yes"), Runtime(CPU))
+
+
+def test_bf16_training_step_on_the_cpu(tmp_path):
+    cfg = tiny_config(tmp_path, amp="bf16")
+    parts = build(cfg, TINY, Runtime(CPU))
+    with parts.autocast:
+        out = parts.net(torch.zeros(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert out.dtype == torch.bfloat16  # autocast is really on
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (16,))
+    loss = train_step(parts, cfg, x, y, step=0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in parts.model.parameters())  # master weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
+    assert all(p.is_contiguous() for p in parts.model.parameters() if p.dim() == 4)  # NCHW, not channels_last
+    fp32 = build(tiny_config(tmp_path, amp="none"), TINY, Runtime(CPU))
+    assert not all(p.is_contiguous() for p in fp32.model.parameters() if p.dim() == 4)  # fp32 keeps channels_last
