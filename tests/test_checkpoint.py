@@ -93,7 +93,9 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
+    # A launcher running in the background (nohup, `cmd &`) starts children with SIGINT ignored: restore Ctrl-C.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
             "from pathlib import Path; from helpers import TINY, blobs, tiny_config; from trainer import train\n"
             "train(tiny_config(Path(sys.argv[2]), epochs=10_000), TINY, blobs(), None)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(tmp_path)], stdout=subprocess.PIPE,
@@ -102,7 +104,10 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
     while not (tmp_path / "ck" / "epoch_2.pth").exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a trainer running if the assertion path fails
     assert proc.returncode == 0, err[-2000:]
     assert "continue with --resume auto" in out
     ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
