@@ -40,7 +40,7 @@ DEFAULTS = [
 ]
 
 PRESETS = {
-    # ~1.2M parameters: recognisable digits from 2 CPU cores in about 15 minutes (bf16 where the CPU has AMX).
+    # ~1.2M parameters: recognisable digits from 2 CPU cores in 10-15 minutes (bf16 where the CPU has AMX).
     "cpu": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0,
                 epochs=2, batch_size=128, lr=1e-3, warmup_steps=200, val_t_points=4, amp="auto"),
     # ~7.3M parameters, bf16 autocast where the GPU has it: a few minutes per epoch on one modern GPU.

@@ -52,8 +52,9 @@ DEFAULTS = [
 PRESETS = {
     "celeba128": {},  # the seed's setting: 128 px
     "celeba64": dict(image_size=64, attention_resolutions=(16, 8), batch_size=128, lr=1e-4),
+    # try-it-out size for CPUs / CIFAR-like folders
     "small32": dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
-                    batch_size=64, lr=2e-4, warmup_steps=200, num_workers=2, amp="auto"),  # try-it-out size for CPUs / CIFAR-like folders
+                    batch_size=64, lr=2e-4, warmup_steps=200, num_workers=2, amp="auto"),
 }
 
 
