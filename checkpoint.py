@@ -8,6 +8,7 @@ Keys: the seed's `epoch`, `model_state`, `ema_state`, `optimizer_state`, `loss`,
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -36,13 +37,18 @@ def clean_state_dict(state: dict) -> dict:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace, so a crash never leaves half a file."""
+    """Write atomically and durably: a synced temp file in the same folder, os.replace, then sync the folder.
+
+    Without the fsyncs a power loss can leave a zero-length file renamed over the last good checkpoint.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -50,6 +56,37 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
+
+
+def publish(src: str | Path, dst: str | Path) -> None:
+    """Atomically make dst a copy of an already written checkpoint (a hard link where possible)."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    sync_folder(dst.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a directory so a rename inside it survives a power loss (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

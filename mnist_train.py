@@ -18,7 +18,7 @@ from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, load_mnist
 from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, sample_model
-from trainer import TrainConfig, train
+from trainer import TrainConfig, check_train_config, train
 from unet import UNetConfig, check_config
 
 
@@ -29,12 +29,12 @@ class MNISTData:
     data_root: str = "data"  # folder holding MNIST/raw (e.g. ../shared/data)
     download: bool = True  # download MNIST when it is not under DATA_ROOT (needs internet)
     subset: int = 0  # train on the first N images only; 0 = all 60,000
-    val_size: int = 2000  # images of the MNIST test split used for the validation loss
+    val_size: int = 2000  # first N test-split digits, for the validation loss (evaluate.py uses digits after them)
 
 
 DEFAULTS = [
     TrainConfig(epochs=20, batch_size=64, lr=1e-4, out_dir="checkpoints/mnist",
-                checkpoint="checkpoints/flow_matching_mnist.pth", sample_dir="samples/mnist"),
+                checkpoint="checkpoints/flow_matching_mnist.pth"),  # the seed's published file name
     UNetConfig(image_size=28, in_channels=1, num_classes=10),
     MNISTData(),
 ]
@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     print(f"preset: {preset}")
-    check_config(model_cfg)  # a bad --image-size fails here, before any data is read
+    check_train_config(cfg)  # impossible settings fail here, before any data is read
+    check_config(model_cfg)
+    if model_cfg.in_channels != 1 or model_cfg.num_classes not in (10, None):
+        raise ValueError("MNIST has 1 channel and 10 classes: --in-channels must be 1 and --num-classes 10 "
+                         "(or none for an unconditional model)")
+    if data_cfg.subset < 0 or data_cfg.val_size < 1:
+        raise ValueError("--subset must be >= 0 (0 = all) and --val-size >= 1")
     train_set = load_mnist(data_cfg.data_root, train=True, image_size=model_cfg.image_size, download=data_cfg.download)
     if data_cfg.subset:
         train_set = torch.utils.data.Subset(train_set, range(min(data_cfg.subset, len(train_set))))
@@ -87,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     val_set = torch.utils.data.Subset(val_set, range(min(data_cfg.val_size, len(val_set))))
     summary = train(cfg, model_cfg, train_set, val_set, class_names=[str(d) for d in range(10)],
                     extra={"dataset": "mnist", "preset": preset})
-    print(f"done: {summary['checkpoint']} (step {summary['step']}, {summary['elapsed_s'] / 60:.1f} min); "
-          f"sample grids in {cfg.sample_dir}/")
+    print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
+          f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary
 
 

@@ -24,7 +24,7 @@ from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, image_folder_splits, load_celeba
 from sampling import sample_from_checkpoint  # re-exported for notebooks: the seed's import path
-from trainer import TrainConfig, train
+from trainer import TrainConfig, check_train_config, train
 from unet import UNetConfig, check_config
 
 __all__ = ["sample_from_checkpoint", "main"]
@@ -43,7 +43,7 @@ class FolderData:
 
 DEFAULTS = [
     TrainConfig(epochs=1000, batch_size=64, lr=1e-5, weight_decay=0.01, warmup_steps=1000, hflip=True, num_workers=4,
-                out_dir="checkpoints", checkpoint="checkpoints/rf_best.pth", sample_dir="samples"),
+                out_dir="checkpoints", checkpoint="{out_dir}/rf_best.pth"),
     UNetConfig(image_size=128, in_channels=3, base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                attention_resolutions=(16,), dropout=0.1, num_classes=None),
     FolderData(),
@@ -67,19 +67,39 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse flags, build the data sets, run the shared training loop."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
-    check_config(model_cfg)  # a bad --image-size fails here, before any data is read
+    check_train_config(cfg)  # impossible settings fail here, before any data is read
+    check_config(model_cfg)
+    check_data_flags(data_cfg, model_cfg)
     if data_cfg.dataset == "celeba":
         train_set, val_set, class_names = load_celeba(data_cfg.data_root, model_cfg.image_size)
     elif data_cfg.dataset == "folder":
         train_set, val_set, class_names = image_folder_splits(
             data_cfg.data_root, model_cfg.image_size, data_cfg.val_fraction, data_cfg.class_from_folders)
-    else:
-        raise ValueError(f"unknown --dataset {data_cfg.dataset!r}: choose folder or celeba")
+
     model_cfg = replace(model_cfg, num_classes=len(class_names) if class_names else None)  # the data decides
     if val_set is not None and len(val_set) > data_cfg.val_size:
         val_set = torch.utils.data.Subset(val_set, range(data_cfg.val_size))
-    return train(cfg, model_cfg, train_set, val_set, class_names,
-                 extra={"dataset": data_cfg.dataset, "data_root": data_cfg.data_root, "preset": preset})
+    summary = train(cfg, model_cfg, train_set, val_set, class_names,
+                    extra={"dataset": data_cfg.dataset, "data_root": data_cfg.data_root, "preset": preset})
+    print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
+          f"{summary['elapsed_s'] / 60:.1f} min)")
+    return summary
+
+
+def check_data_flags(data_cfg: FolderData, model_cfg: UNetConfig) -> None:
+    """Refuse flags that the data overrides or that do nothing with the chosen --dataset."""
+    if data_cfg.dataset not in ("folder", "celeba"):
+        raise ValueError(f"unknown --dataset {data_cfg.dataset!r}: choose folder or celeba")
+    if model_cfg.num_classes is not None:
+        raise ValueError("--num-classes is set by the data: use --class-from-folders (one class per sub-folder)")
+    if model_cfg.in_channels != 3:
+        raise ValueError("images are loaded as RGB: --in-channels must be 3")
+    if data_cfg.dataset == "celeba" and (data_cfg.class_from_folders or data_cfg.val_fraction != FolderData.val_fraction):
+        raise ValueError("--class-from-folders and --val-fraction apply to --dataset folder; "
+                         "CelebA has no classes here and its own validation split")
+    if not 0 <= data_cfg.val_fraction < 1 or data_cfg.val_size < 1:
+        raise ValueError(f"--val-fraction must lie in [0, 1) and --val-size be >= 1 "
+                         f"(got {data_cfg.val_fraction}, {data_cfg.val_size})")
 
 
 if __name__ == "__main__":

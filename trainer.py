@@ -1,15 +1,16 @@
 """The one training loop, shared by mnist_train.py and rectified_flow_train.py.
 
 One code path for CPU, one GPU, DataParallel (--parallel dp) and DDP (launched by torchrun,
-detected from the RANK variable). Only rank 0 prints and writes files. The random state of a
-step is derived from (seed, rank, step), so a resumed run draws exactly what an uninterrupted
-one would: resume needs no saved RNG state.
+detected from WORLD_SIZE). Only rank 0 prints and writes files. The random state of a step is
+derived from (seed, rank, step) and the data order from (seed, epoch), so a resumed run draws
+exactly what an uninterrupted one would: resume needs no saved RNG state.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -19,14 +20,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, model_config_from, save_checkpoint
+from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, model_config_from, publish, save_checkpoint
+from device import Runtime, configure_backends, resolve_amp, resolve_channels_last, setup_runtime
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
-from sampling import sample_model, save_grid
+from sampling import make_noise, sample_model, save_grid
 from unet import ConditionalUNet, UNetConfig
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -36,6 +40,7 @@ class TrainConfig:
     epochs: int = 20  # passes over the training set
     batch_size: int = 64  # global batch, split over GPUs / DDP ranks
     lr: float = 1e-4  # AdamW learning rate after warm-up
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (both decay to 0 at the last epoch's end)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -44,35 +49,27 @@ class TrainConfig:
     t_schedule: str = "uniform"  # training-time distribution: uniform | logit-normal
     hflip: bool = False  # random horizontal flips (not for digits)
     seed: int = 0  # seeds data order, noise, times and dropout
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU) | cpu | cuda | cuda:N | mps
     parallel: str = "auto"  # auto (DDP under torchrun, else one device) | dp (DataParallel) | none
     num_workers: int = 0  # data-loader worker processes
-    amp: str = "none"  # autocast: none | bf16 | fp16 | auto (= bf16 where it is faster: CUDA, and CPUs with AMX)
-    channels_last: str = "auto"  # NHWC memory layout: on | off | auto (= on, except with bf16 on the CPU; see resolve_speed)
+    amp: str = "none"  # autocast: none | bf16 | fp16 | auto (bf16 on GPUs with native bf16 and AMX CPUs, fp16 on older GPUs)
+    channels_last: str = "auto"  # NHWC memory layout: on | off | auto (on, except CPU bf16 and MPS; see device.py)
     compile: bool = False  # torch.compile the model
-    deterministic: bool = False  # deterministic cuDNN kernels (slower); off = cudnn.benchmark
+    deterministic: bool = False  # deterministic cuDNN kernels, no TF32 (slower); off = cudnn.benchmark + TF32
     out_dir: str = "checkpoints"  # epoch_N.pth, last.pth, log.jsonl, loss.png, config.json
-    checkpoint: str = "checkpoints/rf_best.pth"  # the checkpoint with the lowest validation loss
-    sample_dir: str = "samples"  # one sample grid PNG per epoch
+    checkpoint: str = "{out_dir}/best.pth"  # copy of the epoch with the lowest validation loss
+    sample_dir: str = "{out_dir}/samples"  # one sample grid PNG per epoch
     resume: str = ""  # checkpoint to resume from, or "auto" for OUT_DIR/last.pth
+    save_every: float = 10.0  # minutes between saves of last.pth inside an epoch (crash safety); 0 = epoch ends only
     keep_last: int = 5  # epoch_N.pth files kept on disk; 0 keeps all
     log_every: int = 50  # steps between log.jsonl records and progress-bar updates
     val_t_points: int = 8  # validation loss averages over this fixed grid of t values
-    max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
+    max_steps: int = 0  # stop after this many optimizer steps in total (the LR schedule is unchanged); 0 = no limit
 
 
-@dataclass
-class Runtime:
-    """Where this process runs: device, rank and world size."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    ddp: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+def output_path(template: str, cfg: TrainConfig) -> Path:
+    """A path flag with {out_dir} filled in."""
+    return Path(template.replace("{out_dir}", cfg.out_dir))
 
 
 class ShardedSampler(Sampler[int]):
@@ -99,93 +96,151 @@ class ShardedSampler(Sampler[int]):
         return iter(mine[self.start_batch * self.batch_size:].tolist())
 
 
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Pick the device; join the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    if world == 1 or cfg.parallel == "none":
-        return Runtime(device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world, ddp=True)
-
-
-def configure_backends(cfg: TrainConfig) -> None:
-    """TF32 and cudnn.benchmark for speed, unless --deterministic."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = not cfg.deterministic
-    torch.backends.cudnn.deterministic = cfg.deterministic
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Seed of one optimizer step on one rank: distinct per rank, reproducible on resume."""
     return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
 
 
-def check_config(cfg: TrainConfig, rt: Runtime) -> None:
-    """Reject settings that would fail later, deep inside torch."""
-    if cfg.t_schedule not in T_SCHEDULES:
-        raise ValueError(f"unknown --t-schedule {cfg.t_schedule!r}: choose one of {', '.join(T_SCHEDULES)}")
-    if cfg.amp not in ("none", "bf16", "fp16", "auto"):
-        raise ValueError(f"unknown --amp {cfg.amp!r}: choose none, bf16, fp16 or auto")
-    if cfg.channels_last not in ("on", "off", "auto"):
-        raise ValueError(f"unknown --channels-last {cfg.channels_last!r}: choose on, off or auto")
-    if cfg.parallel not in ("auto", "dp", "none"):
-        raise ValueError(f"unknown --parallel {cfg.parallel!r}: choose auto, dp or none (DDP: launch with torchrun)")
-    if cfg.batch_size < rt.world or cfg.batch_size % rt.world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {rt.world} processes (one batch share each)")
-    if rt.device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
+    """Reject settings that would fail later (deep inside torch) or silently do nothing; world = processes."""
+    choices = {"t_schedule": T_SCHEDULES, "lr_schedule": LR_SCHEDULES, "amp": ("none", "bf16", "fp16", "auto"),
+               "channels_last": ("on", "off", "auto"), "parallel": ("auto", "dp", "none")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
+                "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    for name in ("ema_decay", "label_dropout"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes (one batch share each)")
 
 
-def check_resume(ckpt: dict, model_cfg: UNetConfig, path: str) -> None:
-    """The checkpoint must hold the model we are about to train."""
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """LR of optimizer step `step` (0-based): linear warm-up, then constant or decaying to 0 at total_steps."""
+    if step < cfg.warmup_steps or cfg.lr_schedule == "constant":
+        return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    progress = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
+
+
+@dataclass
+class Parts:
+    """What a training step touches."""
+
+    model: ConditionalUNet  # the plain module: what is saved and averaged
+    net: nn.Module  # the model as called: compiled and/or wrapped for DDP / DataParallel
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object  # context manager: bf16/fp16 autocast, or a no-op
+    amp: str  # none | bf16 | fp16, as resolved for the device
+    channels_last: bool  # whether inputs and weights are NHWC
+
+
+def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
+    """Model, EMA, optimizer, grad scaler and autocast for cfg on rt's device."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    amp = resolve_amp(cfg.amp, rt.device)
+    channels_last = resolve_channels_last(cfg.channels_last, rt.device, amp)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = ConditionalUNet(model_cfg).to(rt.device, memory_format=memory_format)
+    net: nn.Module = torch.compile(model) if cfg.compile else model
+    if rt.ddp:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    elif cfg.parallel == "dp":
+        net = nn.DataParallel(net)  # on CPU or a single GPU this simply calls the module
+    autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else nullcontext())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=rt.device.type == "cuda" or None)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp == "fp16")
+    return Parts(model, net, EMA(model, cfg.ema_decay), optimizer, scaler, autocast, amp, channels_last)
+
+
+def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None, step: int, rank: int = 0,
+               lr: float | None = None) -> torch.Tensor:
+    """One optimizer step on a batch already on the device (x: (B, C, H, W) in [-1, 1]); returns the loss."""
+    torch.manual_seed(step_seed(cfg.seed, rank, step))
+    if parts.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if cfg.hflip:
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = cfg.lr if lr is None else lr
+    with parts.autocast:
+        loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, cfg.t_schedule)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.ema.update(parts.model)
+    return loss.detach()
+
+
+def check_resume(ckpt: dict, model_cfg: UNetConfig, cfg: TrainConfig, steps_per_epoch: int, world: int, path: str) -> None:
+    """The checkpoint must hold the model we are about to train, and the same steps per epoch.
+
+    Another batch size, number of processes or training set changes how steps map to epochs and
+    data, so the resumed run would silently train on other batches: refused.
+    """
     stored = model_config_from(ckpt)
     if stored != model_cfg:
-        diff = {k: (v, getattr(model_cfg, k)) for k, v in asdict(stored).items() if getattr(model_cfg, k) != v}
-        raise CheckpointError(
-            f"{path} was trained with another model config ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
-            "pass the same model flags/preset as that run, or start a new --out-dir"
-        )
+        diff = [f"{k}: {v} vs {getattr(model_cfg, k)}" for k, v in asdict(stored).items() if getattr(model_cfg, k) != v]
+        raise CheckpointError(f"{path} was trained with another model config ({', '.join(diff)}); "
+                              "pass the same model flags/preset as that run, or start a new --out-dir")
+    was = {"--batch-size": ckpt.get("train_config", {}).get("batch_size"), "processes": ckpt.get("world_size", 1),
+           "steps per epoch": ckpt.get("steps_per_epoch")}
+    now = {"--batch-size": cfg.batch_size, "processes": world, "steps per epoch": steps_per_epoch}
+    diff = [f"{k} {was[k]} then, {now[k]} now" for k in was if was[k] is not None and was[k] != now[k]]
+    if diff:
+        raise CheckpointError(f"cannot resume {path} exactly: {'; '.join(diff)}. Resume with the same batch size, "
+                              "number of processes and data, or start a new --out-dir (with --init-from to keep the weights)")
+
+
+def restore(parts: Parts, ckpt: dict) -> None:
+    """Weights, EMA, optimizer and (when both runs use one) the fp16 grad scaler from a checkpoint."""
+    parts.model.load_state_dict(clean_state_dict(ckpt["model_state"]))
+    parts.ema.load_state_dict(ckpt["ema_state"])
+    parts.optimizer.load_state_dict(ckpt["optimizer_state"])
+    if ckpt.get("scaler_state"):  # empty when the run was not fp16: then start with a fresh scaler
+        parts.scaler.load_state_dict(ckpt["scaler_state"])
 
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int, t_points: int, conditional: bool) -> float:
-    """Mean flow-matching loss on held-out data with fixed noise and a fixed t grid: comparable across epochs."""
-    noise_gen = torch.Generator().manual_seed(1234)
+    """Mean flow-matching loss on held-out data with fixed noise and a fixed t grid: comparable across epochs.
+
+    Under DDP each rank takes a contiguous share and the sums are all-reduced; noise depends only on
+    the sample's index, so the value does not depend on the number of processes or the batch size.
+    """
+    start, stop = len(data) * rt.rank // rt.world, len(data) * (rt.rank + 1) // rt.world
     ts = (torch.arange(t_points) + 0.5) / t_points
-    total, count = 0.0, 0
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # squared error, element count
+    for first in range(start, stop, batch_size):
+        idx = range(first, min(first + batch_size, stop))
+        x, y = default_collate([data[i] for i in idx])
         x = x.to(rt.device)
         y = y.to(rt.device) if conditional else None
-        for t in ts:
-            x0 = torch.randn(x.shape, generator=noise_gen).to(rt.device)
-            tb = t.expand(len(x)).to(rt.device)
-            total += F.mse_loss(model(interpolate(x0, x, tb), tb, y), x - x0, reduction="sum").item()
-            count += x.numel()
-    return total / count
-
-
-def publish(src: Path, dst: Path) -> None:
-    """Atomically make dst a copy of an already written checkpoint (a hard link where possible)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        noise = make_noise(len(idx), (t_points, *x.shape[1:]), 1234 + first, rt.device)
+        for k, t in enumerate(ts):
+            x0, tb = noise[:, k], t.expand(len(x)).to(rt.device)
+            sums[0] += F.mse_loss(model(interpolate(x0, x, tb), tb, y), x - x0, reduction="sum").double()
+            sums[1] += x.numel()
+    if rt.ddp:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def plot_losses(log_path: Path, png_path: Path) -> None:
@@ -210,79 +265,242 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def cpu_has_amx() -> bool:
-    """Intel AMX tiles: they make bf16 autocast on the CPU faster than fp32 (without them it is ~18x slower)."""
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+def open_log(path: Path, resume_step: int | None):
+    """log.jsonl for appending: a fresh run starts it empty; a resumed run keeps only records up to its step."""
+    if resume_step is None or not path.is_file():
+        return open(path, "w")
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return open(path, "a")
 
 
-def resolve_speed(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
-    """The autocast mode and memory layout that --amp and --channels-last give on this device."""
-    cpu = device.type == "cpu"
-    amp = cfg.amp
-    if amp == "auto":
-        amp = "bf16" if (cpu_has_amx() if cpu else torch.cuda.is_bf16_supported()) else "none"
-    if cpu and amp == "fp16":
-        amp = "none"  # fp16 autocast on the CPU is slower than fp32: a no-op there
-    if cfg.channels_last != "auto":
-        return amp, cfg.channels_last == "on"
-    # NHWC is faster for fp32 on the CPU and on GPUs; but bf16 GroupNorm on the CPU is ~4x slower in NHWC,
-    # which makes NCHW the faster layout for the small CPU presets (benchmark.py train-speed).
-    return amp, not (cpu and amp == "bf16")
+class StopRequest:
+    """Ctrl-C as a flag checked between steps, so a checkpoint never holds a half-applied step.
+
+    A second Ctrl-C interrupts at once. Outside the main thread (where signals cannot be caught) it is a no-op.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to quit without saving)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def agreed(self, rt: Runtime) -> bool:
+        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
+        if not rt.ddp:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
-@dataclass
-class Parts:
-    """What a training step touches."""
-
-    model: ConditionalUNet  # the plain module: what is saved and averaged
-    net: nn.Module  # the model as called: compiled and/or wrapped for DDP / DataParallel
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    autocast: object  # context manager: bf16/fp16 autocast, or a no-op
-    amp: str  # none | bf16 | fp16, as resolved for the device
-    channels_last: bool  # whether inputs and weights are NHWC
+def ignore_sigint(_worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the main process, which stops cleanly between steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
-    """Model, EMA, optimizer, grad scaler and autocast for cfg on rt's device."""
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    amp, channels_last = resolve_speed(cfg, rt.device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = ConditionalUNet(model_cfg).to(rt.device, memory_format=memory_format)
-    net: nn.Module = torch.compile(model) if cfg.compile else model
+def global_mean(value: torch.Tensor, rt: Runtime) -> float:
+    """Mean of a per-rank scalar over all ranks."""
     if rt.ddp:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    elif cfg.parallel == "dp":
-        net = nn.DataParallel(net)  # on CPU or a single GPU this simply calls the module
-    cuda = rt.device.type == "cuda"
-    autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "none" else nullcontext())
-    return Parts(model, net, EMA(model, cfg.ema_decay),
-                 torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None),
-                 torch.amp.GradScaler(rt.device.type, enabled=amp == "fp16"), autocast, amp, channels_last)
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= rt.world
+    return value.item()
 
 
-def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None, step: int, rank: int = 0) -> torch.Tensor:
-    """One optimizer step on a batch already on the device (x: (B, C, H, W) in [-1, 1]); returns the loss."""
-    torch.manual_seed(step_seed(cfg.seed, rank, step))
-    if parts.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if cfg.hflip:
-        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
-    for group in parts.optimizer.param_groups:
-        group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-    with parts.autocast:
-        loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, cfg.t_schedule)
-    parts.optimizer.zero_grad(set_to_none=True)
-    parts.scaler.scale(loss).backward()
-    if cfg.grad_clip > 0:
-        parts.scaler.unscale_(parts.optimizer)
-        nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
-    parts.scaler.step(parts.optimizer)
-    parts.scaler.update()
-    parts.ema.update(parts.model)
-    return loss.detach()
+class Trainer:
+    """One training run: the state that checkpoints hold, and the phases of the loop."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: Dataset | None,
+                 class_names: list[str] | None, extra: dict | None):
+        check_train_config(cfg)
+        self.rt = setup_runtime(cfg.device, cfg.parallel)
+        check_train_config(cfg, self.rt.world)
+        configure_backends(cfg.deterministic)
+        self.cfg, self.model_cfg, self.val_set, self.class_names, self.extra = cfg, model_cfg, val_set, class_names, extra or {}
+        self.say = print if self.rt.main else (lambda *a, **k: None)
+        self.out_dir = Path(cfg.out_dir)
+        self.best_path, self.sample_dir = output_path(cfg.checkpoint, cfg), output_path(cfg.sample_dir, cfg)
+        self.conditional = model_cfg.num_classes is not None
+        self.parts = build(cfg, model_cfg, self.rt)
+        self.per_rank = cfg.batch_size // self.rt.world
+        self.sampler = ShardedSampler(len(train_set), self.per_rank, cfg.seed, self.rt.rank, self.rt.world)
+        if self.sampler.batches == 0:
+            raise ValueError(f"{len(train_set)} training images do not fill one batch of {self.per_rank} per process: "
+                             "lower --batch-size")
+        self.loader = DataLoader(train_set, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
+                                 num_workers=cfg.num_workers, pin_memory=self.rt.device.type == "cuda",
+                                 persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_sigint)
+        self.schedule_steps = cfg.epochs * self.sampler.batches  # the LR schedule's horizon
+        self.total_steps = min(self.schedule_steps, cfg.max_steps) if cfg.max_steps else self.schedule_steps
+        self.step, self.best_val, self.loss = 0, math.inf, math.nan
+        self.written: list[Path] = []
+
+    @property
+    def epoch(self) -> int:
+        """Completed epochs."""
+        return self.step // self.sampler.batches
+
+    def resume(self) -> int | None:
+        """Load --resume (or OUT_DIR/last.pth for auto); returns the step resumed at, or None for a fresh run."""
+        path = str(self.out_dir / "last.pth") if self.cfg.resume == "auto" else self.cfg.resume
+        if not path:
+            return None
+        ckpt = load_checkpoint(path, map_location=self.rt.device)
+        check_resume(ckpt, self.model_cfg, self.cfg, self.sampler.batches, self.rt.world, path)
+        restore(self.parts, ckpt)
+        self.step, self.best_val = ckpt["step"], ckpt.get("best_val_loss", math.inf)
+        self.say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, {self.step % self.sampler.batches} "
+                 "steps into the next)")
+        return self.step
+
+    def state(self, val: float | None) -> dict:
+        """The checkpoint dict: enough to resume exactly and to sample."""
+        p = self.parts
+        return {
+            "epoch": self.epoch, "step": self.step, "loss": self.loss, "val_loss": val, "best_val_loss": self.best_val,
+            "steps_per_epoch": self.sampler.batches, "world_size": self.rt.world,
+            "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
+            "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
+            "model_config": asdict(self.model_cfg), "train_config": asdict(self.cfg), "class_names": self.class_names,
+            **self.extra,
+        }
+
+    def save_last(self, reason: str) -> None:
+        """last.pth in the middle of an epoch: usable for sampling and exact --resume."""
+        if self.rt.main:
+            save_checkpoint(self.out_dir / "last.pth", self.state(None))
+            self.say(f"{reason} at step {self.step}, inside epoch {self.epoch + 1}: saved {self.out_dir / 'last.pth'}; "
+                     "continue with --resume auto")
+
+    def run(self) -> dict:
+        """Train until total_steps, Ctrl-C or the end; returns a summary."""
+        cfg, rt = self.cfg, self.rt
+        resumed = self.resume()
+        log = None
+        if rt.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(
+                {"train": asdict(cfg), "model": asdict(self.model_cfg), **self.extra}, indent=2))
+            log = open_log(self.out_dir / "log.jsonl", resumed)
+        n_params = sum(p.numel() for p in self.parts.model.parameters())
+        self.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {self.sampler.size} images, "
+                 f"{self.sampler.batches} steps/epoch, batch {cfg.batch_size}, until step {self.total_steps}; "
+                 f"autocast {self.parts.amp}, {'channels_last' if self.parts.channels_last else 'NCHW'}, "
+                 f"lr {cfg.lr:g} {cfg.lr_schedule}")
+        self.start_time = time.perf_counter()
+        try:
+            with StopRequest() as stop:
+                while self.step < self.total_steps:
+                    finished = self.train_epoch(log, stop)
+                    if not finished:
+                        break
+                    self.end_epoch(log)
+                    if stop.agreed(rt):
+                        self.say("Ctrl-C: stopped at an epoch end; continue with --resume auto")
+                        break
+        finally:
+            if log:
+                log.close()
+            if rt.ddp:
+                dist.destroy_process_group()
+        files = [p for p in (self.best_path, self.out_dir / "last.pth") if p.is_file()] if rt.main else []
+        return {"step": self.step, "epoch": self.epoch, "loss": self.loss, "best_val_loss": self.best_val,
+                "checkpoint": str(self.best_path) if self.best_path.is_file() else None, "files": [str(p) for p in files],
+                "elapsed_s": time.perf_counter() - self.start_time, "model": self.parts.model, "ema": self.parts.ema.model}
+
+    def train_epoch(self, log, stop: StopRequest) -> bool:
+        """Steps until the epoch's end (True) or an early stop: --max-steps or Ctrl-C (False, last.pth saved)."""
+        cfg, rt, parts = self.cfg, self.rt, self.parts
+        epoch, first = self.epoch, self.step
+        self.sampler.set_epoch(epoch, self.step - epoch * self.sampler.batches)
+        parts.net.train()
+        loss_sum, window_start, window_sum = torch.zeros((), device=rt.device), self.step, 0.0
+        last_save = time.monotonic()
+        self.epoch_start = time.perf_counter()
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not rt.main, leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            x = x.to(rt.device, non_blocking=True)
+            y = y.to(rt.device, non_blocking=True) if self.conditional else None
+            lr = learning_rate(cfg, self.step, self.schedule_steps)
+            loss_sum += train_step(parts, cfg, x, y, self.step, rt.rank, lr)
+            self.step += 1
+            if self.step % cfg.log_every == 0:  # the only host sync in the loop
+                total = global_mean(loss_sum, rt)
+                mean, window_start, window_sum = (total - window_sum) / (self.step - window_start), self.step, total
+                bar.set_postfix(loss=f"{mean:.4f}")
+                if log:
+                    log.write(json.dumps({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr}) + "\n")
+                    log.flush()
+            if self.step % self.sampler.batches == 0:
+                break  # the epoch's last step: end_epoch saves
+            if stop.agreed(rt) or self.step >= self.total_steps:
+                bar.close()
+                self.loss = global_mean(loss_sum, rt) / (self.step - first)
+                self.save_last("Ctrl-C" if stop.requested else "stopped by --max-steps")
+                return False
+            if rt.main and cfg.save_every and time.monotonic() - last_save >= 60 * cfg.save_every:
+                self.loss = loss_sum.item() / (self.step - first)  # rank 0's share: no collective off the common path
+                self.save_last("periodic save")
+                last_save = time.monotonic()
+        bar.close()
+        self.loss = global_mean(loss_sum, rt) / max(self.step - first, 1)
+        self.epoch_seconds, self.epoch_steps = time.perf_counter() - self.epoch_start, self.step - first
+        return True
+
+    def end_epoch(self, log) -> None:
+        """Validate (all ranks), then on rank 0: log, save the epoch, publish last/best, draw a grid, plot."""
+        cfg, rt, ema = self.cfg, self.rt, self.parts.ema
+        val = (validation_loss(ema.model, self.val_set, rt, self.per_rank, cfg.val_t_points, self.conditional)
+               if self.val_set is not None else None)
+        improved = (val if val is not None else self.loss) < self.best_val
+        if improved:
+            self.best_val = val if val is not None else self.loss
+        if rt.main:
+            record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "loss": self.loss, "val_loss": val,
+                      "images_per_s": self.epoch_steps * cfg.batch_size / self.epoch_seconds, "epoch_s": self.epoch_seconds,
+                      "elapsed_s": time.perf_counter() - self.start_time,
+                      "lr": self.parts.optimizer.param_groups[0]["lr"]}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            epoch_path = self.out_dir / f"epoch_{self.epoch}.pth"
+            save_checkpoint(epoch_path, self.state(val))
+            publish(epoch_path, self.out_dir / "last.pth")
+            if improved:
+                publish(epoch_path, self.best_path)
+            if cfg.keep_last:
+                (self.out_dir / f"epoch_{self.epoch - cfg.keep_last}.pth").unlink(missing_ok=True)
+            self.draw_grid()
+            plot_losses(self.out_dir / "log.jsonl", self.out_dir / "loss.png")
+            val_text = f"val {val:.4f}{' (best)' if improved else ''}  " if val is not None else ""
+            self.say(f"epoch {self.epoch}/{cfg.epochs}  step {self.step}  loss {self.loss:.4f}  {val_text}"
+                     f"{record['images_per_s']:.0f} img/s  elapsed {record['elapsed_s'] / 60:.1f} min")
+        if rt.ddp:
+            dist.barrier()  # the other ranks wait here, not inside the next step's all-reduce
+
+    def draw_grid(self) -> None:
+        """SAMPLE_DIR/epoch_N.png from the EMA weights: one row per class (up to 10), or 64 images."""
+        classes = self.model_cfg.num_classes
+        labels = torch.arange(min(classes, 10)).repeat_interleave(10) if self.conditional else None
+        samples = sample_model(self.parts.ema.model, len(labels) if labels is not None else 64, labels, seed=0,
+                               device=self.rt.device)
+        save_grid(samples.images, self.sample_dir / f"epoch_{self.epoch}.png", samples.labels, self.class_names)
 
 
 def train(
@@ -294,122 +512,4 @@ def train(
     extra: dict | None = None,
 ) -> dict:
     """Train a ConditionalUNet with the rectified-flow objective; returns a summary of the run."""
-    rt = setup_runtime(cfg)
-    check_config(cfg, rt)
-    configure_backends(cfg)
-    say = print if rt.main else (lambda *a, **k: None)
-    out_dir, conditional = Path(cfg.out_dir), model_cfg.num_classes is not None
-    parts = build(cfg, model_cfg, rt)
-    model, ema, optimizer, scaler = parts.model, parts.ema, parts.optimizer, parts.scaler
-    step, best_val = 0, math.inf
-
-    resume = str(out_dir / "last.pth") if cfg.resume == "auto" else cfg.resume
-    if resume:
-        ckpt = load_checkpoint(resume, map_location=rt.device)
-        check_resume(ckpt, model_cfg, resume)
-        model.load_state_dict(clean_state_dict(ckpt["model_state"]))
-        ema.load_state_dict(ckpt["ema_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        scaler.load_state_dict(ckpt.get("scaler_state") or {})
-        step, best_val = ckpt["step"], ckpt.get("best_val_loss", math.inf)
-        say(f"resumed from {resume} at step {step} (epoch {ckpt['epoch']})")
-
-    per_rank = cfg.batch_size // rt.world
-    sampler = ShardedSampler(len(train_set), per_rank, cfg.seed, rt.rank, rt.world)
-    if sampler.batches == 0:
-        raise ValueError(f"{len(train_set)} training images do not fill one batch of {per_rank} per process: lower --batch-size")
-    loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
-                        pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-    total_steps = cfg.epochs * sampler.batches
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    def checkpoint_state(epoch: int, loss: float, val: float | None) -> dict:
-        return {
-            "epoch": epoch, "step": step, "loss": loss, "val_loss": val, "best_val_loss": best_val,
-            "model_state": model.state_dict(), "ema_state": ema.state_dict(),
-            "optimizer_state": optimizer.state_dict(), "scaler_state": scaler.state_dict(),
-            "model_config": asdict(model_cfg), "train_config": asdict(cfg), "class_names": class_names,
-            **(extra or {}),
-        }
-
-    def save_partial() -> None:
-        """last.pth in the middle of an epoch (Ctrl-C, --max-steps): usable for sampling and --resume."""
-        if rt.main:
-            save_checkpoint(out_dir / "last.pth", checkpoint_state(epoch, epoch_loss, None))
-            say(f"stopped at step {step}, inside epoch {epoch + 1}: saved {out_dir / 'last.pth'}; continue with --resume auto")
-
-    if rt.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(model_cfg), **(extra or {})}, indent=2))
-    log_file = open(out_dir / "log.jsonl", "a") if rt.main else None
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {len(train_set)} images, "
-        f"{sampler.batches} steps/epoch, batch {cfg.batch_size}, until step {total_steps}; "
-        f"autocast {parts.amp}, {'channels_last' if parts.channels_last else 'NCHW'}")
-
-    start_time, epoch, epoch_loss = time.perf_counter(), step // sampler.batches, math.nan
-    try:
-        while step < total_steps:
-            sampler.set_epoch(epoch, step - epoch * sampler.batches)
-            parts.net.train()
-            loss_sum, n_loss, window_sum, window_n = torch.zeros((), device=rt.device), 0, 0.0, 0
-            epoch_start, epoch_steps = time.perf_counter(), 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not rt.main, leave=False, dynamic_ncols=True)
-            for x, y in bar:
-                x = x.to(rt.device, non_blocking=True)
-                y = y.to(rt.device, non_blocking=True) if conditional else None
-                loss = train_step(parts, cfg, x, y, step, rt.rank)
-                step, epoch_steps = step + 1, epoch_steps + 1
-                loss_sum += loss
-                n_loss += 1
-                if step % cfg.log_every == 0:  # the only host sync in the loop
-                    window = loss_sum.item()
-                    mean = (window - window_sum) / (n_loss - window_n)
-                    window_sum, window_n = window, n_loss
-                    bar.set_postfix(loss=f"{mean:.4f}")
-                    if log_file:
-                        log_file.write(json.dumps({"kind": "step", "step": step, "epoch": epoch, "loss": mean}) + "\n")
-                if step >= total_steps:
-                    break
-            bar.close()
-            seconds = time.perf_counter() - epoch_start
-            epoch_loss = loss_sum.item() / max(n_loss, 1)
-            if step % sampler.batches:  # --max-steps ended mid-epoch: keep the state, as Ctrl-C does
-                save_partial()
-                break
-            epoch += 1
-            if not rt.main:
-                continue
-            val = validation_loss(ema.model, val_set, rt, per_rank, cfg.val_t_points, conditional) if val_set else None
-            improved = (val if val is not None else epoch_loss) < best_val
-            if improved:
-                best_val = val if val is not None else epoch_loss
-            record = {"kind": "epoch", "epoch": epoch, "step": step, "loss": epoch_loss, "val_loss": val,
-                      "images_per_s": epoch_steps * cfg.batch_size / seconds, "epoch_s": seconds,
-                      "elapsed_s": time.perf_counter() - start_time, "lr": optimizer.param_groups[0]["lr"]}
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            epoch_path = out_dir / f"epoch_{epoch}.pth"
-            save_checkpoint(epoch_path, checkpoint_state(epoch, epoch_loss, val))
-            publish(epoch_path, out_dir / "last.pth")
-            if improved:
-                publish(epoch_path, Path(cfg.checkpoint))
-            if cfg.keep_last:
-                (out_dir / f"epoch_{epoch - cfg.keep_last}.pth").unlink(missing_ok=True)
-            grid_labels = torch.arange(min(model_cfg.num_classes, 10)).repeat_interleave(10) if conditional else None
-            samples = sample_model(ema.model, len(grid_labels) if conditional else 64, grid_labels, seed=0, device=rt.device)
-            save_grid(samples.images, Path(cfg.sample_dir) / f"epoch_{epoch}.png", samples.labels, class_names)
-            plot_losses(out_dir / "log.jsonl", out_dir / "loss.png")
-            val_text = f"val {val:.4f}{' (best)' if improved else ''}  " if val is not None else ""
-            say(f"epoch {epoch}/{cfg.epochs}  step {step}  loss {epoch_loss:.4f}  {val_text}"
-                f"{record['images_per_s']:.0f} img/s  elapsed {record['elapsed_s'] / 60:.1f} min")
-    except KeyboardInterrupt:
-        save_partial()
-    finally:
-        if log_file:
-            log_file.close()
-        if rt.ddp:
-            dist.destroy_process_group()
-    return {"step": step, "epoch": epoch, "loss": epoch_loss, "best_val_loss": best_val, "checkpoint": cfg.checkpoint,
-            "elapsed_s": time.perf_counter() - start_time, "model": model, "ema": ema.model}
+    return Trainer(cfg, model_cfg, train_set, val_set, class_names, extra).run()

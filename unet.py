@@ -87,8 +87,8 @@ class SelfAttentionBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
-class Level(nn.Module):
-    """A ResBlock optionally followed by self-attention: the unit the U-Net is built from."""
+class Block(nn.Module):
+    """A ResBlock optionally followed by self-attention: the unit each U-Net level stacks."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool, head_channels: int):
         super().__init__()
@@ -117,7 +117,7 @@ class ConditionalUNet(nn.Module):
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 out = cfg.base_channels * mult
-                self.down.append(Level(cur, out, emb_dim, cfg.dropout, res in cfg.attention_resolutions, cfg.head_channels))
+                self.down.append(Block(cur, out, emb_dim, cfg.dropout, res in cfg.attention_resolutions, cfg.head_channels))
                 skip_channels.append(out)
                 cur = out
             if level < len(cfg.channel_mult) - 1:
@@ -133,7 +133,7 @@ class ConditionalUNet(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 out = cfg.base_channels * mult
                 attention = res in cfg.attention_resolutions
-                self.up.append(Level(cur + skip_channels.pop(), out, emb_dim, cfg.dropout, attention, cfg.head_channels))
+                self.up.append(Block(cur + skip_channels.pop(), out, emb_dim, cfg.dropout, attention, cfg.head_channels))
                 cur = out
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)))
@@ -157,13 +157,13 @@ class ConditionalUNet(nn.Module):
         h = self.stem(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, Level) else layer(h)
+            h = layer(h, emb) if isinstance(layer, Block) else layer(h)
             skips.append(h)
         h = self.mid[0](h, emb)
         h = self.mid[1](h)
         h = self.mid[2](h, emb)
         for layer in self.up:
-            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, Level) else layer(h)
+            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, Block) else layer(h)
         return self.out(h)
 
 
@@ -175,6 +175,11 @@ def check_config(cfg: UNetConfig) -> None:
             f"image size {cfg.image_size} cannot go through {len(cfg.channel_mult) - 1} downsamplings: "
             f"use a multiple of {factor} (e.g. 28 with 3 levels, 32/64/128 with 3-4 levels)"
         )
+    sides = [cfg.image_size // 2**i for i in range(len(cfg.channel_mult))]
+    unused = [r for r in cfg.attention_resolutions if r not in sides]
+    if unused:
+        raise ValueError(f"attention resolution(s) {unused} match no level of this U-Net (feature maps of "
+                         f"{', '.join(map(str, sides))} px): pick from those, or none")
     widths = [cfg.base_channels * m for m in cfg.channel_mult]
     if any(w % GROUPS for w in widths):
         raise ValueError(f"channel widths {widths} must be multiples of {GROUPS} (GroupNorm groups)")

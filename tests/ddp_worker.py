@@ -1,5 +1,8 @@
-"""Run under torchrun by test_rectified_flow.py: train the tiny model with DDP (gloo, CPU), then save
-each rank's weights so the test can check that the ranks stayed in sync."""
+"""Run under torchrun by test_trainer.py (gloo, CPU) and test_cuda.py (NCCL): train the tiny model with DDP,
+then save each rank's weights and logged loss so the test can check that the ranks stayed in step.
+
+    python -m torch.distributed.run --nproc_per_node=N tests/ddp_worker.py OUT_DIR [cpu|cuda]
+"""
 import sys
 from pathlib import Path
 
@@ -15,5 +18,6 @@ if __name__ == "__main__":
     import os
 
     tmp = Path(sys.argv[1])
-    summary = train(tiny_config(tmp, epochs=2, batch_size=16), TINY, blobs(), blobs(24, seed=1))
-    torch.save(summary["model"].state_dict(), tmp / f"rank{os.environ['RANK']}_weights.pt")
+    device = sys.argv[2] if len(sys.argv) > 2 else "auto"
+    summary = train(tiny_config(tmp, epochs=2, batch_size=16, device=device), TINY, blobs(), blobs(24, seed=1))
+    torch.save({"weights": summary["model"].state_dict(), "loss": summary["loss"]}, tmp / f"rank{os.environ['RANK']}.pt")

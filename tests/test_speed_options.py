@@ -2,30 +2,42 @@
 import pytest
 import torch
 
-import trainer
+import device
+from device import Runtime, resolve_amp, resolve_channels_last
 from helpers import TINY, tiny_config
-from trainer import Runtime, build, resolve_speed, train_step
+from trainer import build, check_train_config, train_step
 
-CPU = torch.device("cpu")
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+
+
+def resolved(amp: str, layout: str, where: torch.device) -> tuple[str, bool]:
+    """What --amp and --channels-last give on a device."""
+    mode = resolve_amp(amp, where)
+    return mode, resolve_channels_last(layout, where, mode)
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_auto_amp_follows_the_cpu(monkeypatch, tmp_path, amx):
-    monkeypatch.setattr(trainer, "cpu_has_amx", lambda: amx)
+def test_auto_amp_follows_the_cpu(monkeypatch, amx):
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: amx)
     # bf16 only where AMX makes it faster; bf16 GroupNorm is slow in NHWC on the CPU, so auto runs bf16 in NCHW
-    assert resolve_speed(tiny_config(tmp_path, amp="auto"), CPU) == (("bf16", False) if amx else ("none", True))
+    assert resolved("auto", "auto", CPU) == (("bf16", False) if amx else ("none", True))
 
 
-def test_explicit_choices_on_the_cpu(tmp_path):
-    assert resolve_speed(tiny_config(tmp_path, amp="fp16"), CPU) == ("none", True)  # fp16 autocast is a no-op on the CPU
-    assert resolve_speed(tiny_config(tmp_path, amp="bf16"), CPU) == ("bf16", False)
-    assert resolve_speed(tiny_config(tmp_path, amp="none", channels_last="off"), CPU) == ("none", False)
-    assert resolve_speed(tiny_config(tmp_path, amp="bf16", channels_last="on"), CPU) == ("bf16", True)  # explicit wins
+def test_explicit_choices_on_the_cpu():
+    assert resolved("fp16", "auto", CPU) == ("none", True)  # fp16 autocast is a no-op on the CPU
+    assert resolved("bf16", "auto", CPU) == ("bf16", False)
+    assert resolved("none", "off", CPU) == ("none", False)
+    assert resolved("bf16", "on", CPU) == ("bf16", True)  # explicit wins
+
+
+def test_mps_runs_fp32_nchw_unless_asked():
+    assert resolved("auto", "auto", MPS) == ("none", False)
+    assert resolved("bf16", "on", MPS) == ("bf16", True)
 
 
 def test_bad_layout_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--channels-last 'yes'"):
-        trainer.check_config(tiny_config(tmp_path, channels_last="yes"), Runtime(CPU))
+        check_train_config(tiny_config(tmp_path, channels_last="yes"))
 
 
 def test_bf16_training_step_on_the_cpu(tmp_path):

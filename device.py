@@ -1,0 +1,120 @@
+"""Where the code runs: the device a name resolves to, and the fast settings each device supports.
+
+`--device auto` means CUDA, else Apple's MPS, else the CPU, for training and sampling alike.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def mps_available() -> bool:
+    """Apple-silicon GPU through Metal (False on builds without MPS)."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """torch.device for auto | cpu | cuda | cuda:N | mps; a clear ValueError when it is absent here."""
+    if name is None or str(name) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for, but no CUDA GPU is visible: use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 ...)")
+    elif device.type == "mps" and not mps_available():
+        raise ValueError(f"--device {name} asked for, but Apple's MPS is not available here: use --device cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def cpu_has_amx() -> bool:
+    """Intel AMX tiles: they make bf16 autocast on the CPU faster than fp32 (without them it is ~18x slower)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def cuda_native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores (compute capability >= 8.0, Ampere on). T4 and V100 only emulate bf16: slow or failing convs."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The autocast dtype --amp gives on this device: none | bf16 | fp16.
+
+    auto = bf16 on GPUs with native bf16 and on CPUs with AMX; fp16 (with the grad scaler) on older
+    GPUs; none elsewhere. fp16 on the CPU is slower than fp32, so it is a no-op there, and MPS runs
+    fp32 unless asked (its autocast coverage differs between macOS releases).
+    """
+    if amp == "auto":
+        if device.type == "cuda":
+            return "bf16" if cuda_native_bf16(device) else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_amx() else "none"
+    if device.type == "cpu" and amp == "fp16":
+        return "none"
+    return amp
+
+
+def resolve_channels_last(channels_last: str, device: torch.device, amp: str) -> bool:
+    """Whether --channels-last gives NHWC here.
+
+    auto = on, except with bf16 on the CPU, where GroupNorm is ~4x slower in NHWC, and on MPS,
+    where NHWC convolutions have been slower and less tested than NCHW.
+    """
+    if channels_last != "auto":
+        return channels_last == "on"
+    return not ((device.type == "cpu" and amp == "bf16") or device.type == "mps")
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, rank and world size."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    ddp: bool = False
+
+    @property
+    def main(self) -> bool:
+        """Only the main process prints and writes files."""
+        return self.rank == 0
+
+
+def setup_runtime(device_name: str, parallel: str) -> Runtime:
+    """Resolve the device; join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and parallel != "auto":
+        # none would make every process rank 0 on one device, all writing the same files; dp is not DDP.
+        raise ValueError(f"--parallel {parallel} cannot run under torchrun ({world} processes): "
+                         "use --parallel auto (DDP), or launch with plain python for --parallel none/dp")
+    device = resolve_device(device_name)
+    if world == 1:
+        return Runtime(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type == "mps":
+        raise ValueError("DDP on Apple MPS is not supported: train with plain python (one process)")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, rank, world, ddp=True)
+
+
+def configure_backends(deterministic: bool) -> None:
+    """TF32 and cudnn.benchmark for speed, unless deterministic kernels are asked for."""
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)

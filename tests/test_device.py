@@ -1,0 +1,34 @@
+"""--device: auto picks CUDA, then Apple MPS, then the CPU; an absent device is a clear error (availability faked)."""
+import pytest
+import torch
+
+import device
+from device import resolve_device
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(device, "mps_available", lambda: mps)
+    assert resolve_device("auto") == resolve_device(None) == torch.device(expected)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("cuda", "no CUDA GPU is visible: use --device cpu"),
+    ("cuda:1", "no CUDA GPU is visible"),
+    ("mps", "MPS is not available here"),
+    ("tpu", "unknown device 'tpu'"),
+])
+def test_absent_or_unknown_devices_are_clear_errors(monkeypatch, name, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "mps_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        resolve_device(name)
+
+
+def test_a_gpu_index_beyond_the_visible_ones_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="only 1 CUDA GPU"):
+        resolve_device("cuda:1")

@@ -1,0 +1,244 @@
+"""The training loop's contracts: LR schedule, clipping, flips, exact resume (after Ctrl-C, kill -9 or a
+changed set-up), output paths, logs and the checks that refuse impossible settings."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+from checkpoint import CheckpointError, load_checkpoint
+from device import Runtime, setup_runtime
+from helpers import TINY, blobs, tiny_config
+from trainer import TrainConfig, build, learning_rate, train, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Raw weights, EMA weights and optimizer moments of two checkpoints are identical."""
+    assert a["step"] == b["step"]
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+        assert torch.equal(a["ema_state"]["weights"][key], b["ema_state"]["weights"][key]), key
+    for i, state in a["optimizer_state"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[name], b["optimizer_state"]["state"][i][name]), (i, name)
+
+
+def test_learning_rate_warmup_then_decay_to_zero():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, lr_schedule="linear")
+    assert [learning_rate(cfg, s, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(cfg, 9, 14) == pytest.approx(0.5) and learning_rate(cfg, 13, 14) == pytest.approx(0.1)
+    cosine = replace(cfg, lr_schedule="cosine")
+    assert learning_rate(cosine, 9, 14) == pytest.approx(0.5) and learning_rate(cosine, 4, 14) == 1.0
+    assert learning_rate(replace(cfg, lr_schedule="constant"), 13, 14) == 1.0
+
+
+def test_the_optimizer_runs_at_the_scheduled_rate_and_gradients_are_clipped(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, grad_clip=1e-3)
+    parts = build(cfg, TINY, Runtime(CPU))
+    norms = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        norms.append(original(params, max_norm).item())  # the norm before clipping
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train_step(parts, cfg, torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 3, step=0, lr=0.025)
+    assert norms[0] > 1e-3 and norms[1] == pytest.approx(1e-3, rel=1e-3)  # clipped to --grad-clip
+    assert parts.optimizer.param_groups[0]["lr"] == 0.025
+
+
+def test_hflip_is_applied_and_repeats_on_resume(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, hflip=True)
+    parts = build(cfg, TINY, Runtime(CPU))
+    seen = []
+    loss = trainer.flow_matching_loss
+    monkeypatch.setattr(trainer, "flow_matching_loss", lambda net, x1, *a: (seen.append(x1.clone()), loss(net, x1, *a))[1])
+    x = torch.arange(64.0).view(1, 1, 8, 8).repeat(32, 1, 1, 1) / 64  # not mirror-symmetric
+    y = torch.zeros(32, dtype=torch.long)
+    for step in (5, 5, 6):
+        train_step(parts, cfg, x, y, step)
+    flipped = [torch.equal(img, x[0].flip(-1)) for img in seen[0]]
+    assert all(f or torch.equal(img, x[0]) for f, img in zip(flipped, seen[0]))
+    assert 4 < sum(flipped) < 28  # about half
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])  # the step's seed decides
+
+
+def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
+    import rectified_flow_train
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    for i in range(20):
+        Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(photos / f"{i}.png")
+    args = ["--data-root", str(photos), "--image-size", "8", "--channel-mult", "1,2", "--base-channels", "8",
+            "--num-res-blocks", "1", "--attention-resolutions", "4", "--batch-size", "8", "--epochs", "1",
+            "--num-workers", "0", "--val-fraction", "0.2", "--val-t-points", "1"]
+    for run in ("a", "b"):
+        summary = rectified_flow_train.main([*args, "--out-dir", str(tmp_path / "runs" / run)])
+        assert summary["checkpoint"] == str(tmp_path / "runs" / run / "rf_best.pth")
+        assert (tmp_path / "runs" / run / "samples" / "epoch_1.png").is_file()
+    best = tmp_path / "deep" / "new" / "best.pth"  # a --checkpoint in a folder nobody created
+    rectified_flow_train.main([*args, "--out-dir", str(tmp_path / "runs" / "c"), "--checkpoint", str(best)])
+    assert load_checkpoint(best)["epoch"] == 1
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--epochs", "0", "--epochs must be >= 1"),
+    ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--lr", "-1", "--lr must be > 0"),
+    ("--label-dropout", "1.5", "--label-dropout must lie in [0, 1]"),
+    ("--lr-schedule", "step", "unknown --lr-schedule 'step'"),
+    ("--num-classes", "7", "MNIST has 1 channel and 10 classes"),
+    ("--attention-resolutions", "5", "match no level"),
+])
+def test_impossible_settings_are_refused_before_any_data_is_read(flag, value, message, tmp_path, monkeypatch):
+    import mnist_train
+
+    monkeypatch.setattr(mnist_train, "load_mnist", lambda *a, **k: pytest.fail("data read before the flags were checked"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mnist_train.main(["--out-dir", str(tmp_path / "ck"), flag, value])
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_refused_setting_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "mnist_train.py"), "--epochs", "0", "--out-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and result.stderr.strip() == "error: --epochs must be >= 1, got 0", result.stderr[-2000:]
+
+
+def test_max_steps_mid_epoch_names_only_files_that_exist(tmp_path):
+    summary = train(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
+    assert summary["checkpoint"] is None and summary["files"] == [str(tmp_path / "ck" / "last.pth")]
+    assert not (tmp_path / "best.pth").exists()
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_amp_on_cuda_uses_bf16_only_where_it_is_native(monkeypatch, capability, expected):
+    from device import resolve_amp
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what T4s report (emulated)
+    assert resolve_amp("auto", torch.device("cuda")) == expected
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path):
+    train(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
+    with pytest.raises(CheckpointError, match="--batch-size 16 then, 8 now"):
+        train(tiny_config(tmp_path, batch_size=8, resume="auto"), TINY, blobs(), None)
+    with pytest.raises(CheckpointError, match="steps per epoch 6 then, 4 now"):  # the training set changed
+        train(tiny_config(tmp_path, resume="auto"), TINY, blobs(64), None)
+
+
+def test_resume_a_run_with_fp16_gets_a_fresh_grad_scaler(tmp_path, monkeypatch):
+    train(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
+    monkeypatch.setattr(trainer, "resolve_amp", lambda amp, device: amp)  # fp16 autocast + scaler on the CPU
+    summary = train(tiny_config(tmp_path, amp="fp16", resume="auto"), TINY, blobs(), None)
+    assert summary["step"] == 12 and load_checkpoint(tmp_path / "ck" / "last.pth")["scaler_state"]["scale"] > 0
+
+
+def test_ctrl_c_inside_a_step_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    train(tiny_config(tmp_path / "straight"), TINY, blobs(), None)
+    original = trainer.EMA.update
+    calls = []
+
+    def interrupted(self, model):  # Ctrl-C after optimizer.step, before the step is counted
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self, model)
+
+    monkeypatch.setattr(trainer.EMA, "update", interrupted)
+    stopped = train(tiny_config(tmp_path / "parts"), TINY, blobs(), None)
+    assert stopped["step"] == 5 and stopped["checkpoint"] is None
+    monkeypatch.setattr(trainer.EMA, "update", original)
+    train(tiny_config(tmp_path / "parts", resume="auto"), TINY, blobs(), None)
+    assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"),
+                        load_checkpoint(tmp_path / "parts" / "ck" / "last.pth"))
+
+
+def test_kill_9_then_resume_from_the_periodic_save_equals_an_uninterrupted_run(tmp_path):
+    straight = train(tiny_config(tmp_path / "straight", epochs=3), TINY, blobs(), None)
+    # save_every 1e-9 minutes: last.pth after every step; the process sleeps per step so the kill lands mid-epoch
+    code = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
+            "from pathlib import Path; import trainer; from helpers import TINY, blobs, tiny_config\n"
+            "step = trainer.train_step\n"
+            "trainer.train_step = lambda *a, **k: (time.sleep(0.3), step(*a, **k))[1]\n"
+            "trainer.train(tiny_config(Path(sys.argv[2]), epochs=3, save_every=1e-9), TINY, blobs(), None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path / "parts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "parts" / "ck" / "last.pth"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (last.is_file() and load_checkpoint(last)["step"] >= 8):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    step = load_checkpoint(last)["step"]
+    assert 8 <= step < 18 and step % 6, step  # killed inside an epoch, after a periodic save
+    resumed = train(tiny_config(tmp_path / "parts", epochs=3, resume="auto"), TINY, blobs(), None)
+    assert resumed["step"] == straight["step"] == 18
+    assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"), load_checkpoint(last))
+
+
+def test_log_restarts_on_a_fresh_run_and_drops_records_past_the_resumed_step(tmp_path):
+    log = tmp_path / "ck" / "log.jsonl"
+    train(tiny_config(tmp_path, log_every=1), TINY, blobs(), None)
+    train(tiny_config(tmp_path, log_every=1), TINY, blobs(), None)  # a second run in the same out-dir
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"kind": "step"' in line]
+    assert steps == list(range(1, 13))
+    # a crash after step 12 left records up to 12, but the checkpoint we resume from is at step 6
+    (tmp_path / "ck" / "epoch_1.pth").replace(tmp_path / "ck" / "last.pth")
+    train(tiny_config(tmp_path, log_every=1, resume="auto"), TINY, blobs(), None)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 13))
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+
+
+@pytest.mark.parametrize("parallel", ["none", "dp"])
+def test_torchrun_with_parallel_none_or_dp_is_refused(monkeypatch, parallel):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match=f"--parallel {parallel} cannot run under torchrun"):
+        setup_runtime("cpu", parallel)
+
+
+def test_ddp_keeps_ranks_in_step_validates_on_all_and_logs_the_global_loss(tmp_path):
+    """2 gloo processes: identical weights, one writer, the global loss, validation sharded over the ranks."""
+    from checkpoint import model_from_checkpoint
+    from trainer import validation_loss
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+    assert r0["loss"] == r1["loss"]  # the all-reduced mean, not each rank's own share
+    # 96 images / 2 ranks / 8 per rank = 6 steps per epoch: the global batch of 16 is split, not doubled.
+    ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
+    assert ckpt["step"] == 12 and ckpt["loss"] == pytest.approx(r0["loss"])
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "epoch_1.pth", "epoch_2.pth", "last.pth",
+                                                                    "log.jsonl", "loss.png"]
+    assert result.stdout.count("epoch 2/2  step 12") == 1  # rank 0 prints, rank 1 does not
+    single = model_from_checkpoint(ckpt, use_ema=False)
+    assert all(torch.equal(single.state_dict()[k], r0["weights"][k]) for k in r0["weights"])
+    val = validation_loss(model_from_checkpoint(ckpt), blobs(24, seed=1), Runtime(CPU), 5, ckpt["train_config"]["val_t_points"], True)
+    assert ckpt["val_loss"] == pytest.approx(val, rel=1e-5)  # sharded over ranks = one process
