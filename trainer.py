@@ -212,7 +212,7 @@ def check_resume(ckpt: dict, model_cfg: UNetConfig, cfg: TrainConfig, steps_per_
 def restore(parts: Parts, ckpt: dict) -> None:
     """Weights, EMA, optimizer and (when both runs use one) the fp16 grad scaler from a checkpoint."""
     parts.model.load_state_dict(clean_state_dict(ckpt["model_state"]))
-    parts.ema.load_state_dict(ckpt["ema_state"])
+    parts.ema.load_state_dict({**ckpt["ema_state"], "weights": clean_state_dict(ckpt["ema_state"]["weights"])})
     parts.optimizer.load_state_dict(ckpt["optimizer_state"])
     if ckpt.get("scaler_state"):  # empty when the run was not fp16: then start with a fresh scaler
         parts.scaler.load_state_dict(ckpt["scaler_state"])

@@ -82,14 +82,29 @@ def test_resume_is_exact(tmp_path):
     a, b = load_checkpoint(straight / "ck" / "last.pth"), load_checkpoint(parts / "ck" / "last.pth")
     assert a["step"] == b["step"] == 12
     for key in a["model_state"]:
-        torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(a["ema_state"]["weights"][key], b["ema_state"]["weights"][key], rtol=1e-6, atol=1e-7)
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+        assert torch.equal(a["ema_state"]["weights"][key], b["ema_state"]["weights"][key]), key
+    for i, moments in a["optimizer_state"]["state"].items():  # AdamW's moments and step count were restored
+        for name, value in moments.items():
+            assert torch.equal(value, b["optimizer_state"]["state"][i][name]), (i, name)
 
 
-def test_dataparallel_path_runs_on_cpu_and_saves_without_prefix(tmp_path):
-    train(tiny_config(tmp_path, epochs=1, parallel="dp"), TINY, blobs(), None)
-    state = load_checkpoint(tmp_path / "ck" / "last.pth")["model_state"]
-    assert not any(k.startswith("module.") for k in state)
+def test_weights_saved_with_wrapper_prefixes_resume_and_sample(tmp_path):
+    """Checkpoints from DataParallel/DDP (module.) or torch.compile (_orig_mod.) wrappers load everywhere."""
+    from checkpoint import save_checkpoint
+    from sampling import sample_checkpoint
+
+    train(tiny_config(tmp_path / "a", epochs=1, parallel="dp"), TINY, blobs(), None)  # the DataParallel path runs
+    ckpt = load_checkpoint(tmp_path / "a" / "ck" / "last.pth")
+    prefixed = dict(ckpt, model_state={f"module.{k}": v for k, v in ckpt["model_state"].items()},
+                    ema_state=dict(ckpt["ema_state"], weights={f"_orig_mod.{k}": v for k, v in ckpt["ema_state"]["weights"].items()}))
+    save_checkpoint(tmp_path / "b" / "ck" / "last.pth", prefixed)
+    resumed = train(tiny_config(tmp_path / "b", epochs=1, resume="auto"), TINY, blobs(), None)
+    assert resumed["step"] == 6  # nothing left to train: the prefixed weights were loaded as they are
+    assert all(torch.equal(resumed["model"].state_dict()[k], v) for k, v in ckpt["model_state"].items())
+    with_prefix = sample_checkpoint(tmp_path / "b" / "ck" / "last.pth", steps=2, batch_size=3, seed=0, device="cpu")
+    plain = sample_checkpoint(tmp_path / "a" / "ck" / "last.pth", steps=2, batch_size=3, seed=0, device="cpu")
+    assert torch.equal(with_prefix.images, plain.images)
 
 
 def test_batch_smaller_than_world_is_refused(tmp_path, monkeypatch):

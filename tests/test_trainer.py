@@ -242,3 +242,25 @@ def test_ddp_keeps_ranks_in_step_validates_on_all_and_logs_the_global_loss(tmp_p
     assert all(torch.equal(single.state_dict()[k], r0["weights"][k]) for k in r0["weights"])
     val = validation_loss(model_from_checkpoint(ckpt), blobs(24, seed=1), Runtime(CPU), 5, ckpt["train_config"]["val_t_points"], True)
     assert ckpt["val_loss"] == pytest.approx(val, rel=1e-5)  # sharded over ranks = one process
+
+
+def test_checkpoints_are_synced_to_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    import checkpoint
+
+    events = []
+    fsync, replace_ = os.fsync, os.replace
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))[1])
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (events.append(("replace", str(b))), replace_(a, b))[1])
+    checkpoint.save_checkpoint(tmp_path / "a.pth", {"model_state": {}})
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)  # the file's data, then the folder entry
+
+
+def test_train_speed_benchmark_configures_backends_as_training_does(monkeypatch):
+    import benchmark
+
+    calls = []
+    monkeypatch.setattr(benchmark, "configure_backends", lambda deterministic: calls.append(deterministic))
+    row = benchmark.train_speed("mnist", ["--preset", "cpu", "--base-channels", "8", "--batch-size", "4"], steps=1, warmup=0)
+    assert calls == [False] and row["images_per_s"] > 0
