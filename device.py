@@ -64,6 +64,14 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
+def resolve_compile(compile_: bool, device: torch.device) -> bool:
+    """Whether --compile runs here: TorchInductor's MPS backend is a prototype, so MPS runs eagerly, with a note."""
+    if compile_ and device.type == "mps":
+        print("--compile: not supported on MPS here; running the model eagerly")
+        return False
+    return compile_
+
+
 def resolve_channels_last(channels_last: str, device: torch.device, amp: str) -> bool:
     """Whether --channels-last gives NHWC here.
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, model_config_from, publish, save_checkpoint
-from device import Runtime, configure_backends, resolve_amp, resolve_channels_last, setup_runtime
+from device import Runtime, configure_backends, resolve_amp, resolve_channels_last, resolve_compile, setup_runtime
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
 from sampling import make_noise, sample_model, save_grid
@@ -153,7 +153,7 @@ def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
     channels_last = resolve_channels_last(cfg.channels_last, rt.device, amp)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = ConditionalUNet(model_cfg).to(rt.device, memory_format=memory_format)
-    net: nn.Module = torch.compile(model) if cfg.compile else model
+    net: nn.Module = torch.compile(model) if resolve_compile(cfg.compile, rt.device) else model
     if rt.ddp:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     elif cfg.parallel == "dp":

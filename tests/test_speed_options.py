@@ -35,6 +35,11 @@ def test_mps_runs_fp32_nchw_unless_asked():
     assert resolved("bf16", "on", MPS) == ("bf16", True)
 
 
+def test_compile_falls_back_to_eager_on_mps_with_a_note(capsys):
+    assert device.resolve_compile(True, MPS) is False and "not supported on MPS" in capsys.readouterr().out
+    assert device.resolve_compile(True, CPU) is True and device.resolve_compile(False, CUDA) is False
+
+
 def test_bad_layout_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--channels-last 'yes'"):
         check_train_config(tiny_config(tmp_path, channels_last="yes"))
