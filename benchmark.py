@@ -23,8 +23,9 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
+from device import resolve_device
 from evaluate import CLASSIFIER_PATH, load_classifier, mnist_quality
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, default_device
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance
 from trainer import Runtime, build, train_step
 
 
@@ -41,7 +42,7 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
 
     module = {"mnist": mnist_train, "rf": rectified_flow_train}[script]
     (cfg, model_cfg, _), preset = parse_configs(module.DEFAULTS, module.PRESETS, module.default_preset(), argv)
-    rt = Runtime(torch.device(cfg.device if cfg.device != "auto" else default_device()))
+    rt = Runtime(resolve_device(cfg.device))
     parts = build(cfg, model_cfg, rt)
     shape = (cfg.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     x = torch.rand(shape, device=rt.device) * 2 - 1
@@ -62,8 +63,11 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
 
 def quality_rows(args: argparse.Namespace, settings: list[dict]) -> list[dict]:
     """mnist_quality for each setting (solver/steps/guidance/tolerances) on one checkpoint."""
-    device = torch.device(args.device) if args.device else default_device()
-    model = model_from_checkpoint(load_checkpoint(args.checkpoint)).to(device)
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    for s in settings:  # refuse a bad guidance scale before the first setting's minutes of sampling
+        check_guidance(ckpt, s["guidance"])
+    model = model_from_checkpoint(ckpt).to(device)
     classifier, accuracy = load_classifier(args.classifier, device)
     real = load_mnist(args.data_root, train=False, download=False)
     rows = []
@@ -94,7 +98,8 @@ def plot(rows: list[dict], x: str, path: Path, title: str) -> None:
     ax.axhline(rows[0]["floor"], color="black", ls=":", label="real vs real floor")
     if x == "nfe":
         ax.set(xscale="log", yscale="log")
-    ax.set(xlabel=x.upper() if x == "nfe" else "guidance scale w", ylabel="Fréchet distance (MNIST-CNN features)", title=title)
+    ax.set(xlabel="NFE (network evaluations per image)" if x == "nfe" else "guidance scale w",
+           ylabel="Fréchet distance (MNIST-CNN features)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         q.add_argument("--n", type=int, default=1000, help="generated digits (and real ones) per setting")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--batch-size", type=int, default=500)
-        q.add_argument("--device", default=None)
+        q.add_argument("--device", default="auto", help=DEVICE_HELP)
         q.add_argument("--out-dir", default="benchmarks")
     q = sub.choices["nfe"]
     q.add_argument("--solvers", default="euler,midpoint,heun,rk4")

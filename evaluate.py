@@ -26,9 +26,13 @@ from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, TensorImages, load_mnist
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, default_device, sample_model
+from device import resolve_device
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, sample_model
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
+# MNIST test digits 0-1999 are training's validation set (mnist_train.py --val-size 2000), which picks the best
+# checkpoint; evaluation compares with the digits after them, so model selection and evaluation never share a digit.
+EVAL_START = 2000
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -128,14 +132,20 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500,
                   rtol: float = 1e-3, atol: float = 1e-3) -> dict:
-    """Conditional accuracy and Fréchet distance of n generated digits (n/10 per digit) vs n real test digits."""
-    if n < 20 or n % 10 or 2 * n > len(real):
-        raise ValueError(f"--n must be a multiple of 10 between 20 and {len(real) // 2} (two disjoint real sets of n)")
+    """Conditional accuracy and Fréchet distance of n generated digits (n/10 per digit) vs n real test digits.
+
+    Real set: test digits [EVAL_START, EVAL_START + n); the real-vs-real floor compares it with the next n.
+    """
+    most = (len(real) - EVAL_START) // 20 * 10
+    if n < 20 or n % 10 or n > most:
+        raise ValueError(f"--n must be a multiple of 10 between 20 and {most}: the real and floor sets are two "
+                         f"disjoint sets of n test digits from index {EVAL_START} on (digits 0-{EVAL_START - 1} "
+                         "are training's validation set)")
     labels = torch.arange(10).repeat_interleave(n // 10)
     samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
     preds, fake_feats = predict(classifier, samples.images * 2 - 1)
-    _, real_feats = predict(classifier, tensors(real, n)[0])
-    _, other_feats = predict(classifier, tensors(real, n, start=n)[0])
+    _, real_feats = predict(classifier, tensors(real, n, start=EVAL_START)[0])
+    _, other_feats = predict(classifier, tensors(real, n, start=EVAL_START + n)[0])
     return {"n": n, "solver": solver, "steps": steps, "nfe": samples.nfe, "seconds": samples.seconds,
             "guidance": guidance, "accuracy": (preds == labels).float().mean().item(),
             "frechet": frechet_distance(fake_feats, real_feats), "floor": frechet_distance(other_feats, real_feats)}
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         s.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale w (1 = none)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--batch-size", type=int, default=500)
-        s.add_argument("--device", default=None)
+        s.add_argument("--device", default="auto", help=DEVICE_HELP)
         s.add_argument("--json", default=None, help="also write the result here")
     sub.choices["mnist"].add_argument("--data-root", default="data", help="folder holding MNIST/raw (real test digits)")
     sub.choices["mnist"].add_argument("--classifier", default=CLASSIFIER_PATH)
@@ -206,14 +216,16 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": args.out}
         print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {args.out}")
         return result
-    device = torch.device(args.device) if args.device else default_device()
-    model = model_from_checkpoint(load_checkpoint(args.checkpoint)).to(device)
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    check_guidance(ckpt, args.guidance)
+    model = model_from_checkpoint(ckpt).to(device)
     if args.command == "mnist":
         classifier, accuracy = load_classifier(args.classifier, device)
         real = load_mnist(args.data_root, train=False, download=False)
         result = mnist_quality(model, classifier, real, args.n, args.solver, args.steps, args.guidance, args.seed,
                                args.batch_size)
-        print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']}  "
+        print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']} per image  "
               f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
               f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  classifier accuracy {accuracy:.2%}")
     else:
@@ -221,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = inception_scores(samples.images, real_images(args.real_dir, model.config.image_size, args.n),
                                   args.inception_weights)
         result.update(n=args.n, nfe=samples.nfe)
-        print(f"N={args.n}  NFE {samples.nfe}  Inception FID {result['fid']:.2f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}")
+        print(f"N={args.n}  NFE {samples.nfe} per image  Inception FID {result['fid']:.2f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

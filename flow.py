@@ -52,6 +52,11 @@ def flow_matching_loss(
     return F.mse_loss(v.float(), (x1 - x0).float())
 
 
+def is_guided(y: torch.Tensor | None, guidance: float) -> bool:
+    """Whether sampling runs the unconditional pass too: labels given and w != 1."""
+    return y is not None and guidance != 1.0
+
+
 def guided_velocity(model: nn.Module, y: torch.Tensor | None, guidance: float = 1.0):
     """v(t, x) for the solvers; with y and w != 1 the cond and uncond passes share one batched forward."""
     num_classes = model.config.num_classes
@@ -62,7 +67,7 @@ def guided_velocity(model: nn.Module, y: torch.Tensor | None, guidance: float = 
 
     def v(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         tb = t.expand(x.shape[0]).to(x.dtype)
-        if y is None or guidance == 1.0:
+        if not is_guided(y, guidance):
             return model(x, tb, y)
         null = torch.full_like(y, num_classes)
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).chunk(2)
@@ -82,6 +87,9 @@ def generate(
     rtol: float = 1e-3,
     atol: float = 1e-3,
 ) -> tuple[torch.Tensor, int]:
-    """Integrate noise (B, C, H, W) at t=0 to images at t=1 in [-1, 1]; returns (images, NFE)."""
-    x, nfe = solve(guided_velocity(model, labels, guidance), noise, solver, steps, rtol, atol)
-    return x.clamp(-1, 1), nfe
+    """Integrate noise (B, C, H, W) at t=0 to images at t=1 in [-1, 1]; returns (images, NFE).
+
+    NFE counts network evaluations per image: a guided velocity is two (cond + uncond), though batched as one call.
+    """
+    x, calls = solve(guided_velocity(model, labels, guidance), noise, solver, steps, rtol, atol)
+    return x.clamp(-1, 1), calls * (2 if is_guided(labels, guidance) else 1)

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 
 from checkpoint import CheckpointError
-from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, sample_checkpoint
+from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, sample_checkpoint
 from solvers import SOLVERS
 
 # Digits drawn on request must be the digit asked for: w = 1.5 gives 99.9% class accuracy against
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-digit", type=int, default=8, help="samples per digit (one grid row each)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="samples/mnist_test.png", help="grid PNG to write")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
     args = p.parse_args(argv)
     if args.steps < 1 or args.per_digit < 1:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     samples = sample_checkpoint(args.checkpoint, args.out, args.steps, 256, args.solver, args.guidance, labels,
                                 args.seed, args.device, use_ema=not args.raw_weights)
     print(f"wrote {args.out}: {len(labels)} digits, solver {args.solver}, steps {args.steps}, "
-          f"NFE {samples.nfe}, guidance {args.guidance}, {samples.seconds:.2f} s")
+          f"NFE {samples.nfe} per image, guidance {args.guidance}, {samples.seconds:.2f} s")
 
 
 if __name__ == "__main__":

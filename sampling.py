@@ -13,17 +13,23 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
+from device import resolve_device
 from flow import generate
+from solvers import check_solver
 
 DEFAULT_SOLVER = "midpoint"  # measured in benchmark.py: see README "Results"
 DEFAULT_STEPS = 4  # midpoint: 2 NFE per step -> 8 network evaluations per image
 DEFAULT_GUIDANCE = 1.0  # no guidance: the closest samples to the data (README "Results"); 1.5 for ~100% class accuracy
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 
 
 @dataclass
 class Samples:
-    """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost (NFE per image)."""
+    """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost.
+
+    nfe: network evaluations per image; a guided step's cond + uncond passes count 2 (flow.generate).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor | None
@@ -31,14 +37,29 @@ class Samples:
     seconds: float
 
 
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device | str) -> torch.Tensor:
     """Noise (n, *shape) where sample i depends only on (seed, i), not on the batch size."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]).to(device)
+
+
+def check_request(n: int, batch_size: int, solver: str, steps: int) -> None:
+    """Raise ValueError for a request that cannot be drawn, before any checkpoint is read or noise drawn."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if n < 1:
+        raise ValueError(f"nothing to draw: {n} images asked for (give at least one label, or n >= 1)")
+    check_solver(solver, steps)
+
+
+def check_guidance(ckpt: dict, guidance: float) -> None:
+    """Refuse w != 1 where training never taught the null label (--label-dropout 0); older checkpoints pass."""
+    conditional = model_config_from(ckpt).num_classes is not None  # flow.guided_velocity refuses the others
+    label_dropout = (ckpt.get("train_config") or {}).get("label_dropout")
+    if guidance != 1.0 and conditional and label_dropout == 0:
+        raise ValueError(
+            f"guidance {guidance} needs the unconditional velocity, but this checkpoint was trained with "
+            "--label-dropout 0, so its null-label embedding was never trained: sample with guidance 1, "
+            "or train with --label-dropout 0.1 to use guidance")
 
 
 def check_labels(labels: torch.Tensor | None, num_classes: int | None) -> None:
@@ -69,8 +90,9 @@ def sample_model(
     """Draw n images in batches; conditional models without labels cycle through the classes; seed None is random.
 
     The NFE reported is the mean over batches (adaptive dopri5 varies; fixed-step solvers do not)."""
+    check_request(n, batch_size, solver, steps)
     cfg = model.config
-    device = torch.device(device or next(model.parameters()).device)
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
     if labels is None and cfg.num_classes is not None:
         labels = torch.arange(n) % cfg.num_classes
     check_labels(labels, cfg.num_classes)
@@ -133,13 +155,15 @@ def sample_checkpoint(
     use_ema: bool = True,
 ) -> Samples:
     """sample_from_checkpoint, returning the Samples record (images, labels, NFE, seconds)."""
-    device = torch.device(device) if device else default_device()
-    ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
-    model = model_from_checkpoint(ckpt, use_ema).to(device)
+    device = resolve_device(device)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     n = len(labels) if labels is not None else batch_size
-    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size=max(batch_size, 1), device=device)
+    check_request(n, batch_size, solver, steps)
+    ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
+    check_guidance(ckpt, guidance)
+    model = model_from_checkpoint(ckpt, use_ema).to(device)
+    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, device)
     if out_path is not None:
         save_grid(samples.images, out_path, samples.labels, ckpt.get("class_names"))
     return samples
@@ -160,7 +184,8 @@ def sample_from_checkpoint(
     """Images (B, C, H, W) in [0, 1] from a checkpoint file alone; writes a grid PNG when out_path is given.
 
     B is len(labels) when labels are given, else batch_size (class-conditional models then cycle
-    through their classes). guidance w != 1 needs a class-conditional model; seed None draws a random seed.
+    through their classes). guidance w != 1 needs a class-conditional model trained with label dropout; seed None
+    draws a random seed; device None or "auto" is CUDA, then MPS, then the CPU.
     """
     return sample_checkpoint(checkpoint_path, out_path, steps, batch_size, solver, guidance, labels, seed, device,
                              use_ema).images

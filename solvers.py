@@ -55,6 +55,14 @@ ADAPTIVE = ("dopri5",)  # handed to torchdiffeq
 SOLVERS = tuple(FIXED_STEP) + ADAPTIVE
 
 
+def check_solver(solver: str, steps: int) -> None:
+    """Raise ValueError for an unknown solver name, or fewer than 1 step for a fixed-step solver."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    if solver in FIXED_STEP and steps < 1:
+        raise ValueError(f"steps must be >= 1 for {solver}, got {steps}")
+
+
 def solve(
     v: Velocity,
     x0: torch.Tensor,
@@ -64,8 +72,7 @@ def solve(
     atol: float = 1e-3,
 ) -> tuple[torch.Tensor, int]:
     """Integrate from t=0 to t=1 with `solver`; returns (x1, NFE). `steps` is ignored by dopri5."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    check_solver(solver, steps)
     nfe = 0
 
     def counted(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +81,6 @@ def solve(
         return v(t, x)
 
     if solver in FIXED_STEP:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
         ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).to(x0.device, x0.dtype)
         return FIXED_STEP[solver](counted, x0, ts), nfe
 

@@ -1,11 +1,14 @@
-"""Tiny models and data that make trainer tests take seconds."""
+"""Tiny models, data and checkpoints that make trainer and sampling tests take seconds."""
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from checkpoint import save_checkpoint
 from data import TensorImages
+from ema import EMA
 from trainer import TrainConfig
-from unet import UNetConfig
+from unet import ConditionalUNet, UNetConfig
 
 TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(4,), dropout=0.1, num_classes=3)
@@ -26,3 +29,25 @@ def tiny_config(tmp: Path, **overrides) -> TrainConfig:
     base = dict(epochs=2, batch_size=16, lr=2e-3, log_every=2, out_dir=str(tmp / "ck"), checkpoint=str(tmp / "best.pth"),
                 sample_dir=str(tmp / "samples"), val_t_points=2, keep_last=0)
     return TrainConfig(**{**base, **overrides})
+
+
+def tiny_checkpoint(path: Path, cfg: UNetConfig = TINY, label_dropout: float | None = 0.1,
+                    seed: int = 0) -> tuple[ConditionalUNet, EMA]:
+    """Save a checkpoint without the trainer; returns its raw model and EMA, whose weights differ.
+
+    label_dropout None leaves train_config out, as in checkpoints older than it.
+    """
+    torch.manual_seed(seed)
+    model = ConditionalUNet(cfg)
+    ema = EMA(model)
+    with torch.no_grad():  # a fake optimizer step: raw and EMA weights differ, and no zero-initialised layer stays zero
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ema.update(model)
+    state = {"model_state": model.state_dict(), "ema_state": ema.state_dict(),
+             "optimizer_state": torch.optim.AdamW(model.parameters()).state_dict(), "model_config": asdict(cfg),
+             "epoch": 1, "step": 1, "loss": 1.0}
+    if label_dropout is not None:
+        state["train_config"] = {"label_dropout": label_dropout}
+    save_checkpoint(path, state)
+    return model.eval(), ema

@@ -2,9 +2,8 @@ import torch
 import pytest
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from helpers import TINY, blobs, tiny_config
+from helpers import TINY, blobs, tiny_checkpoint, tiny_config
 from trainer import train
-from unet import ConditionalUNet
 
 
 @pytest.fixture(scope="module")
@@ -14,34 +13,46 @@ def trained(tmp_path_factory):
     return tmp, summary
 
 
-def test_save_load_gives_identical_outputs(trained):
+def test_trainer_checkpoint_has_every_key(trained):
     tmp, _ = trained
     ckpt = load_checkpoint(tmp / "ck" / "last.pth")
     for key in ("epoch", "step", "model_state", "ema_state", "optimizer_state", "loss", "model_config", "train_config",
                 "format_version", "class_names"):
         assert key in ckpt
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model_state"])
-    a, b = model_from_checkpoint(ckpt), model_from_checkpoint(load_checkpoint(tmp / "ck" / "last.pth"))
-    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 3])
-    assert torch.equal(a(x, t, y), b(x, t, y))
-    raw = model_from_checkpoint(ckpt, use_ema=False)
-    assert not torch.equal(raw(x, t, y), a(x, t, y))  # EMA and raw weights differ
+    assert "label_dropout" in ckpt["train_config"]  # what sampling checks before guiding
 
 
-def test_dataparallel_prefixed_state_loads(trained, tmp_path):
-    tmp, _ = trained
-    ckpt = load_checkpoint(tmp / "ck" / "last.pth")
+def outputs(model: torch.nn.Module) -> torch.Tensor:
+    """The model's velocity on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 1, 8, 8, generator=g), torch.rand(4, generator=g), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        return model(x, t, y)
+
+
+def test_loaded_weights_are_the_saved_models(tmp_path):
+    model, ema = tiny_checkpoint(tmp_path / "c.pth")
+    ckpt = load_checkpoint(tmp_path / "c.pth")
+    assert torch.equal(outputs(model_from_checkpoint(ckpt)), outputs(ema.model))
+    assert torch.equal(outputs(model_from_checkpoint(ckpt, use_ema=False)), outputs(model))
+    assert not torch.allclose(outputs(ema.model), outputs(model))  # so the two checks above tell EMA from raw
+
+
+def test_dataparallel_prefixed_state_loads(tmp_path):
+    model, ema = tiny_checkpoint(tmp_path / "c.pth")
+    ckpt = load_checkpoint(tmp_path / "c.pth")
     ckpt["model_state"] = {f"module.{k}": v for k, v in ckpt["model_state"].items()}
     ckpt["ema_state"] = {f"module._orig_mod.{k}": v for k, v in ckpt["ema_state"]["weights"].items()}  # seed-style flat
     save_checkpoint(tmp_path / "dp.pth", ckpt)
-    for use_ema in (True, False):
-        model = model_from_checkpoint(load_checkpoint(tmp_path / "dp.pth"), use_ema)
-        assert isinstance(model, ConditionalUNet)
+    for use_ema, source in ((True, ema.model), (False, model)):
+        loaded = model_from_checkpoint(load_checkpoint(tmp_path / "dp.pth"), use_ema)
+        assert torch.equal(outputs(loaded), outputs(source))
 
 
-def test_truncated_foreign_and_missing_files(trained, tmp_path):
-    tmp, _ = trained
-    data = (tmp / "ck" / "last.pth").read_bytes()
+def test_truncated_foreign_and_missing_files(tmp_path):
+    tiny_checkpoint(tmp_path / "c.pth")
+    data = (tmp_path / "c.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "cut.pth")
@@ -50,6 +61,26 @@ def test_truncated_foreign_and_missing_files(trained, tmp_path):
         load_checkpoint(tmp_path / "foreign.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pth")
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): the file appears only if the pickle's code runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_code_in_a_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model_state": {}, "model_config": {}, "extra": Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
+    torch.load(tmp_path / "evil.pth", weights_only=False)  # the payload is live: a full unpickle does run it
+    assert marker.exists()
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 import benchmark
-from checkpoint import CheckpointError, save_checkpoint
-from data import load_mnist
-from evaluate import frechet_distance, frechet_from_stats, inception_scores, load_classifier, predict, tensors, train_classifier
+import evaluate
+from checkpoint import CheckpointError
+from data import TensorImages, load_mnist
+from evaluate import (EVAL_START, MnistClassifier, frechet_distance, frechet_from_stats, inception_scores,
+                      load_classifier, mnist_quality, predict, tensors, train_classifier)
+from helpers import tiny_checkpoint
 from unet import ConditionalUNet, UNetConfig
 
 
@@ -68,16 +71,14 @@ def test_missing_classifier_is_a_clear_error(tmp_path):
         load_classifier(tmp_path / "none.pth")
 
 
+TINY_MNIST = UNetConfig(base_channels=8, num_res_blocks=1, attention_resolutions=(), dropout=0.0)  # 28 px, 10 classes
+
+
 @pytest.fixture(scope="module")
 def tiny_mnist_checkpoint(tmp_path_factory):
     """An untrained 28 px class-conditional checkpoint: enough to exercise the benchmark plumbing."""
-    from dataclasses import asdict
-
-    torch.manual_seed(0)
-    cfg = UNetConfig(base_channels=8, num_res_blocks=1, attention_resolutions=(), dropout=0.0)
-    model = ConditionalUNet(cfg)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, {"model_state": model.state_dict(), "ema_state": model.state_dict(), "model_config": asdict(cfg)})
+    tiny_checkpoint(path, TINY_MNIST)
     return path
 
 
@@ -94,7 +95,7 @@ def test_benchmark_nfe_and_guidance_write_json_and_png(classifier, tiny_mnist_ch
     assert (tmp_path / "nfe_vs_frechet.png").stat().st_size > 1000
     benchmark.main(["guidance", *common, "--scales", "1,3", "--steps", "2"])
     data = json.loads((tmp_path / "guidance.json").read_text())
-    assert [r["guidance"] for r in data["rows"]] == [1.0, 3.0]
+    assert [(r["guidance"], r["nfe"]) for r in data["rows"]] == [(1.0, 4), (3.0, 8)]  # midpoint, 2 steps; guided: x2
     assert (tmp_path / "guidance.png").stat().st_size > 1000
 
 
@@ -122,3 +123,36 @@ def test_inception_without_weights_offline_is_a_clear_error(monkeypatch, tmp_pat
         inception_scores(images, images)
     with pytest.raises(CheckpointError, match="could not load the Inception weights"):
         inception_scores(images, images, weights=str(tmp_path / "missing.pth"))
+
+
+def indexed_digits(n: int) -> TensorImages:
+    """n fake 28 px test digits whose first two pixels spell their index, so a set's origin can be read back."""
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0], images[:, 0, 1] = torch.arange(n) // 256, torch.arange(n) % 256
+    return TensorImages(images, torch.arange(n) % 10, 28)
+
+
+def test_mnist_quality_skips_the_validation_digits(monkeypatch):
+    seen = []
+    monkeypatch.setattr(evaluate, "predict", lambda clf, images: (seen.append(images), predict(clf, images))[1])
+    torch.manual_seed(0)
+    model, real = ConditionalUNet(TINY_MNIST).eval(), indexed_digits(EVAL_START + 40)
+    mnist_quality(model, MnistClassifier(), real, 20, solver="euler", steps=1)
+    generated, real_set, floor_set = seen
+    assert torch.equal(real_set, tensors(real, 20, start=EVAL_START)[0])  # 2000-2019: after training's validation
+    assert torch.equal(floor_set, tensors(real, 20, start=EVAL_START + 20)[0])
+    with pytest.raises(ValueError, match="between 20 and 50: .* from index 2000 on .*validation set"):
+        mnist_quality(model, MnistClassifier(), indexed_digits(EVAL_START + 100), 60)  # 120 digits would fit from 0
+
+
+@pytest.mark.parametrize("main,command", [(evaluate.main, "mnist"), (benchmark.main, "nfe")],
+                         ids=["evaluate", "benchmark"])
+@pytest.mark.parametrize("args,message", [
+    (["--guidance", "2"], "trained with --label-dropout 0"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA GPU"),  # one past the last GPU: absent everywhere
+])
+def test_quality_commands_refuse_before_sampling(tmp_path, main, command, args, message):
+    tiny_checkpoint(tmp_path / "c.pth", TINY_MNIST, label_dropout=0.0)
+    common = ["--checkpoint", str(tmp_path / "c.pth"), "--classifier", str(tmp_path / "absent.pth"), "--device", "cpu"]
+    with pytest.raises(ValueError, match=message):  # before the (absent) classifier is needed
+        main([command, *common, *args])

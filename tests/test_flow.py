@@ -4,11 +4,24 @@ import torch
 from flow import drop_labels, flow_matching_loss, interpolate, sample_t
 
 
-def test_interpolation_and_target_for_known_inputs():
+def test_interpolation_for_known_inputs():
     x0, x1 = torch.full((3, 1, 2, 2), -1.0), torch.full((3, 1, 2, 2), 3.0)
     t = torch.tensor([0.0, 0.25, 1.0])
     xt = interpolate(x0, x1, t)
     assert torch.equal(xt[:, 0, 0, 0], torch.tensor([-1.0, 0.0, 3.0]))  # t=0 noise, t=1 data
+
+
+def test_loss_target_is_x1_minus_x0(monkeypatch):
+    x0, x1 = torch.full((4, 1, 2, 2), -1.0), torch.full((4, 1, 2, 2), 3.0)
+    monkeypatch.setattr(torch, "randn_like", lambda x: x0.clone())  # the loss's noise draw, made known
+
+    def velocity(xt, t, y=None):
+        assert torch.allclose(xt, interpolate(x0, x1, t))  # the model sees x_t of this very noise
+        return x1 - x0
+
+    assert flow_matching_loss(velocity, x1) == 0
+    assert flow_matching_loss(lambda xt, t, y=None: x1, x1) == pytest.approx(1.0)  # predicting data: (3 - 4)^2
+    assert flow_matching_loss(lambda xt, t, y=None: x0 - x1, x1) == pytest.approx(64.0)  # reversed time: (-4 - 4)^2
 
 
 class Oracle(torch.nn.Module):
@@ -39,6 +52,19 @@ def test_label_dropout_rate():
     dropped = (drop_labels(y, 0.1, null_class=10) == 10).float().mean().item()
     assert dropped == pytest.approx(0.1, abs=0.005)
     assert (drop_labels(y, 0.0, 10) == 0).all()
+    assert (drop_labels(y, 1.0, 10) == 10).all()
+
+
+@pytest.mark.parametrize("p,expected", [(0.0, [0, 1, 2, 1]), (1.0, [3, 3, 3, 3])])
+def test_label_dropout_reaches_the_model(p, expected):
+    seen = []
+
+    def model(xt, t, y):
+        seen.append(y.tolist())
+        return torch.zeros_like(xt)
+
+    flow_matching_loss(model, torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 2, 1]), num_classes=3, label_dropout=p)
+    assert seen == [expected]  # p = 1: every label is the null token (num_classes); p = 0: none is
 
 
 def test_timestep_schedules():

@@ -59,7 +59,7 @@ def test_mnist_test_writes_a_labelled_grid(trained, tmp_path):
     result = run("mnist_test.py", "--checkpoint", str(tmp / "mnist.pth"), "--digits", "0,3,7", "--per-digit", "5",
                  "--solver", "heun", "--steps", "4", "--out", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "solver heun" in result.stdout and "NFE 8" in result.stdout
+    assert "solver heun" in result.stdout and "NFE 16 per image" in result.stdout  # 4 steps x 2 x 2 passes (w = 1.5)
     width, height = Image.open(out).size
     assert height == 2 * (3 * 30 + 2) and width == 2 * (16 + 5 * 30 + 2)  # 3 rows x 5 digits, scaled 2x
 
@@ -88,6 +88,19 @@ def test_mnist_test_cli_errors(trained, args, message):
     checkpoint = [] if args[0] == "--checkpoint" else ["--checkpoint", str(tmp / "mnist.pth")]
     result = run("mnist_test.py", *checkpoint, *args)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA GPU"),  # one past the last GPU: absent everywhere
+    (["--guidance", "2"], "trained with --label-dropout 0"),
+])
+def test_mnist_test_refuses_in_one_line(tmp_path, args, message):
+    from helpers import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path / "c.pth", label_dropout=0.0)
+    result = run("mnist_test.py", "--checkpoint", str(tmp_path / "c.pth"), "--digits", "0,1", "--device", "cpu", *args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr
 
 
 def test_guidance_with_an_unconditional_model_is_refused(tmp_path):

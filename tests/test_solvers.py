@@ -68,8 +68,10 @@ def test_dopri5_reports_its_evaluations():
 def test_bad_solver_and_steps():
     with pytest.raises(ValueError, match="unknown solver 'rk5'"):
         solve(lambda t, x: x, torch.ones(1), "rk5")
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be >= 1 for euler"):
         solve(lambda t, x: x, torch.ones(1), "euler", steps=0)
+    _, nfe = solve(lambda t, x: -x, torch.ones(1), "dopri5", steps=0)  # adaptive: steps plays no part
+    assert nfe > 0
 
 
 class Linear(torch.nn.Module):
@@ -97,3 +99,9 @@ def test_guidance_convention():
     v_uncond = 0.5 + 10 * 3  # null token = num_classes = 3
     assert torch.allclose(guided, v_uncond + w * (cond - v_uncond))
     assert model.calls == [2, 4]  # cond and uncond in one batched forward
+
+
+def test_guidance_zero_is_the_null_label_velocity():
+    model, x, t, y = Linear(), torch.zeros(2, 1), torch.tensor(0.5), torch.tensor([1, 2])
+    null = torch.full_like(y, Linear.config.num_classes)
+    assert torch.equal(guided_velocity(model, y, 0.0)(t, x), model(x, t.expand(2), null))

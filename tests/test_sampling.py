@@ -1,0 +1,73 @@
+"""sampling.py: NFE per image, noise independent of batch size, requests refused before any work."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import TINY, tiny_checkpoint
+from sampling import sample_from_checkpoint, sample_model
+from unet import ConditionalUNet
+
+
+def images_through(model: torch.nn.Module) -> list[int]:
+    """Batch sizes of every forward pass of model, appended as they run."""
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    return sizes
+
+
+@pytest.mark.parametrize("num_classes,guidance,nfe", [(3, 1.5, 16), (3, 1.0, 8), (None, 1.0, 8)])
+def test_nfe_counts_network_evaluations_per_image(num_classes, guidance, nfe):
+    torch.manual_seed(0)
+    model = ConditionalUNet(replace(TINY, num_classes=num_classes)).eval()
+    sizes = images_through(model)
+    samples = sample_model(model, 3, solver="midpoint", steps=4, guidance=guidance, batch_size=3)
+    assert samples.nfe == nfe
+    assert sum(sizes) == 3 * nfe  # what the network really ran: a guided call is a double batch
+
+
+def test_noise_is_independent_of_batch_size(tmp_path):
+    tiny_checkpoint(tmp_path / "c.pth")
+    draw = lambda batch_size: sample_from_checkpoint(tmp_path / "c.pth", labels=[0, 1, 2, 0, 1], steps=2,
+                                                     batch_size=batch_size, seed=3, device="cpu")
+    small, whole = draw(2), draw(5)
+    assert small.shape == (5, 1, 8, 8)
+    assert torch.allclose(small, whole, atol=1e-5)
+    assert not torch.allclose(small[0], small[3], atol=1e-2)  # same label, different noise
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (dict(labels=[]), "nothing to draw: 0 images"),
+    (dict(steps=0), "steps must be >= 1 for midpoint"),
+    (dict(solver="rk5"), "unknown solver 'rk5'"),
+])
+def test_bad_requests_are_refused_before_the_checkpoint_is_read(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):  # the file does not exist: the request was checked first
+        sample_from_checkpoint(tmp_path / "absent.pth", device="cpu", **kwargs)
+
+
+def test_sample_model_refuses_bad_requests():
+    model = ConditionalUNet(TINY).eval()
+    with pytest.raises(ValueError, match="nothing to draw"):
+        sample_model(model, 0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        sample_model(model, 2, batch_size=0)
+
+
+def test_guidance_needs_a_trained_null_label(tmp_path):
+    tiny_checkpoint(tmp_path / "no_dropout.pth", label_dropout=0.0)
+    tiny_checkpoint(tmp_path / "dropout.pth", label_dropout=0.1)
+    tiny_checkpoint(tmp_path / "older.pth", label_dropout=None)  # written before train_config existed
+    sample = lambda name, w: sample_from_checkpoint(tmp_path / name, batch_size=2, steps=1, guidance=w, device="cpu")
+    with pytest.raises(ValueError, match="trained with --label-dropout 0.*sample with guidance 1"):
+        sample("no_dropout.pth", 1.5)
+    assert sample("no_dropout.pth", 1.0).shape == (2, 1, 8, 8)
+    assert sample("dropout.pth", 1.5).shape == sample("older.pth", 1.5).shape == (2, 1, 8, 8)
+
+
+def test_absent_device_is_a_clear_error(tmp_path):
+    tiny_checkpoint(tmp_path / "c.pth")
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        sample_from_checkpoint(tmp_path / "c.pth", device=device)
