@@ -23,10 +23,10 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
-from device import resolve_device
+from device import Runtime, configure_backends, resolve_device
 from evaluate import CLASSIFIER_PATH, load_classifier, mnist_quality
 from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance
-from trainer import Runtime, build, train_step
+from trainer import build, train_step
 
 
 def machine() -> dict:
@@ -43,6 +43,7 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
     module = {"mnist": mnist_train, "rf": rectified_flow_train}[script]
     (cfg, model_cfg, _), preset = parse_configs(module.DEFAULTS, module.PRESETS, module.default_preset(), argv)
     rt = Runtime(resolve_device(cfg.device))
+    configure_backends(cfg.deterministic)  # TF32 and cudnn.benchmark, as training runs
     parts = build(cfg, model_cfg, rt)
     shape = (cfg.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     x = torch.rand(shape, device=rt.device) * 2 - 1
