@@ -15,8 +15,11 @@ from solvers import solve
 T_SCHEDULES = ("uniform", "logit-normal")
 
 
-def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cpu") -> torch.Tensor:
-    """Training times (n,) in (0, 1): uniform, or logit-normal(0, 1) as in Stable Diffusion 3."""
+def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cpu", grid: int = 0) -> torch.Tensor:
+    """Training times (n,) in [0, 1): uniform, logit-normal(0, 1) as in Stable Diffusion 3, or with grid = k
+    the k Euler-step starts {0, 1/k, ..., (k-1)/k} (k-step distillation: the schedule is then ignored)."""
+    if grid:
+        return torch.randint(0, grid, (n,), device=device) / grid
     if schedule == "uniform":
         return torch.rand(n, device=device)
     if schedule == "logit-normal":
@@ -42,10 +45,15 @@ def flow_matching_loss(
     num_classes: int | None = None,
     label_dropout: float = 0.1,
     t_schedule: str = "uniform",
+    x0: torch.Tensor | None = None,
+    t_grid: int = 0,
 ) -> torch.Tensor:
-    """MSE between model(x_t, t, y) and x1 - x0 for data x1: (B, C, H, W) in [-1, 1]."""
-    x0 = torch.randn_like(x1)
-    t = sample_t(x1.shape[0], t_schedule, x1.device)
+    """MSE between model(x_t, t, y) and x1 - x0 for data x1: (B, C, H, W) in [-1, 1].
+
+    x0 is fresh noise, or the noise a reflow pair was drawn from (then x1 is that pair's image).
+    """
+    x0 = torch.randn_like(x1) if x0 is None else x0
+    t = sample_t(x1.shape[0], t_schedule, x1.device, t_grid)
     if y is not None and label_dropout > 0:
         y = drop_labels(y, label_dropout, null_class=num_classes)
     v = model(interpolate(x0, x1, t), t, y)

@@ -12,12 +12,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 import torch
 
-from checkpoint import CheckpointError
-from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, sample_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
+from sampling import DEVICE_HELP, sample_checkpoint
 from solvers import SOLVERS
 
 # Digits drawn on request must be the digit asked for: w = 1.5 gives 99.9% class accuracy against
-# 97.2% at w = 1, at the price of diversity (README "Results"), so this CLI guides by default.
+# 97.2% at w = 1, at the price of diversity (README "Results"), so this CLI guides a 1-rectified flow
+# by default. Reflow stages record their own sampler (guidance baked into their pairs): used as it is.
 ON_REQUEST_GUIDANCE = 1.5
 
 
@@ -36,10 +37,12 @@ def parse_digits(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth", help="checkpoint written by mnist_train.py")
-    p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS, help="ODE solver")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="solver steps (ignored by dopri5)")
-    p.add_argument("--guidance", type=float, default=ON_REQUEST_GUIDANCE,
-                   help="classifier-free guidance scale w (1 = none, the closest to the data distribution)")
+    p.add_argument("--solver", default=None, choices=SOLVERS,
+                   help="ODE solver (default: the checkpoint's recommended sampler, else midpoint)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps, ignored by dopri5 (default: as --solver)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale w, 1 = none (default: the checkpoint's recommendation, "
+                        f"else {ON_REQUEST_GUIDANCE})")
     p.add_argument("--digits", type=parse_digits, default=list(range(10)), help="digits to draw, e.g. 0,3,7")
     p.add_argument("--per-digit", type=int, default=8, help="samples per digit (one grid row each)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -47,13 +50,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.per_digit < 1:
+    if (args.steps is not None and args.steps < 1) or args.per_digit < 1:
         p.error("--steps and --per-digit must be >= 1")
     labels = torch.tensor(args.digits).repeat_interleave(args.per_digit)
-    samples = sample_checkpoint(args.checkpoint, args.out, args.steps, 256, args.solver, args.guidance, labels,
-                                args.seed, args.device, use_ema=not args.raw_weights)
-    print(f"wrote {args.out}: {len(labels)} digits, solver {args.solver}, steps {args.steps}, "
-          f"NFE {samples.nfe} per image, guidance {args.guidance}, {samples.seconds:.2f} s")
+    ckpt = load_checkpoint(args.checkpoint)
+    guidance = args.guidance
+    can_guide = ckpt["model_config"].get("num_classes") is not None and \
+        (ckpt.get("train_config") or {}).get("label_dropout", 0.1) > 0
+    if guidance is None and "sampler" not in ckpt and can_guide:
+        guidance = ON_REQUEST_GUIDANCE
+    samples = sample_checkpoint(ckpt, args.out, args.steps, 256, args.solver, guidance, labels, args.seed, args.device,
+                                use_ema=not args.raw_weights)
+    print(f"wrote {args.out}: {len(labels)} digits, solver {samples.solver}, steps {samples.steps}, "
+          f"NFE {samples.nfe} per image, guidance {samples.guidance}, {samples.seconds:.2f} s")
 
 
 if __name__ == "__main__":

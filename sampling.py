@@ -35,6 +35,9 @@ class Samples:
     labels: torch.Tensor | None
     nfe: int
     seconds: float
+    solver: str = DEFAULT_SOLVER  # how they were drawn
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
 
 
 def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device | str) -> torch.Tensor:
@@ -60,6 +63,13 @@ def check_guidance(ckpt: dict, guidance: float) -> None:
             f"guidance {guidance} needs the unconditional velocity, but this checkpoint was trained with "
             "--label-dropout 0, so its null-label embedding was never trained: sample with guidance 1, "
             "or train with --label-dropout 0.1 to use guidance")
+
+
+def recommended_sampler(ckpt: dict) -> tuple[str, int, float]:
+    """(solver, steps, guidance) a checkpoint asks to be sampled with: reflow stages record theirs; else the defaults."""
+    sampler = ckpt.get("sampler") or {}
+    return (sampler.get("solver", DEFAULT_SOLVER), sampler.get("steps", DEFAULT_STEPS),
+            sampler.get("guidance", DEFAULT_GUIDANCE))
 
 
 def check_labels(labels: torch.Tensor | None, num_classes: int | None) -> None:
@@ -105,7 +115,8 @@ def sample_model(
         x, nfe = generate(model, noise[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol)
         images.append(((x + 1) / 2).cpu())
         nfes.append(nfe)
-    return Samples(torch.cat(images), labels, round(sum(nfes) / len(nfes)), time.perf_counter() - start)
+    return Samples(torch.cat(images), labels, round(sum(nfes) / len(nfes)), time.perf_counter() - start, solver, steps,
+                   guidance)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None,
@@ -143,24 +154,27 @@ def _label_rows(labels: torch.Tensor | None) -> list[int]:
 
 
 def sample_checkpoint(
-    checkpoint_path: str | Path,
+    checkpoint: str | Path | dict,
     out_path: str | Path | None = None,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     batch_size: int = 4,
-    solver: str = DEFAULT_SOLVER,
-    guidance: float = DEFAULT_GUIDANCE,
+    solver: str | None = None,
+    guidance: float | None = None,
     labels: list[int] | torch.Tensor | None = None,
     seed: int | None = None,
     device: str | torch.device | None = None,
     use_ema: bool = True,
 ) -> Samples:
-    """sample_from_checkpoint, returning the Samples record (images, labels, NFE, seconds)."""
+    """sample_from_checkpoint, returning the Samples record; checkpoint is a path or a dict from load_checkpoint."""
     device = resolve_device(device)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     n = len(labels) if labels is not None else batch_size
+    check_request(n, batch_size, DEFAULT_SOLVER if solver is None else solver, DEFAULT_STEPS if steps is None else steps)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
+    solver, steps, guidance = (given if given is not None else default
+                               for given, default in zip((solver, steps, guidance), recommended_sampler(ckpt)))
     check_request(n, batch_size, solver, steps)
-    ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
     check_guidance(ckpt, guidance)
     model = model_from_checkpoint(ckpt, use_ema).to(device)
     samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, device)
@@ -172,10 +186,10 @@ def sample_checkpoint(
 def sample_from_checkpoint(
     checkpoint_path: str | Path,
     out_path: str | Path | None = None,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     batch_size: int = 4,
-    solver: str = DEFAULT_SOLVER,
-    guidance: float = DEFAULT_GUIDANCE,
+    solver: str | None = None,
+    guidance: float | None = None,
     labels: list[int] | torch.Tensor | None = None,
     seed: int | None = None,
     device: str | torch.device | None = None,
@@ -184,8 +198,10 @@ def sample_from_checkpoint(
     """Images (B, C, H, W) in [0, 1] from a checkpoint file alone; writes a grid PNG when out_path is given.
 
     B is len(labels) when labels are given, else batch_size (class-conditional models then cycle
-    through their classes). guidance w != 1 needs a class-conditional model trained with label dropout; seed None
-    draws a random seed; device None or "auto" is CUDA, then MPS, then the CPU.
+    through their classes). solver, steps and guidance left at None take the checkpoint's recommended
+    sampler (a one-step model samples in one step), else midpoint, 4 steps, w = 1. guidance w != 1 needs
+    a class-conditional model trained with label dropout; seed None draws a random seed; device None or
+    "auto" is CUDA, then MPS, then the CPU.
     """
     return sample_checkpoint(checkpoint_path, out_path, steps, batch_size, solver, guidance, labels, seed, device,
                              use_ema).images

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, model_config_from, publish, save_checkpoint
+from checkpoint import (CheckpointError, clean_state_dict, ema_weights, load_checkpoint, model_config_from, publish,
+                        save_checkpoint)
 from device import Runtime, configure_backends, resolve_amp, resolve_channels_last, resolve_compile, setup_runtime
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
@@ -47,6 +48,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA decay (with warm-up), used for sampling and validation
     label_dropout: float = 0.1  # share of labels replaced by the null token (classifier-free guidance)
     t_schedule: str = "uniform"  # training-time distribution: uniform | logit-normal
+    t_grid: int = 0  # 0 = continuous t; k = t in {0, 1/k, ..., (k-1)/k}: trains a k-step Euler map (distillation)
     hflip: bool = False  # random horizontal flips (not for digits)
     seed: int = 0  # seeds data order, noise, times and dropout
     device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU) | cpu | cuda | cuda:N | mps
@@ -60,6 +62,7 @@ class TrainConfig:
     checkpoint: str = "{out_dir}/best.pth"  # copy of the epoch with the lowest validation loss
     sample_dir: str = "{out_dir}/samples"  # one sample grid PNG per epoch
     resume: str = ""  # checkpoint to resume from, or "auto" for OUT_DIR/last.pth
+    init_from: str = ""  # start from this checkpoint's EMA weights (same model config) instead of random ones
     save_every: float = 10.0  # minutes between saves of last.pth inside an epoch (crash safety); 0 = epoch ends only
     keep_last: int = 5  # epoch_N.pth files kept on disk; 0 keeps all
     log_every: int = 50  # steps between log.jsonl records and progress-bar updates
@@ -108,7 +111,7 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
+    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0, "t_grid": 0,
                 "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
@@ -167,17 +170,20 @@ def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
 
 
 def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None, step: int, rank: int = 0,
-               lr: float | None = None) -> torch.Tensor:
-    """One optimizer step on a batch already on the device (x: (B, C, H, W) in [-1, 1]); returns the loss."""
+               lr: float | None = None, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step on a batch already on the device (x: (B, C, H, W) in [-1, 1]); returns the loss.
+
+    x0: the noise of reflow pairs (x0, x), or None for fresh noise."""
     torch.manual_seed(step_seed(cfg.seed, rank, step))
     if parts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    if cfg.hflip:
+    if cfg.hflip:  # (refused for pairs: flipping would break the noise-image coupling)
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
     for group in parts.optimizer.param_groups:
         group["lr"] = cfg.lr if lr is None else lr
     with parts.autocast:
-        loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, cfg.t_schedule)
+        loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, cfg.t_schedule,
+                                  x0, cfg.t_grid)
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
@@ -189,17 +195,22 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
     return loss.detach()
 
 
+def check_same_model(ckpt: dict, model_cfg: UNetConfig, path: str) -> None:
+    """The checkpoint must hold the model we are about to train."""
+    stored = model_config_from(ckpt)
+    if stored != model_cfg:
+        diff = [f"{k}: {v} vs {getattr(model_cfg, k)}" for k, v in asdict(stored).items() if getattr(model_cfg, k) != v]
+        raise CheckpointError(f"{path} was trained with another model config ({', '.join(diff)}); "
+                              "pass the same model flags/preset as that run, or start a new --out-dir")
+
+
 def check_resume(ckpt: dict, model_cfg: UNetConfig, cfg: TrainConfig, steps_per_epoch: int, world: int, path: str) -> None:
     """The checkpoint must hold the model we are about to train, and the same steps per epoch.
 
     Another batch size, number of processes or training set changes how steps map to epochs and
     data, so the resumed run would silently train on other batches: refused.
     """
-    stored = model_config_from(ckpt)
-    if stored != model_cfg:
-        diff = [f"{k}: {v} vs {getattr(model_cfg, k)}" for k, v in asdict(stored).items() if getattr(model_cfg, k) != v]
-        raise CheckpointError(f"{path} was trained with another model config ({', '.join(diff)}); "
-                              "pass the same model flags/preset as that run, or start a new --out-dir")
+    check_same_model(ckpt, model_cfg, path)
     was = {"--batch-size": ckpt.get("train_config", {}).get("batch_size"), "processes": ckpt.get("world_size", 1),
            "steps per epoch": ckpt.get("steps_per_epoch")}
     now = {"--batch-size": cfg.batch_size, "processes": world, "steps per epoch": steps_per_epoch}
@@ -222,7 +233,7 @@ def restore(parts: Parts, ckpt: dict) -> None:
 def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int, t_points: int, conditional: bool) -> float:
     """Mean flow-matching loss on held-out data with fixed noise and a fixed t grid: comparable across epochs.
 
-    Under DDP each rank takes a contiguous share and the sums are all-reduced; noise depends only on
+    Items are (x1, y) or reflow pairs (x1, y, x0). Under DDP each rank takes a contiguous share and the sums are all-reduced; noise depends only on
     the sample's index, so the value does not depend on the number of processes or the batch size.
     """
     start, stop = len(data) * rt.rank // rt.world, len(data) * (rt.rank + 1) // rt.world
@@ -230,12 +241,13 @@ def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: in
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # squared error, element count
     for first in range(start, stop, batch_size):
         idx = range(first, min(first + batch_size, stop))
-        x, y = default_collate([data[i] for i in idx])
+        x, y, *pair = default_collate([data[i] for i in idx])
         x = x.to(rt.device)
         y = y.to(rt.device) if conditional else None
-        noise = make_noise(len(idx), (t_points, *x.shape[1:]), 1234 + first, rt.device)
+        noise = make_noise(len(idx), (t_points, *x.shape[1:]), 1234 + first, rt.device) if not pair else None
         for k, t in enumerate(ts):
-            x0, tb = noise[:, k], t.expand(len(x)).to(rt.device)
+            x0 = pair[0].to(rt.device) if pair else noise[:, k]  # reflow pairs: the pair's own noise
+            tb = t.expand(len(x)).to(rt.device)
             sums[0] += F.mse_loss(model(interpolate(x0, x, tb), tb, y), x - x0, reduction="sum").double()
             sums[1] += x.numel()
     if rt.ddp:
@@ -338,6 +350,8 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.best_path, self.sample_dir = output_path(cfg.checkpoint, cfg), output_path(cfg.sample_dir, cfg)
         self.conditional = model_cfg.num_classes is not None
+        if cfg.hflip and len(train_set[0]) == 3:
+            raise ValueError("--hflip cannot be used with reflow pairs: a flipped image is not the pair of its noise")
         self.parts = build(cfg, model_cfg, self.rt)
         self.per_rank = cfg.batch_size // self.rt.world
         self.sampler = ShardedSampler(len(train_set), self.per_rank, cfg.seed, self.rt.rank, self.rt.world)
@@ -361,6 +375,8 @@ class Trainer:
         """Load --resume (or OUT_DIR/last.pth for auto); returns the step resumed at, or None for a fresh run."""
         path = str(self.out_dir / "last.pth") if self.cfg.resume == "auto" else self.cfg.resume
         if not path:
+            if self.cfg.init_from:
+                self.initialise(self.cfg.init_from)
             return None
         ckpt = load_checkpoint(path, map_location=self.rt.device)
         check_resume(ckpt, self.model_cfg, self.cfg, self.sampler.batches, self.rt.world, path)
@@ -369,6 +385,15 @@ class Trainer:
         self.say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, {self.step % self.sampler.batches} "
                  "steps into the next)")
         return self.step
+
+    def initialise(self, path: str) -> None:
+        """--init-from: raw and EMA weights both start from the checkpoint's EMA weights (its best estimate)."""
+        ckpt = load_checkpoint(path, map_location=self.rt.device)
+        check_same_model(ckpt, self.model_cfg, path)
+        weights = clean_state_dict(ema_weights(ckpt))
+        self.parts.model.load_state_dict(weights)
+        self.parts.ema.model.load_state_dict(weights)
+        self.say(f"initialised from the EMA weights of {path}")
 
     def state(self, val: float | None) -> dict:
         """The checkpoint dict: enough to resume exactly and to sample."""
@@ -379,7 +404,7 @@ class Trainer:
             "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
             "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
             "model_config": asdict(self.model_cfg), "train_config": asdict(self.cfg), "class_names": self.class_names,
-            **self.extra,
+            "kind": "1-rectified", **self.extra,  # reflow.py names its stages in extra
         }
 
     def save_last(self, reason: str) -> None:
@@ -435,11 +460,12 @@ class Trainer:
         last_save = time.monotonic()
         self.epoch_start = time.perf_counter()
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not rt.main, leave=False, dynamic_ncols=True)
-        for x, y in bar:
+        for x, y, *pair in bar:
             x = x.to(rt.device, non_blocking=True)
             y = y.to(rt.device, non_blocking=True) if self.conditional else None
+            x0 = pair[0].to(rt.device, non_blocking=True) if pair else None
             lr = learning_rate(cfg, self.step, self.schedule_steps)
-            loss_sum += train_step(parts, cfg, x, y, self.step, rt.rank, lr)
+            loss_sum += train_step(parts, cfg, x, y, self.step, rt.rank, lr, x0)
             self.step += 1
             if self.step % cfg.log_every == 0:  # the only host sync in the loop
                 total = global_mean(loss_sum, rt)

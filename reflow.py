@@ -1,0 +1,243 @@
+"""Few-step generation: reflow (2-rectified flow) and k-step distillation, on the one training loop.
+
+Liu, Gong & Liu 2022, "Flow Straight and Fast": the first flow's ODE paths are curved, so few solver
+steps miss. A new flow trained on (noise, image) pairs drawn from the first one has straighter paths
+(reflow); distilling it into a k-step Euler map goes further.
+
+    python reflow.py pairs   --checkpoint checkpoints/flow_matching_mnist.pth --out-dir runs/reflow/pairs
+    python reflow.py train   --pairs runs/reflow/pairs                 # -> runs/reflow/2-rectified/best.pth
+    python reflow.py distill --pairs runs/reflow/pairs --k 1 --init-from runs/reflow/2-rectified/best.pth
+    torchrun --nproc_per_node=8 reflow.py pairs ...        # each rank draws its own shards
+
+Every stage's checkpoint records its kind (1-rectified, 2-rectified, distilled-k), its lineage and
+the sampler it should be used with; sample_from_checkpoint, mnist_test.py and evaluate.py use that.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
+
+import torch
+from torch.utils.data import Dataset
+
+from checkpoint import CheckpointError, load_checkpoint, model_config_from, model_from_checkpoint, save_checkpoint
+from cli import parse_configs
+from device import resolve_device
+from flow import generate
+from sampling import DEVICE_HELP, check_guidance, check_request, make_noise, recommended_sampler
+from solvers import SOLVERS
+from trainer import TrainConfig, check_train_config, train
+
+MANIFEST = "manifest.json"
+PAIR_SETTINGS = ("parent_sha256", "solver", "steps", "guidance", "seed", "count", "shard_size", "use_ema")
+
+
+def sha256(path: str | Path) -> str:
+    """Hex digest of a file: names a parent checkpoint in its children's lineage."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rectified_order(kind: str | None) -> int:
+    """n of an 'n-rectified' kind (checkpoints from before kinds existed are 1-rectified)."""
+    kind = kind or "1-rectified"
+    if not kind.endswith("-rectified"):
+        raise CheckpointError(f"pairs must come from a rectified flow, not a {kind} model (distilled models are final)")
+    return int(kind.split("-")[0])
+
+
+# ---- pairs -------------------------------------------------------------------------------------
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Create OUT_DIR/manifest.json, or check that the existing one was written with the same settings."""
+    path = out_dir / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k} {old.get(k)} there, {manifest[k]} now" for k in PAIR_SETTINGS if old.get(k) != manifest[k]]
+        if diff:
+            raise ValueError(f"{out_dir} holds pairs drawn with other settings ({'; '.join(diff)}): "
+                             "use another --out-dir, or the same settings to finish them")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")  # ranks may race: each writes its own temp file
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(path)
+
+
+def shard_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"shard_{index:05d}.pt"
+
+
+@torch.no_grad()
+def draw_pairs(args: argparse.Namespace) -> dict:
+    """Solve the parent's ODE from seeded noise; write shards of (noise, image, label), skipping finished ones."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if args.count < 1 or args.shard_size < 1:
+        raise ValueError("--count and --shard-size must be >= 1")
+    check_request(args.count, args.batch_size, args.solver, args.steps)
+    ckpt = load_checkpoint(args.checkpoint)
+    check_guidance(ckpt, args.guidance)
+    order = rectified_order(ckpt.get("kind"))
+    model = model_from_checkpoint(ckpt, use_ema=not args.raw_weights).to(device)
+    cfg = model.config
+    out_dir = Path(args.out_dir)
+    manifest = {"parent": str(args.checkpoint), "parent_sha256": sha256(args.checkpoint), "parent_kind": f"{order}-rectified",
+                "solver": args.solver, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                "count": args.count, "shard_size": args.shard_size, "use_ema": not args.raw_weights,
+                "model_config": asdict(cfg), "class_names": ckpt.get("class_names")}
+    write_manifest(out_dir, manifest)
+    shards = range(rank, -(-args.count // args.shard_size), world)
+    start_time, drawn, nfe = time.perf_counter(), 0, 0
+    for j in shards:
+        if shard_path(out_dir, j).is_file():
+            continue  # written atomically, so an existing shard is complete
+        first, last = j * args.shard_size, min((j + 1) * args.shard_size, args.count)
+        noise = make_noise(last - first, (cfg.in_channels, cfg.image_size, cfg.image_size), args.seed + first, "cpu")
+        # class-balanced: pair i has label i mod num_classes
+        labels = torch.arange(first, last) % cfg.num_classes if cfg.num_classes is not None else None
+        images = []
+        for i in range(0, last - first, args.batch_size):
+            y = labels[i:i + args.batch_size].to(device) if labels is not None else None
+            x, nfe = generate(model, noise[i:i + args.batch_size].to(device), y, args.solver, args.steps, args.guidance)
+            images.append(x.cpu())
+        x1 = ((torch.cat(images) + 1) * 127.5).round().to(torch.uint8)  # like the data: 8-bit pixels
+        save_checkpoint(shard_path(out_dir, j), {"first": first, "x0": noise.half(), "x1": x1,
+                                                 "y": labels if labels is not None else torch.zeros(last - first, dtype=torch.long)})
+        drawn += last - first
+        print(f"rank {rank}: shard {j} ({first}-{last - 1}) written", flush=True)
+    seconds = time.perf_counter() - start_time
+    if rank == 0:
+        print(f"pairs in {out_dir}: {drawn} drawn by this process in {seconds / 60:.1f} min "
+              f"({args.solver}, {args.steps} steps, NFE {nfe}, guidance {args.guidance})")
+    return {"drawn": drawn, "seconds": seconds, "nfe": nfe, **manifest}
+
+
+class Pairs(Dataset):
+    """Reflow pairs as training items (image x1 in [-1, 1], label, noise x0); held-out pairs for validation."""
+
+    def __init__(self, x1: torch.Tensor, y: torch.Tensor, x0: torch.Tensor):
+        self.x1, self.y, self.x0 = x1, y, x0
+
+    def __len__(self) -> int:
+        return len(self.x1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        return self.x1[i].float() / 127.5 - 1, int(self.y[i]), self.x0[i].float()
+
+
+def load_pairs(folder: str | Path, val_size: int) -> tuple[Pairs, Pairs, dict]:
+    """(train pairs, the last val_size pairs held out, manifest); every shard must be present."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise ValueError(f"no {MANIFEST} in {folder}: draw pairs first with `python reflow.py pairs --out-dir {folder}`")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    n_shards = -(-manifest["count"] // manifest["shard_size"])
+    missing = [j for j in range(n_shards) if not shard_path(folder, j).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {n_shards} shards missing in {folder} (first: {missing[0]}): "
+                         "run the same `reflow.py pairs` command again to finish them")
+    shards = [torch.load(shard_path(folder, j), weights_only=True) for j in range(n_shards)]
+    x1, y, x0 = (torch.cat([s[k] for s in shards]) for k in ("x1", "y", "x0"))
+    if not 0 < val_size < len(x1):
+        raise ValueError(f"--val-size must lie between 1 and {len(x1) - 1} (of {len(x1)} pairs)")
+    cut = len(x1) - val_size
+    return Pairs(x1[:cut], y[:cut], x0[:cut]), Pairs(x1[cut:], y[cut:], x0[cut:]), manifest
+
+
+# ---- train and distill ---------------------------------------------------------------------------
+
+
+@dataclass
+class PairData:
+    """Which pairs a reflow or distillation run trains on."""
+
+    pairs: str = "runs/reflow/pairs"  # folder written by `reflow.py pairs`
+    val_size: int = 1000  # the last N pairs, held out for the validation loss
+    k: int = 1  # distill only: Euler steps of the distilled model (1, 2, 4, ...)
+    recommend_steps: int = 2  # train only: the Euler steps recorded as this model's sampler
+
+
+DEFAULTS = [
+    TrainConfig(epochs=4, batch_size=64, lr=2e-4, lr_schedule="cosine", warmup_steps=100, out_dir="runs/reflow",
+                init_from="parent"),  # out_dir: runs/reflow/<kind> unless given
+    PairData(),
+]
+
+
+def stage(command: str, argv: list[str]) -> dict:
+    """reflow.py train / distill: the shared training loop on fixed pairs, from the parent's weights."""
+    (cfg, data), _ = parse_configs(DEFAULTS, None, None, argv, f"reflow.py {command}: " + (__doc__ or "").splitlines()[0])
+    check_train_config(cfg)
+    if cfg.t_grid:
+        raise ValueError("--t-grid is set by `reflow.py distill --k`")
+    train_set, val_set, manifest = load_pairs(data.pairs, data.val_size)
+    init_from = manifest["parent"] if cfg.init_from == "parent" else cfg.init_from
+    if command == "distill" and cfg.init_from == "parent":
+        raise ValueError("distill starts from the reflowed model: pass --init-from PATH (its best.pth)")
+    if not init_from:
+        raise ValueError("--init-from is empty: reflow stages start from trained weights (the default: parent)")
+    source = load_checkpoint(init_from)
+    model_cfg = model_config_from(source)
+    guidance = 1.0 if manifest["guidance"] != 1.0 else recommended_sampler(source)[2]  # baked into the pairs, or not
+    lineage = {"parent": init_from, "parent_sha256": sha256(init_from), "parent_kind": source.get("kind", "1-rectified"),
+               "pairs": {k: manifest[k] for k in ("parent", *PAIR_SETTINGS)}}
+    if command == "train":
+        kind = f"{rectified_order(manifest['parent_kind']) + 1}-rectified"
+        sampler = {"solver": "euler", "steps": data.recommend_steps, "guidance": guidance}
+    else:
+        if data.k < 1:
+            raise ValueError(f"--k must be >= 1, got {data.k}")
+        kind, cfg = f"distilled-{data.k}", replace(cfg, t_grid=data.k)
+        sampler = {"solver": "euler", "steps": data.k, "guidance": guidance}
+    out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
+    cfg = replace(cfg, init_from=init_from, out_dir=out_dir)
+    summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),
+                    extra={"kind": kind, "lineage": lineage, "sampler": sampler, "dataset": "reflow-pairs"})
+    print(f"done: {kind}, {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
+          f"{summary['elapsed_s'] / 60:.1f} min); sample with {sampler}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train", "distill"):
+        return stage(argv[0], argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="a new flow on fixed pairs (flags: see `reflow.py train --help`)")
+    sub.add_parser("distill", help="a k-step Euler model on fixed pairs (flags: see `reflow.py distill --help`)")
+    q = sub.add_parser("pairs", help="draw (noise, image, label) pairs from a checkpoint")
+    q.add_argument("--checkpoint", required=True, help="the flow to straighten (1-rectified, or a reflowed one)")
+    q.add_argument("--out-dir", default="runs/reflow/pairs", help="shards and manifest.json go here")
+    q.add_argument("--count", type=int, default=50_000, help="pairs K to draw (class-balanced)")
+    q.add_argument("--shard-size", type=int, default=5000, help="pairs per shard file (a crash loses at most one)")
+    q.add_argument("--solver", default="rk4", choices=SOLVERS, help="ODE solver for the parent's paths")
+    q.add_argument("--steps", type=int, default=8, help="solver steps")
+    q.add_argument("--guidance", type=float, default=1.0, help="guidance w baked into the pairs (then sample at w = 1)")
+    q.add_argument("--seed", type=int, default=0, help="pair i's noise is drawn from seed + i")
+    q.add_argument("--batch-size", type=int, default=500)
+    q.add_argument("--device", default="auto", help=DEVICE_HELP)
+    q.add_argument("--raw-weights", action="store_true", help="draw from the raw weights instead of the EMA")
+    return draw_pairs(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
