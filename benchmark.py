@@ -23,15 +23,16 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
-from device import Runtime, configure_backends, resolve_device
+from device import Runtime, configure_backends, cpu_class, cpu_name, resolve_device
 from evaluate import CLASSIFIER_PATH, load_classifier, mnist_quality
 from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance
 from trainer import build, train_step
 
 
 def machine() -> dict:
-    """What the figures were measured on."""
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    """What the figures were measured on: speeds hold per GPU model or CPU class (AVX2, AVX-512, AMX)."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"device": gpu or f"{cpu_name()} ({cpu_class()})", "cpu_class": cpu_class(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 

@@ -43,6 +43,27 @@ def cpu_has_amx() -> bool:
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
+def cpu_class() -> str:
+    """The CPU's vector class as PyTorch uses it: AMX, AVX-512, AVX2 (speeds hold per class), or what torch reports."""
+    if cpu_has_amx():
+        return "AMX"
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512, DEFAULT (ARM: NEON/SVE names)
+    return {"AVX512": "AVX-512"}.get(capability, capability)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform.processor())."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cuda_native_bf16(device: torch.device) -> bool:
     """bf16 tensor cores (compute capability >= 8.0, Ampere on). T4 and V100 only emulate bf16: slow or failing convs."""
     return torch.cuda.get_device_capability(device)[0] >= 8
