@@ -1,9 +1,9 @@
 """How good are the samples? MNIST: a classifier's accuracy on generated digits and the Fréchet
-distance in its features (with the real-vs-real floor). RGB folders: Inception FID / KID.
+distance in its features (with the real-vs-real floor). RGB folders: Inception FID, offline (fid.py).
 
     python evaluate.py train-classifier --data-root ../shared/data
     python evaluate.py mnist --checkpoint checkpoints/flow_matching_mnist.pth --n 2000
-    python evaluate.py fid --checkpoint checkpoints/rf_best.pth --real-dir img_align_celeba --n 5000
+    python evaluate.py fid --checkpoint checkpoints/rf_best.pth --real-dir img_align_celeba --n 5000 --json fid.json
 
 The MNIST distance is measured in a small CNN's 128-d penultimate features: it is *not* the
 Inception FID and must not be compared with published FIDs.
@@ -25,9 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import DataError, TensorImages, load_mnist
+from data import DataError, ImageFolder, TensorImages, load_mnist
 from device import resolve_device
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, sample_model
+from fid import (EXTRACTOR, STATS_DIR, frechet_distance, frechet_from_stats, gaussian_stats, inception_features,
+                 real_files, real_stats, to_uint8)
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, check_guidance, sample_model
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
 # MNIST test digits 0-1999 are training's validation set (mnist_train.py --val-size 2000), which picks the best
@@ -112,23 +114,6 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), state["test_accuracy"]
 
 
-def frechet_from_stats(mu_a: torch.Tensor, s_a: torch.Tensor, mu_b: torch.Tensor, s_b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) for two Gaussians, in float64."""
-    mu_a, s_a, mu_b, s_b = (t.double() for t in (mu_a, s_a, mu_b, s_b))
-    # Tr (S_a S_b)^(1/2) = sum of sqrt eigenvalues of the symmetric S_a^(1/2) S_b S_a^(1/2).
-    w, v = torch.linalg.eigh(s_a)
-    root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
-    middle = root_a @ s_b @ root_a
-    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * trace_root).item()
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a: (N, D) and b: (M, D)."""
-    a, b = a.double(), b.double()
-    return frechet_from_stats(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
-
-
 def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500,
                   rtol: float = 1e-3, atol: float = 1e-3) -> dict:
@@ -141,7 +126,7 @@ def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorIma
         raise ValueError(f"--n must be a multiple of 10 between 20 and {most}: the real and floor sets are two "
                          f"disjoint sets of n test digits from index {EVAL_START} on (digits 0-{EVAL_START - 1} "
                          "are training's validation set)")
-    labels = torch.arange(10).repeat_interleave(n // 10)
+    labels = balanced_labels(n, 10)
     samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
     preds, fake_feats = predict(classifier, samples.images * 2 - 1)
     _, real_feats = predict(classifier, tensors(real, n, start=EVAL_START)[0])
@@ -163,7 +148,8 @@ def inception_scores(fake: torch.Tensor, real: torch.Tensor, weights: str | None
     except Exception as e:  # no weights file and no network: torch-fidelity's download fails
         raise CheckpointError(
             f"could not load the Inception weights ({type(e).__name__}: {str(e).splitlines()[0][:120]}); offline, "
-            f"download {INCEPTION_URL} elsewhere and pass --inception-weights PATH") from e
+            f"download {INCEPTION_URL} elsewhere and pass --inception-weights PATH, or leave the flag out to use the "
+            "built-in Inception of fid.py") from e
     kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(len(fake), len(real), 1000), normalize=True)
     if fake.shape[1] == 1:  # grayscale checkpoints: Inception wants RGB (real folder images are loaded as RGB)
         fake = fake.expand(-1, 3, -1, -1)
@@ -177,12 +163,49 @@ def inception_scores(fake: torch.Tensor, real: torch.Tensor, weights: str | None
 
 
 def real_images(folder: str, image_size: int, n: int) -> torch.Tensor:
-    """The first n images of a folder (sorted), center-cropped to image_size, in [0, 1]."""
-    from data import ImageFolder, find_images, readable
-
-    files = readable(find_images(folder))[:n]
-    data = ImageFolder(files, Path(folder), image_size)
+    """The real set of fid.real_files (n images spread over the folder), center-cropped to image_size, in [0, 1]."""
+    data = ImageFolder(real_files(folder, n), Path(folder), image_size)
     return (torch.stack([data[i][0] for i in range(len(data))]) + 1) / 2
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Labels (n,): n / num_classes of each class, grouped (0, 0, ..., 1, 1, ...)."""
+    if n % num_classes:
+        raise ValueError(f"--n {n} is not a multiple of the checkpoint's {num_classes} classes: class-balanced "
+                         f"samples need one (e.g. --n {n // num_classes * num_classes or num_classes})")
+    return torch.arange(num_classes).repeat_interleave(n // num_classes)
+
+
+def inception_fid(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    """`evaluate.py fid`: the score and the protocol that produced it.
+
+    The real side comes first, so that a bad folder fails before minutes of sampling and a cached
+    one costs nothing; class-conditional models draw the same number of images of every class.
+    """
+    cfg, n_real = model.config, args.n_real or args.n
+    if args.n < 2:
+        raise ValueError(f"--n {args.n}: the FID fits a covariance to the generated images, so it needs at least 2")
+    labels = balanced_labels(args.n, cfg.num_classes) if cfg.num_classes is not None else None
+
+    def draw() -> Samples:
+        return sample_model(model, args.n, labels, args.solver, args.steps, args.guidance, args.seed, args.batch_size)
+
+    if args.inception_weights:  # torchmetrics + torch-fidelity's file: FID and KID, real features computed every time
+        real = real_images(args.real_dir, cfg.image_size, n_real)
+        samples = draw()
+        result = {**inception_scores(samples.images, real, args.inception_weights),
+                  "feature_extractor": f"torchmetrics FrechetInceptionDistance, weights {args.inception_weights}"}
+    else:
+        stats = real_stats(args.real_dir, cfg.image_size, n_real, args.stats_cache or STATS_DIR, device)
+        samples = draw()
+        fake = gaussian_stats(inception_features(to_uint8(samples.images), device))
+        result = {"fid": frechet_from_stats(*fake, stats.mu, stats.sigma), "feature_extractor": EXTRACTOR,
+                  "real_key": stats.key, "real_stats": str(stats.cache_file), "real_stats_cached": stats.cached}
+    per_class = args.n // cfg.num_classes if cfg.num_classes is not None else None
+    return {**result, "n": args.n, "real_dir": str(Path(args.real_dir).resolve()), "n_real": n_real,
+            "image_size": cfg.image_size, "checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights,
+            "solver": args.solver, "steps": args.steps, "nfe": samples.nfe, "guidance": args.guidance,
+            "seed": args.seed, "num_classes": cfg.num_classes, "per_class": per_class, "seconds": samples.seconds}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,13 +224,18 @@ def main(argv: list[str] | None = None) -> dict:
         s.add_argument("--steps", type=int, default=DEFAULT_STEPS)
         s.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale w (1 = none)")
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="sample with the EMA or raw weights")
         s.add_argument("--batch-size", type=int, default=500)
         s.add_argument("--device", default="auto", help=DEVICE_HELP)
         s.add_argument("--json", default=None, help="also write the result here")
     sub.choices["mnist"].add_argument("--data-root", default="data", help="folder holding MNIST/raw (real test digits)")
     sub.choices["mnist"].add_argument("--classifier", default=CLASSIFIER_PATH)
-    sub.choices["fid"].add_argument("--real-dir", required=True, help="folder of real images")
-    sub.choices["fid"].add_argument("--inception-weights", default=None, help="local Inception weights file (offline)")
+    f = sub.choices["fid"]
+    f.add_argument("--real-dir", required=True, help="folder of real images")
+    f.add_argument("--n-real", type=int, default=None, help="real images, spread over the folder (default: --n)")
+    f.add_argument("--stats-cache", default=None, help=f"folder of cached real statistics (default {STATS_DIR})")
+    f.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity's Inception weights file: score through torchmetrics (FID and KID) instead")
     args = p.parse_args(argv)
 
     if args.command == "train-classifier":
@@ -216,24 +244,27 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": args.out}
         print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {args.out}")
         return result
+    if args.command == "fid" and args.inception_weights and args.stats_cache:
+        raise ValueError("--stats-cache belongs to the built-in Inception; torchmetrics (--inception-weights) "
+                         "caches nothing: drop one of the two")
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     check_guidance(ckpt, args.guidance)
-    model = model_from_checkpoint(ckpt).to(device)
+    model = model_from_checkpoint(ckpt, use_ema=args.weights == "ema").to(device)
     if args.command == "mnist":
         classifier, accuracy = load_classifier(args.classifier, device)
         real = load_mnist(args.data_root, train=False, download=False)
-        result = mnist_quality(model, classifier, real, args.n, args.solver, args.steps, args.guidance, args.seed,
-                               args.batch_size)
+        result = {**mnist_quality(model, classifier, real, args.n, args.solver, args.steps, args.guidance, args.seed,
+                                  args.batch_size), "weights": args.weights}
         print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']} per image  "
               f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
               f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  classifier accuracy {accuracy:.2%}")
     else:
-        samples = sample_model(model, args.n, None, args.solver, args.steps, args.guidance, args.seed, args.batch_size)
-        result = inception_scores(samples.images, real_images(args.real_dir, model.config.image_size, args.n),
-                                  args.inception_weights)
-        result.update(n=args.n, nfe=samples.nfe)
-        print(f"N={args.n}  NFE {samples.nfe} per image  Inception FID {result['fid']:.2f}  KID {result['kid']:.4f} ± {result['kid_std']:.4f}")
+        result = inception_fid(model, args, device)
+        kid = f"  KID {result['kid']:.4f} ± {result['kid_std']:.4f}" if "kid" in result else ""
+        print(f"N={args.n} generated ({args.weights} weights, {args.solver}, {args.steps} steps, NFE {result['nfe']} "
+              f"per image, guidance {args.guidance}, seed {args.seed}) vs {result['n_real']} real images of "
+              f"{args.real_dir}  Inception FID {result['fid']:.2f}{kid}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
