@@ -24,8 +24,10 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
 from device import Runtime, configure_backends, cpu_class, cpu_name, resolve_device
-from evaluate import CLASSIFIER_PATH, load_classifier, mnist_quality
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance
+from evaluate import CLASSIFIER_PATH, load_classifier, mnist_quality, straightness
+from flow import guided_velocity
+from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, make_noise,
+                      recommended_sampler)
 from trainer import build, train_step
 
 
@@ -63,10 +65,10 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
             "train": asdict(cfg), "model": asdict(model_cfg), **machine()}
 
 
-def quality_rows(args: argparse.Namespace, settings: list[dict]) -> list[dict]:
-    """mnist_quality for each setting (solver/steps/guidance/tolerances) on one checkpoint."""
+def quality_rows(args: argparse.Namespace, settings: list[dict], checkpoint: str | None = None) -> list[dict]:
+    """mnist_quality for each setting (solver/steps/guidance/tolerances) on one checkpoint (default --checkpoint)."""
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint or args.checkpoint)
     for s in settings:  # refuse a bad guidance scale before the first setting's minutes of sampling
         check_guidance(ckpt, s["guidance"])
     model = model_from_checkpoint(ckpt).to(device)
@@ -83,17 +85,42 @@ def quality_rows(args: argparse.Namespace, settings: list[dict]) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], x: str, path: Path, title: str) -> None:
-    """Fréchet distance vs x, one line per solver, log-x for NFE."""
+def few_step_rows(args: argparse.Namespace) -> list[dict]:
+    """Each checkpoint (1-RF, 2-RF, distilled) at Euler 1/2/4/8 NFE and at its own sampler, plus its straightness."""
+    rows = []
+    for path in args.checkpoints.split(","):
+        ckpt = load_checkpoint(path)
+        kind, (solver, steps, guidance) = ckpt.get("kind", "1-rectified"), recommended_sampler(ckpt)
+        passes = 2 if guidance != 1.0 else 1  # a guided step costs two network evaluations
+        settings = [dict(solver="euler", steps=nfe // passes, guidance=guidance) for nfe in map(int, args.nfe.split(","))
+                    if nfe % passes == 0]
+        if dict(solver=solver, steps=steps, guidance=guidance) not in settings:
+            settings.append(dict(solver=solver, steps=steps, guidance=guidance, recommended=True))
+        device = resolve_device(args.device)
+        model = model_from_checkpoint(ckpt).to(device)
+        labels = torch.arange(10).repeat_interleave(args.n_straightness // 10).to(device)
+        noise = make_noise(len(labels), (1, 28, 28), args.seed, device)
+        straight = straightness(guided_velocity(model, labels, guidance), noise, few=(1, 2, 4, 8))
+        print(f"{kind}: straightness {straight['straightness']:.4f}, distance of k-step samples from the "
+              f"{straight['reference_steps']}-step ones {straight['distance']}", flush=True)
+        for row in quality_rows(args, [{k: v for k, v in s.items() if k != "recommended"} for s in settings], path):
+            row.update(kind=kind, checkpoint=path, straightness=straight["straightness"], distance=straight["distance"],
+                       recommended=(row["solver"], row["steps"]) == (solver, steps))
+            rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver") -> None:
+    """Fréchet distance vs x, one line per solver (or per model kind), log-x for NFE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for solver in dict.fromkeys(r["solver"] for r in rows if not r.get("reference")):
-        pts = sorted((r[x], r["frechet"]) for r in rows if r["solver"] == solver and not r.get("reference"))
-        ax.plot(*zip(*pts), "o-", label=solver)
+    for name in dict.fromkeys(r[group] for r in rows if not r.get("reference")):
+        pts = sorted((r[x], r["frechet"]) for r in rows if r[group] == name and not r.get("reference"))
+        ax.plot(*zip(*pts), "o-", label=name)
     for r in rows:
         if r.get("reference"):
             ax.axhline(r["frechet"], color="gray", ls="--", label=f"reference {r['solver']} {r['steps']} steps")
@@ -137,6 +164,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     g.add_argument("--scales", default="1,1.5,2,3,5")
     g.add_argument("--solver", default=DEFAULT_SOLVER)
     g.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    f = sub.add_parser("fewstep", help="1-RF vs reflowed vs distilled: quality at 1-8 NFE and straightness")
+    f.add_argument("--checkpoints", required=True, help="comma-separated: the 1-rectified flow first, then its descendants")
+    f.add_argument("--nfe", default="1,2,4,8", help="Euler NFE budgets per model")
+    f.add_argument("--n-straightness", type=int, default=200, help="noise samples for the straightness (multiple of 10)")
+    for name, value in (("--classifier", CLASSIFIER_PATH), ("--data-root", "data"), ("--out-dir", "benchmarks")):
+        f.add_argument(name, default=value)
+    for name, value in (("--n", 1000), ("--seed", 0), ("--batch-size", 500)):
+        f.add_argument(name, type=int, default=value)
+    f.add_argument("--device", default="auto", help=DEVICE_HELP)
     args, rest = p.parse_known_args(argv)
     if rest and args.command != "train-speed":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -158,6 +194,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows[-1]["reference"] = True
         plot(rows, "nfe", Path(args.out_dir) / "nfe_vs_frechet.png", f"N={args.n} per setting")
         out = Path(args.out_dir) / "nfe.json"
+    elif args.command == "fewstep":
+        rows = few_step_rows(args)
+        plot(rows, "nfe", Path(args.out_dir) / "fewstep.png", f"N={args.n} per setting", group="kind")
+        out = Path(args.out_dir) / "fewstep.json"
     else:
         settings = [dict(solver=args.solver, steps=args.steps, guidance=float(w)) for w in args.scales.split(",")]
         rows = quality_rows(args, settings)

@@ -29,7 +29,10 @@ from data import DataError, ImageFolder, TensorImages, load_mnist
 from device import resolve_device
 from fid import (EXTRACTOR, STATS_DIR, frechet_distance, frechet_from_stats, gaussian_stats, inception_features,
                  real_files, real_stats, to_uint8)
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, check_guidance, sample_model
+from flow import guided_velocity
+from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, check_guidance, make_noise,
+                      recommended_sampler, sample_model)
+from solvers import SOLVERS, Velocity, solve
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
 # MNIST test digits 0-1999 are training's validation set (mnist_train.py --val-size 2000), which picks the best
@@ -136,6 +139,34 @@ def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorIma
             "frechet": frechet_distance(fake_feats, real_feats), "floor": frechet_distance(other_feats, real_feats)}
 
 
+@torch.no_grad()
+def straightness(v: Velocity, noise: torch.Tensor, steps: int = 64, few: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
+    """How straight the sampling paths are, from noise (N, C, H, W) at t=0 along v's own Euler path of `steps` steps.
+
+    straightness: Liu et al.'s S = E_t ||(X1 - X0) - v(X_t, t)||^2 (per pixel), 0 for exactly straight paths;
+    distance[k]: RMS pixel distance (in [-1, 1] units) of the k-step Euler sample from that path's end.
+    """
+    ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).to(noise.device, noise.dtype)
+    x, velocities = noise, []
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        velocities.append(v(t, x))
+        x = x + (t_next - t) * velocities[-1]
+    chord = x - noise
+    s = torch.stack([(chord - vt).square().flatten(1).mean(1) for vt in velocities]).mean()
+    distance = {k: (solve(v, noise, "euler", k)[0].clamp(-1, 1) - x.clamp(-1, 1)).square().mean().sqrt().item()
+                for k in few}
+    return {"straightness": s.item(), "reference_steps": steps, "distance": distance, "n": len(noise)}
+
+
+def straightness_of(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    """`evaluate.py straightness`: class-balanced seeded noise through the (guided) velocity the model samples with."""
+    cfg = model.config
+    labels = balanced_labels(args.n, cfg.num_classes).to(device) if cfg.num_classes is not None else None
+    noise = make_noise(args.n, (cfg.in_channels, cfg.image_size, cfg.image_size), args.seed, device)
+    return {**straightness(guided_velocity(model, labels, args.guidance), noise), "guidance": args.guidance,
+            "seed": args.seed, "weights": args.weights, "checkpoint": str(args.checkpoint)}
+
+
 def inception_scores(fake: torch.Tensor, real: torch.Tensor, weights: str | None = None, batch_size: int = 100) -> dict:
     """Inception FID (and KID) through torchmetrics between image sets (N, 3, H, W) in [0, 1]."""
     try:
@@ -216,13 +247,17 @@ def main(argv: list[str] | None = None) -> dict:
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--out", default=CLASSIFIER_PATH)
     for name, helptext in (("mnist", "accuracy + Fréchet distance of a class-conditional MNIST checkpoint"),
-                           ("fid", "Inception FID/KID of an image-folder checkpoint against real images")):
+                           ("fid", "Inception FID/KID of an image-folder checkpoint against real images"),
+                           ("straightness", "how straight a checkpoint's sampling paths are (reflow's measure)")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--checkpoint", required=True)
-        s.add_argument("--n", type=int, default=1000, help="generated (and real) images")
-        s.add_argument("--solver", default=DEFAULT_SOLVER)
-        s.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-        s.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale w (1 = none)")
+        s.add_argument("--n", type=int, default=1000 if name != "straightness" else 200,
+                       help="generated (and real) images" if name != "straightness" else "noise samples")
+        s.add_argument("--solver", default=None, choices=SOLVERS,
+                       help=f"default: the checkpoint's recommended sampler, else {DEFAULT_SOLVER}")
+        s.add_argument("--steps", type=int, default=None, help=f"default: as --solver, else {DEFAULT_STEPS}")
+        s.add_argument("--guidance", type=float, default=None,
+                       help=f"guidance scale w, 1 = none (default: as --solver, else {DEFAULT_GUIDANCE})")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="sample with the EMA or raw weights")
         s.add_argument("--batch-size", type=int, default=500)
@@ -249,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "caches nothing: drop one of the two")
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
+    recommended = recommended_sampler(ckpt)  # a one-step model is measured in one step unless asked otherwise
+    args.solver, args.steps, args.guidance = (given if given is not None else default for given, default
+                                              in zip((args.solver, args.steps, args.guidance), recommended))
     check_guidance(ckpt, args.guidance)
     model = model_from_checkpoint(ckpt, use_ema=args.weights == "ema").to(device)
     if args.command == "mnist":
@@ -259,6 +297,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']} per image  "
               f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
               f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  classifier accuracy {accuracy:.2%}")
+    elif args.command == "straightness":
+        result = straightness_of(model, args, device)
+        print(f"N={args.n}  guidance {args.guidance}  straightness {result['straightness']:.4f} along "
+              f"{result['reference_steps']}-step Euler paths; RMS distance of k-step samples from them: "
+              + ", ".join(f"k={k}: {d:.4f}" for k, d in result["distance"].items()))
     else:
         result = inception_fid(model, args, device)
         kid = f"  KID {result['kid']:.4f} ± {result['kid_std']:.4f}" if "kid" in result else ""
@@ -266,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"per image, guidance {args.guidance}, seed {args.seed}) vs {result['n_real']} real images of "
               f"{args.real_dir}  Inception FID {result['fid']:.2f}{kid}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
 

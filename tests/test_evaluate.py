@@ -6,7 +6,7 @@ import torch
 
 import benchmark
 import evaluate
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, load_checkpoint
 from data import TensorImages, load_mnist
 from evaluate import (EVAL_START, MnistClassifier, frechet_distance, frechet_from_stats, inception_scores,
                       load_classifier, mnist_quality, predict, tensors, train_classifier)
@@ -97,6 +97,31 @@ def test_benchmark_nfe_and_guidance_write_json_and_png(classifier, tiny_mnist_ch
     data = json.loads((tmp_path / "guidance.json").read_text())
     assert [(r["guidance"], r["nfe"]) for r in data["rows"]] == [(1.0, 4), (3.0, 8)]  # midpoint, 2 steps; guided: x2
     assert (tmp_path / "guidance.png").stat().st_size > 1000
+
+
+def test_benchmark_fewstep_compares_models_at_equal_nfe_and_their_own_sampler(classifier, tiny_mnist_checkpoint, tmp_path):
+    from checkpoint import save_checkpoint
+
+    clf, _, root = classifier
+    one_step = tmp_path / "d1.pth"  # the same weights posing as a distilled model that samples in one Euler step
+    save_checkpoint(one_step, {**load_checkpoint(tiny_mnist_checkpoint), "kind": "distilled-1",
+                               "sampler": {"solver": "euler", "steps": 1, "guidance": 1.0}})
+    rows = benchmark.main(["fewstep", "--checkpoints", f"{tiny_mnist_checkpoint},{one_step}", "--classifier", str(clf),
+                           "--data-root", str(root), "--n", "20", "--nfe", "1,2", "--n-straightness", "10",
+                           "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert [(r["kind"], r["solver"], r["nfe"], r["recommended"]) for r in rows] == [
+        ("1-rectified", "euler", 1, False), ("1-rectified", "euler", 2, False), ("1-rectified", "midpoint", 8, True),
+        ("distilled-1", "euler", 1, True), ("distilled-1", "euler", 2, False)]
+    assert rows[0]["straightness"] == rows[3]["straightness"] > 0  # the same weights, the same paths
+    assert (tmp_path / "fewstep.png").stat().st_size > 1000 and json.loads((tmp_path / "fewstep.json").read_text())["rows"]
+
+
+def test_evaluate_straightness_uses_the_recommended_guidance_and_writes_json(tiny_mnist_checkpoint, tmp_path):
+    result = evaluate.main(["straightness", "--checkpoint", str(tiny_mnist_checkpoint), "--n", "10", "--device", "cpu",
+                            "--json", str(tmp_path / "out" / "s.json")])
+    stored = json.loads((tmp_path / "out" / "s.json").read_text())
+    assert stored["straightness"] == result["straightness"] > 0 and stored["guidance"] == 1.0
+    assert set(stored["distance"]) == {"1", "2", "4", "8"} and stored["reference_steps"] == 64
 
 
 def test_train_speed_reports_images_per_second(tmp_path):

@@ -146,3 +146,16 @@ def test_distill_needs_the_reflowed_model_and_pairs_need_a_flow(parent, tmp_path
     os.remove(tmp_path / "pairs" / "shard_00001.pt")
     with pytest.raises(ValueError, match="1 of 3 shards missing"):
         reflow.main(["train", "--pairs", str(tmp_path / "pairs"), *STAGE_FLAGS])
+
+
+def test_straightness_is_zero_for_straight_paths_and_positive_for_curved_ones():
+    from evaluate import straightness
+
+    noise = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    target = torch.rand(8, 1, 2, 2)
+    straight = straightness(lambda t, x: target - noise, noise, steps=16)  # x1 - x0 constant along every path
+    assert straight["straightness"] < 1e-12 and all(d < 1e-6 for d in straight["distance"].values())
+    rotate = lambda t, x: torch.stack([-x[:, :, 1], x[:, :, 0]], dim=2)  # noqa: E731 - circles: as curved as it gets
+    curved = straightness(rotate, noise, steps=16)
+    assert curved["straightness"] > 0.05
+    assert curved["distance"][1] > curved["distance"][2] > curved["distance"][8]  # more steps follow the curve better

@@ -16,14 +16,17 @@ def resolved(amp: str, layout: str, where: torch.device) -> tuple[str, bool]:
     return mode, resolve_channels_last(layout, where, mode)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_amp_follows_the_cpu(monkeypatch, amx):
-    monkeypatch.setattr(device, "cpu_has_amx", lambda: amx)
-    # bf16 only where AMX makes it faster; bf16 GroupNorm is slow in NHWC on the CPU, so auto runs bf16 in NCHW
-    assert resolved("auto", "auto", CPU) == (("bf16", False) if amx else ("none", True))
+@pytest.mark.parametrize("isa,expected", [("AMX", ("bf16", False)), ("AVX-512", ("none", True)), ("AVX2", ("none", False))])
+def test_auto_follows_the_cpu_class(monkeypatch, isa, expected):
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: isa == "AMX")
+    monkeypatch.setattr(device, "cpu_class", lambda: isa)
+    # bf16 only where AMX makes it faster, and then NCHW (bf16 GroupNorm is slow in NHWC); fp32 in NHWC where
+    # AVX-512 makes it faster, NCHW on AVX2 where it is not
+    assert resolved("auto", "auto", CPU) == expected
 
 
-def test_explicit_choices_on_the_cpu():
+def test_explicit_choices_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(device, "cpu_class", lambda: "AVX-512")
     assert resolved("fp16", "auto", CPU) == ("none", True)  # fp16 autocast is a no-op on the CPU
     assert resolved("bf16", "auto", CPU) == ("bf16", False)
     assert resolved("none", "off", CPU) == ("none", False)
@@ -58,5 +61,5 @@ def test_bf16_training_step_on_the_cpu(tmp_path):
     assert all(p.dtype == torch.float32 for p in parts.model.parameters())  # master weights stay fp32
     assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
     assert all(p.is_contiguous() for p in parts.model.parameters() if p.dim() == 4)  # NCHW, not channels_last
-    fp32 = build(tiny_config(tmp_path, amp="none"), TINY, Runtime(CPU))
-    assert not all(p.is_contiguous() for p in fp32.model.parameters() if p.dim() == 4)  # fp32 keeps channels_last
+    nhwc = build(tiny_config(tmp_path, amp="none", channels_last="on"), TINY, Runtime(CPU))
+    assert not all(p.is_contiguous() for p in nhwc.model.parameters() if p.dim() == 4)  # --channels-last on is NHWC
