@@ -116,8 +116,8 @@ def draw_pairs(args: argparse.Namespace) -> dict:
             x, nfe = generate(model, noise[i:i + args.batch_size].to(device), y, args.solver, args.steps, args.guidance)
             images.append(x.cpu())
         x1 = ((torch.cat(images) + 1) * 127.5).round().to(torch.uint8)  # like the data: 8-bit pixels
-        save_checkpoint(shard_path(out_dir, j), {"first": first, "x0": noise.half(), "x1": x1,
-                                                 "y": labels if labels is not None else torch.zeros(last - first, dtype=torch.long)})
+        y = labels if labels is not None else torch.zeros(last - first, dtype=torch.long)
+        save_checkpoint(shard_path(out_dir, j), {"first": first, "x0": noise.half(), "x1": x1, "y": y})
         drawn += last - first
         print(f"rank {rank}: shard {j} ({first}-{last - 1}) written", flush=True)
     seconds = time.perf_counter() - start_time

@@ -104,23 +104,28 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
 def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     """Reject settings that would fail later (deep inside torch) or silently do nothing; world = processes."""
     choices = {"t_schedule": T_SCHEDULES, "lr_schedule": LR_SCHEDULES, "amp": ("none", "bf16", "fp16", "auto"),
                "channels_last": ("on", "off", "auto"), "parallel": ("auto", "dp", "none")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0, "t_grid": 0,
-                "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0}
+            raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
+                "t_grid": 0, "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+            raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     for name in ("ema_decay", "label_dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
-            raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}")
+            raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes (one batch share each)")
 
@@ -233,8 +238,9 @@ def restore(parts: Parts, ckpt: dict) -> None:
 def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int, t_points: int, conditional: bool) -> float:
     """Mean flow-matching loss on held-out data with fixed noise and a fixed t grid: comparable across epochs.
 
-    Items are (x1, y) or reflow pairs (x1, y, x0). Under DDP each rank takes a contiguous share and the sums are all-reduced; noise depends only on
-    the sample's index, so the value does not depend on the number of processes or the batch size.
+    Items are (x1, y) or reflow pairs (x1, y, x0). Under DDP each rank takes a contiguous share and the sums
+    are all-reduced; noise depends only on the sample's index, so the value does not depend on the number
+    of processes or the batch size.
     """
     start, stop = len(data) * rt.rank // rt.world, len(data) * (rt.rank + 1) // rt.world
     ts = (torch.arange(t_points) + 0.5) / t_points

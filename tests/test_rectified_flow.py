@@ -96,8 +96,9 @@ def test_weights_saved_with_wrapper_prefixes_resume_and_sample(tmp_path):
 
     train(tiny_config(tmp_path / "a", epochs=1, parallel="dp"), TINY, blobs(), None)  # the DataParallel path runs
     ckpt = load_checkpoint(tmp_path / "a" / "ck" / "last.pth")
+    ema = {f"_orig_mod.{k}": v for k, v in ckpt["ema_state"]["weights"].items()}
     prefixed = dict(ckpt, model_state={f"module.{k}": v for k, v in ckpt["model_state"].items()},
-                    ema_state=dict(ckpt["ema_state"], weights={f"_orig_mod.{k}": v for k, v in ckpt["ema_state"]["weights"].items()}))
+                    ema_state=dict(ckpt["ema_state"], weights=ema))
     save_checkpoint(tmp_path / "b" / "ck" / "last.pth", prefixed)
     resumed = train(tiny_config(tmp_path / "b", epochs=1, resume="auto"), TINY, blobs(), None)
     assert resumed["step"] == 6  # nothing left to train: the prefixed weights were loaded as they are

@@ -240,7 +240,8 @@ def test_ddp_keeps_ranks_in_step_validates_on_all_and_logs_the_global_loss(tmp_p
     assert result.stdout.count("epoch 2/2  step 12") == 1  # rank 0 prints, rank 1 does not
     single = model_from_checkpoint(ckpt, use_ema=False)
     assert all(torch.equal(single.state_dict()[k], r0["weights"][k]) for k in r0["weights"])
-    val = validation_loss(model_from_checkpoint(ckpt), blobs(24, seed=1), Runtime(CPU), 5, ckpt["train_config"]["val_t_points"], True)
+    t_points = ckpt["train_config"]["val_t_points"]
+    val = validation_loss(model_from_checkpoint(ckpt), blobs(24, seed=1), Runtime(CPU), 5, t_points, True)
     assert ckpt["val_loss"] == pytest.approx(val, rel=1e-5)  # sharded over ranks = one process
 
 
@@ -249,7 +250,11 @@ def test_checkpoints_are_synced_to_disk_before_and_after_the_rename(tmp_path, mo
 
     events = []
     fsync, replace_ = os.fsync, os.replace
-    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))[1])
+    def spy(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", spy)
     monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (events.append(("replace", str(b))), replace_(a, b))[1])
     checkpoint.save_checkpoint(tmp_path / "a.pth", {"model_state": {}})
     kinds = [kind for kind, _ in events]
