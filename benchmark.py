@@ -117,16 +117,28 @@ def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r[group] for r in rows if not r.get("reference")):
-        pts = sorted((r[x], r["frechet"]) for r in rows if r[group] == name and not r.get("reference"))
-        ax.plot(*zip(*pts), "o-", label=name)
+        own = [r for r in rows if r[group] == name and not r.get("reference")]
+        line = [r for r in own if r["solver"] == own[0]["solver"]]  # a model's other sampler is a marker, not a line point
+        (drawn,) = ax.plot(*zip(*sorted((r[x], r["frechet"]) for r in line)), "o-", label=name)
+        for r in own:
+            if r not in line:
+                ax.plot(r[x], r["frechet"], "*", ms=12, color=drawn.get_color(),
+                        label=f"{name}: {r['solver']} {r['steps']} steps")
     for r in rows:
         if r.get("reference"):
             ax.axhline(r["frechet"], color="gray", ls="--", label=f"reference {r['solver']} {r['steps']} steps")
     ax.axhline(rows[0]["floor"], color="black", ls=":", label="real vs real floor")
     if x == "nfe":
         ax.set(xscale="log", yscale="log")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers (1, 2, 4, 8), not powers of ten
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_xticks([2**i for i in range(int(max(r[x] for r in rows)).bit_length())])
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax.set(xlabel="NFE (network evaluations per image)" if x == "nfe" else "guidance scale w",
            ylabel="Fréchet distance (MNIST-CNN features)", title=title)
     ax.legend(fontsize=8)
