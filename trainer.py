@@ -59,7 +59,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic cuDNN kernels, no TF32 (slower); off = cudnn.benchmark + TF32
     out_dir: str = "checkpoints"  # epoch_N.pth, last.pth, log.jsonl, loss.png, config.json
-    checkpoint: str = "{out_dir}/best.pth"  # copy of the epoch with the lowest validation loss
+    checkpoint: str = "{out_dir}/best.pth"  # copy of the epoch chosen by --select-by
+    select_by: str = "val-loss"  # which epoch the checkpoint holds: val-loss (the lowest) | last
     sample_dir: str = "{out_dir}/samples"  # one sample grid PNG per epoch
     resume: str = ""  # checkpoint to resume from, or "auto" for OUT_DIR/last.pth
     init_from: str = ""  # start from this checkpoint's EMA weights (same model config) instead of random ones
@@ -112,7 +113,7 @@ def flag(name: str) -> str:
 def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     """Reject settings that would fail later (deep inside torch) or silently do nothing; world = processes."""
     choices = {"t_schedule": T_SCHEDULES, "lr_schedule": LR_SCHEDULES, "amp": ("none", "bf16", "fp16", "auto"),
-               "channels_last": ("on", "off", "auto"), "parallel": ("auto", "dp", "none")}
+               "channels_last": ("on", "off", "auto"), "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -514,7 +515,7 @@ class Trainer:
             epoch_path = self.out_dir / f"epoch_{self.epoch}.pth"
             save_checkpoint(epoch_path, self.state(val))
             publish(epoch_path, self.out_dir / "last.pth")
-            if improved:
+            if improved or cfg.select_by == "last":
                 publish(epoch_path, self.best_path)
             if cfg.keep_last:
                 (self.out_dir / f"epoch_{self.epoch - cfg.keep_last}.pth").unlink(missing_ok=True)

@@ -127,6 +127,14 @@ def test_max_steps_mid_epoch_names_only_files_that_exist(tmp_path):
     assert not (tmp_path / "best.pth").exists()
 
 
+@pytest.mark.parametrize("select_by,epoch", [("val-loss", 1), ("last", 2)])
+def test_select_by_picks_the_published_epoch(select_by, epoch, tmp_path, monkeypatch):
+    losses = iter([0.5, 0.7])  # epoch 2 validates worse
+    monkeypatch.setattr(trainer, "validation_loss", lambda *a, **k: next(losses))
+    summary = train(tiny_config(tmp_path, select_by=select_by), TINY, blobs(), blobs(32, seed=1))
+    assert load_checkpoint(tmp_path / "best.pth")["epoch"] == epoch and summary["best_val_loss"] == 0.5
+
+
 @pytest.mark.parametrize("capability,expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_auto_amp_on_cuda_uses_bf16_only_where_it_is_native(monkeypatch, capability, expected):
     from device import resolve_amp
