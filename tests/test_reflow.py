@@ -46,21 +46,13 @@ def test_pairs_are_class_balanced_and_recorded(parent, tmp_path):
     torch.testing.assert_close(x0.float(), make_noise(32, (1, 8, 8), 0 + 32, "cpu"), atol=2e-3, rtol=1e-3)  # seed + i
     manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
     assert manifest["parent_sha256"] == reflow.sha256(parent) and manifest["solver"] == "euler"
-    assert (manifest["steps"], manifest["seed"], manifest["count"]) == (2, 0, 96)
-    assert manifest["guidance"] == reflow.BAKED_GUIDANCE  # the default for a guidable class-conditional parent
+    assert (manifest["steps"], manifest["guidance"], manifest["seed"], manifest["count"]) == (2, 1.0, 0, 96)
 
 
-def test_pairs_default_to_the_parents_sampler_and_bake_guidance_only_once(parent, tmp_path):
+def test_pairs_default_to_the_parents_recommended_sampler(parent, tmp_path):
     flags = [f for f in PAIR_FLAGS if f not in ("--solver", "euler", "--steps", "2")]
     result = reflow.main(["pairs", "--checkpoint", str(parent), "--out-dir", str(tmp_path / "p"), *flags])
-    assert (result["solver"], result["steps"], result["nfe"]) == ("midpoint", 4, 16)  # guided: 2 passes per evaluation
-    ckpt = load_checkpoint(parent)
-    assert reflow.pair_guidance(ckpt) == reflow.BAKED_GUIDANCE
-    assert reflow.pair_guidance({**ckpt, "train_config": {"label_dropout": 0.0}}) == 1.0  # null label never trained
-    assert reflow.pair_guidance({**ckpt, "lineage": {"pairs": {"guidance": 1.5}}}) == 1.0  # already baked into it
-    assert reflow.pair_guidance({**ckpt, "lineage": {"pairs": {"guidance": 1.0}}}) == reflow.BAKED_GUIDANCE
-    unconditional = {**ckpt, "model_config": {**ckpt["model_config"], "num_classes": None}}
-    assert reflow.pair_guidance(unconditional) == 1.0
+    assert (result["solver"], result["steps"], result["guidance"], result["nfe"]) == ("midpoint", 4, 1.0, 8)
 
 
 def test_a_crash_loses_at_most_one_shard_and_the_rerun_finishes_the_rest(parent, tmp_path, monkeypatch):
