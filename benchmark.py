@@ -116,7 +116,6 @@ def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4))

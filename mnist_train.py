@@ -41,7 +41,7 @@ DEFAULTS = [
 
 PRESETS = {
     # ~0.72M parameters, narrow at 28x28 and wide at 7x7, 2 epochs with the LR decaying to 0: of the sizes, batches
-    # and schedules measured on 2 AVX2 cores, the one that reaches 95% class accuracy in <= 15 minutes (README).
+    # and schedules tried, the one that reaches 95% class accuracy within ~15 minutes on 2 AVX2 cores (README).
     "cpu": dict(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0,
                 epochs=2, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", val_t_points=4,
                 amp="auto"),
