@@ -284,9 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "caches nothing: drop one of the two")
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    recommended = recommended_sampler(ckpt)  # a one-step model is measured in one step unless asked otherwise
-    args.solver, args.steps, args.guidance = (given if given is not None else default for given, default
-                                              in zip((args.solver, args.steps, args.guidance), recommended))
+    # a one-step model is measured in one step unless asked otherwise
+    args.solver, args.steps, args.guidance = recommended_sampler(ckpt, args.solver, args.steps, args.guidance)
     check_guidance(ckpt, args.guidance)
     model = model_from_checkpoint(ckpt, use_ema=args.weights == "ema").to(device)
     if args.command == "mnist":

@@ -90,9 +90,7 @@ def draw_pairs(args: argparse.Namespace) -> dict:
     if args.count < 1 or args.shard_size < 1:
         raise ValueError("--count and --shard-size must be >= 1")
     ckpt = load_checkpoint(args.checkpoint)
-    solver, steps, _ = recommended_sampler(ckpt)
-    args.solver = solver if args.solver is None else args.solver
-    args.steps = steps if args.steps is None else args.steps
+    args.solver, args.steps, _ = recommended_sampler(ckpt, args.solver, args.steps)
     check_request(args.count, args.batch_size, args.solver, args.steps)
     check_guidance(ckpt, args.guidance)
     order = rectified_order(ckpt.get("kind"))

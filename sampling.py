@@ -65,11 +65,14 @@ def check_guidance(ckpt: dict, guidance: float) -> None:
             "or train with --label-dropout 0.1 to use guidance")
 
 
-def recommended_sampler(ckpt: dict) -> tuple[str, int, float]:
-    """(solver, steps, guidance) a checkpoint asks to be sampled with: reflow stages record theirs; else the defaults."""
+def recommended_sampler(ckpt: dict, solver: str | None = None, steps: int | None = None,
+                        guidance: float | None = None) -> tuple[str, int, float]:
+    """(solver, steps, guidance) to sample ckpt with: the caller's choices, else those the checkpoint records
+    (reflow stages record theirs), else the defaults."""
     sampler = ckpt.get("sampler") or {}
-    return (sampler.get("solver", DEFAULT_SOLVER), sampler.get("steps", DEFAULT_STEPS),
-            sampler.get("guidance", DEFAULT_GUIDANCE))
+    return (sampler.get("solver", DEFAULT_SOLVER) if solver is None else solver,
+            sampler.get("steps", DEFAULT_STEPS) if steps is None else steps,
+            sampler.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance)
 
 
 def check_labels(labels: torch.Tensor | None, num_classes: int | None) -> None:
@@ -172,8 +175,7 @@ def sample_checkpoint(
     n = len(labels) if labels is not None else batch_size
     check_request(n, batch_size, DEFAULT_SOLVER if solver is None else solver, DEFAULT_STEPS if steps is None else steps)
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
-    solver, steps, guidance = (given if given is not None else default
-                               for given, default in zip((solver, steps, guidance), recommended_sampler(ckpt)))
+    solver, steps, guidance = recommended_sampler(ckpt, solver, steps, guidance)
     check_request(n, batch_size, solver, steps)
     check_guidance(ckpt, guidance)
     model = model_from_checkpoint(ckpt, use_ema).to(device)
