@@ -27,7 +27,7 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
-from device import Runtime, configure_backends, cpu_class, cpu_name, resolve_device
+from device import Runtime, configure_backends, cpu_class, cpu_name, keep_freed_memory, resolve_device
 from evaluate import CLASSIFIER_PATH, balanced_labels, fid_quality, load_classifier, mnist_quality, straightness
 from fid import (STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, inception_features, real_features, real_files,
                  real_stats, to_uint8)
@@ -222,6 +222,7 @@ def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    keep_freed_memory()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("train-speed", help="images/s of the training step")

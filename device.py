@@ -4,11 +4,30 @@
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed tensors for reuse instead of returning them to the OS (Linux; elsewhere nothing).
+
+    glibc serves blocks over 32 MB with mmap and unmaps them on free, so every batch of a large
+    sampling or Inception pass page-faults its activations in afresh: on 2 AVX-512 cores, sampling
+    500 CIFAR-sized images spent 6.2 of 13.3 CPU-seconds in the kernel (13.6 s wall); with mmap off
+    and trimming at 2 GB, 0.4 of 7.5 (7.6 s wall). Memory stays at its peak instead.
+    """
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "mallopt"):  # musl has no mallopt
+        m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def mps_available() -> bool:

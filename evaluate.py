@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, ImageFolder, TensorImages, load_mnist
-from device import resolve_device
+from device import keep_freed_memory, resolve_device
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
                  inception_features, real_files, real_stats, to_uint8)
 from flow import guided_velocity
@@ -248,6 +248,7 @@ def inception_fid(model: nn.Module, args: argparse.Namespace, device: torch.devi
 
 
 def main(argv: list[str] | None = None) -> dict:
+    keep_freed_memory()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-classifier", help="train the MNIST CNN used by the metrics (training set only)")

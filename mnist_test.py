@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint
+from device import keep_freed_memory
 from sampling import DEVICE_HELP, sample_checkpoint
 from solvers import SOLVERS
 
@@ -35,6 +36,7 @@ def parse_digits(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth", help="checkpoint written by mnist_train.py")
     p.add_argument("--solver", default=None, choices=SOLVERS,

@@ -23,6 +23,7 @@ import torch
 from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, image_folder_splits, load_celeba
+from device import keep_freed_memory
 from sampling import sample_from_checkpoint  # re-exported for notebooks: the seed's import path
 from trainer import TrainConfig, check_train_config, train
 from unet import UNetConfig, check_config
@@ -52,9 +53,10 @@ DEFAULTS = [
 PRESETS = {
     "celeba128": {},  # the seed's setting: 128 px
     "celeba64": dict(image_size=64, attention_resolutions=(16, 8), batch_size=128, lr=1e-4),
-    # try-it-out size for CPUs / CIFAR-like folders
+    # try-it-out size for CPUs / CIFAR-like folders: 10,000 photos x 20 epochs = 44 min on 2 AVX-512 cores (README)
     "small32": dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
-                    batch_size=64, lr=2e-4, warmup_steps=200, num_workers=2, amp="auto"),
+                    dropout=0.0, epochs=20, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200,
+                    num_workers=2, amp="auto"),
 }
 
 
@@ -65,6 +67,7 @@ def default_preset() -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, build the data sets, run the shared training loop."""
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     check_train_config(cfg)  # impossible settings fail here, before any data is read

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from checkpoint import CheckpointError, load_checkpoint, model_config_from, model_from_checkpoint, save_checkpoint
 from cli import parse_configs
-from device import resolve_device
+from device import keep_freed_memory, resolve_device
 from flow import generate
 from sampling import DEVICE_HELP, check_guidance, check_request, make_noise, recommended_sampler
 from solvers import SOLVERS
@@ -217,6 +217,7 @@ def stage(command: str, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("train", "distill"):
         return stage(argv[0], argv[1:])

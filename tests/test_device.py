@@ -1,4 +1,8 @@
 """--device: auto picks CUDA, then Apple MPS, then the CPU; an absent device is a clear error (availability faked)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,3 +36,29 @@ def test_a_gpu_index_beyond_the_visible_ones_is_refused(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="only 1 CUDA GPU"):
         resolve_device("cuda:1")
+
+
+FAULTS = """
+import resource, sys, torch
+from device import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+for _ in range(5):  # 64 MB, allocated and freed until the allocator's arenas settle
+    torch.ones(2**24).sum()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(2**24).sum()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_stops_large_tensors_page_faulting_on_every_reuse():
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent.parent)
+        return int(out.stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 5 * 16_000  # each 64 MB tensor faults its 16,384 pages in again
+    assert kept < 2_000
