@@ -83,10 +83,21 @@ def main(argv: list[str] | None = None) -> dict:
     if val_set is not None and len(val_set) > data_cfg.val_size:
         val_set = torch.utils.data.Subset(val_set, range(data_cfg.val_size))
     summary = train(cfg, model_cfg, train_set, val_set, class_names,
-                    extra={"dataset": data_cfg.dataset, "data_root": data_cfg.data_root, "preset": preset})
+                    extra={"dataset": data_cfg.dataset, "data_root": data_cfg.data_root, "preset": preset,
+                           "sampler": folder_sampler(model_cfg, cfg)})
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary
+
+
+def folder_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> dict:
+    """The sampler photo checkpoints record: Euler, 8 steps, w = 2 where guidance exists (else 1).
+
+    Chosen by Inception FID on CIFAR-10 (README, Colour photos): Euler 8 gave 69.4 unguided against
+    70.8 for midpoint 4 at the same 8 NFE, and more accurate solvers score worse; w = 2 gave 65.4.
+    """
+    guided = model_cfg.num_classes is not None and cfg.label_dropout > 0
+    return {"solver": "euler", "steps": 8, "guidance": 2.0 if guided else 1.0}
 
 
 def check_data_flags(data_cfg: FolderData, model_cfg: UNetConfig) -> None:

@@ -28,7 +28,7 @@ from checkpoint import (CheckpointError, clean_state_dict, ema_weights, load_che
 from device import Runtime, configure_backends, resolve_amp, resolve_channels_last, resolve_compile, setup_runtime
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
-from sampling import make_noise, sample_model, save_grid
+from sampling import make_noise, recommended_sampler, sample_model, save_grid
 from unet import ConditionalUNet, UNetConfig
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -531,8 +531,9 @@ class Trainer:
         """SAMPLE_DIR/epoch_N.png from the EMA weights: one row per class (up to 10), or 64 images."""
         classes = self.model_cfg.num_classes
         labels = torch.arange(min(classes, 10)).repeat_interleave(10) if self.conditional else None
-        samples = sample_model(self.parts.ema.model, len(labels) if labels is not None else 64, labels, seed=0,
-                               device=self.rt.device)
+        solver, steps, guidance = recommended_sampler(self.extra)  # what users of the checkpoint will get
+        samples = sample_model(self.parts.ema.model, len(labels) if labels is not None else 64, labels, solver, steps,
+                               guidance, seed=0, device=self.rt.device)
         save_grid(samples.images, self.sample_dir / f"epoch_{self.epoch}.png", samples.labels, self.class_names)
 
 
