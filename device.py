@@ -20,7 +20,7 @@ def keep_freed_memory() -> None:
     glibc serves blocks over 32 MB with mmap and unmaps them on free, so every batch of a large
     sampling or Inception pass page-faults its activations in afresh: on 2 AVX-512 cores, sampling
     500 CIFAR-sized images spent 6.2 of 13.3 CPU-seconds in the kernel (13.6 s wall); with mmap off
-    and trimming at 2 GB, 0.4 of 7.5 (7.6 s wall). Memory stays at its peak instead.
+    and trimming at 2 GB, 0.5 of 7.9 (8.0 s wall). Memory stays at its peak instead.
     """
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     libc = ctypes.CDLL(name) if name else None
