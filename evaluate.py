@@ -228,6 +228,7 @@ def inception_fid(model: nn.Module, args: argparse.Namespace, device: torch.devi
     cfg, n_real = model.config, args.n_real or args.n
     if args.n < 2:
         raise ValueError(f"--n {args.n}: the FID fits a covariance to the generated images, so it needs at least 2")
+    # n must split evenly over the classes: refused here, before the real side's minutes of Inception
     labels = balanced_labels(args.n, cfg.num_classes) if cfg.num_classes is not None else None
     if args.inception_weights:  # torchmetrics + torch-fidelity's file: FID and KID, real features computed every time
         real = real_images(args.real_dir, cfg.image_size, n_real)

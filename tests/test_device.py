@@ -43,22 +43,20 @@ import resource, sys, torch
 from device import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
-for _ in range(5):  # 64 MB, allocated and freed until the allocator's arenas settle
+for _ in range(10):  # a 64 MB tensor, allocated and freed: page faults of each round
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(2**24).sum()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    torch.ones(2**24).sum()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_keep_freed_memory_stops_large_tensors_page_faulting_on_every_reuse():
-    def faults(mode: str) -> int:
+    def faults(mode: str) -> list[int]:
         out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent.parent)
-        return int(out.stdout)
+        return [int(line) for line in out.stdout.split()]
 
     default, kept = faults("default"), faults("keep")
-    assert default > 5 * 16_000  # each 64 MB tensor faults its 16,384 pages in again
-    assert kept < 2_000
+    assert min(default) > 16_000  # every round faults the tensor's 16,384 pages in again
+    assert sum(f < 1_000 for f in kept) >= 5, kept  # reused once glibc's arenas have settled (a few rounds)
