@@ -28,12 +28,12 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
 from device import Runtime, configure_backends, cpu_class, cpu_name, keep_freed_memory, resolve_device
-from evaluate import CLASSIFIER_PATH, balanced_labels, fid_quality, load_classifier, mnist_quality, straightness
-from fid import (STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, inception_features, real_features, real_files,
-                 real_stats, to_uint8)
+from evaluate import (CLASSIFIER_PATH, fid_quality, generated_features, load_classifier, mnist_quality,
+                      straightness)
+from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from flow import guided_velocity
 from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, make_noise,
-                      recommended_sampler, sample_model)
+                      recommended_sampler)
 from trainer import build, train_step
 
 
@@ -171,10 +171,7 @@ def fid_sizes(args: argparse.Namespace) -> dict:
     stats = cache_stats(real, args.real_dir, model.config.image_size, args.stats_cache)
     mu, sigma = gaussian_stats(real[1::2])
     rows = [subset_fids("real", real[0::2], n, mu, sigma) for n in sizes]
-    cfg = model.config
-    labels = balanced_labels(args.n, cfg.num_classes) if cfg.num_classes is not None else None
-    samples = sample_model(model, args.n, labels, solver, steps, guidance, args.seed, args.batch_size)
-    fake = inception_features(to_uint8(samples.images), device)
+    fake, samples = generated_features(model, args.n, solver, steps, guidance, args.seed, args.batch_size)
     rows += [subset_fids("generated", fake, n, mu, sigma) for n in sizes]
     return {"real_dir": str(Path(args.real_dir).resolve()), "n_real": len(files), "real_key": stats.key,
             "reference": f"the odd-numbered half of the folder ({len(real[1::2])} images)",

@@ -30,8 +30,8 @@ from device import keep_freed_memory, resolve_device
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
                  inception_features, real_files, real_stats, to_uint8)
 from flow import guided_velocity
-from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, make_noise,
-                      recommended_sampler, sample_model)
+from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, check_guidance,
+                      make_noise, recommended_sampler, sample_model)
 from solvers import SOLVERS, Velocity, solve
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
@@ -207,16 +207,23 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(n // num_classes)
 
 
+def generated_features(model: nn.Module, n: int, solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS,
+                       guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500, rtol: float = 1e-3,
+                       atol: float = 1e-3) -> tuple[torch.Tensor, Samples]:
+    """Inception features (n, 2048) of n generated images, class-balanced for class-conditional models, and the draw."""
+    cfg = model.config
+    labels = balanced_labels(n, cfg.num_classes) if cfg.num_classes is not None else None
+    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
+    return inception_features(to_uint8(samples.images), next(model.parameters()).device), samples
+
+
 def fid_quality(model: nn.Module, real: RealStats, n: int, solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS,
                 guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500, rtol: float = 1e-3,
                 atol: float = 1e-3) -> dict:
     """Inception FID of n generated images (class-balanced for class-conditional models) against real statistics."""
-    cfg = model.config
-    labels = balanced_labels(n, cfg.num_classes) if cfg.num_classes is not None else None
-    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
-    fake = gaussian_stats(inception_features(to_uint8(samples.images), next(model.parameters()).device))
-    return {"fid": frechet_from_stats(*fake, real.mu, real.sigma), "n": n, "solver": solver, "steps": steps,
-            "nfe": samples.nfe, "guidance": guidance, "seed": seed, "seconds": samples.seconds}
+    fake, samples = generated_features(model, n, solver, steps, guidance, seed, batch_size, rtol, atol)
+    return {"fid": frechet_from_stats(*gaussian_stats(fake), real.mu, real.sigma), "n": n, "solver": solver,
+            "steps": steps, "nfe": samples.nfe, "guidance": guidance, "seed": seed, "seconds": samples.seconds}
 
 
 def inception_fid(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
