@@ -28,7 +28,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
 from device import Runtime, configure_backends, cpu_class, cpu_name, keep_freed_memory, resolve_device
-from evaluate import (CLASSIFIER_PATH, fid_quality, generated_features, load_classifier, mnist_quality,
+from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
                       straightness)
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from flow import guided_velocity
@@ -163,6 +163,8 @@ def fid_sizes(args: argparse.Namespace) -> dict:
     if sizes[0] < 2 or sizes[-1] > min(len(files) // 2, args.n):
         raise ValueError(f"--sizes must lie between 2 and {min(len(files) // 2, args.n)}: half of the "
                          f"{len(files)} real images and at most --n {args.n} generated ones")
+    if model.config.num_classes is not None:  # an --n that cannot be class-balanced fails before the Inception's minutes
+        balanced_labels(args.n, model.config.num_classes)
     start = time.perf_counter()
     real = real_features(files, args.real_dir, model.config.image_size, device)
     seconds = time.perf_counter() - start

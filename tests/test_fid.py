@@ -186,6 +186,9 @@ def test_benchmark_fid_sizes_floor_and_fid_per_setting(cifar, tmp_path):
               "--stats-cache", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "bench")]
     with pytest.raises(ValueError, match="--sizes must lie between 2 and 4"):
         benchmark.main(["fid-sizes", *common, "--n", "4", "--sizes", "2,6"])
+    with pytest.raises(ValueError, match="--n 3 is not a multiple of the checkpoint's 2 classes"):
+        benchmark.main(["fid-sizes", *common, "--n", "3", "--sizes", "2"])
+    assert not (tmp_path / "cache").exists()  # refused before any real image was read
     benchmark.main(["fid-sizes", *common, "--n", "4", "--sizes", "2,4", "--solver", "euler", "--steps", "1"])
     sizes = json.loads((tmp_path / "bench" / "fid_sizes.json").read_text())
     assert [(r["set"], r["n"], r["subsets"]) for r in sizes["rows"]] == [
