@@ -28,8 +28,8 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
 from device import Runtime, configure_backends, cpu_class, cpu_name, keep_freed_memory, resolve_device
-from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
-                      straightness)
+from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier,
+                      mnist_quality, straightness)
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from flow import guided_velocity
 from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, make_noise,
