@@ -51,6 +51,7 @@ def rk4(v: Velocity, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
 
 
 FIXED_STEP = {"euler": euler, "midpoint": midpoint, "heun": heun, "rk4": rk4}
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}  # velocity evaluations per fixed step
 ADAPTIVE = ("dopri5",)  # handed to torchdiffeq
 SOLVERS = tuple(FIXED_STEP) + ADAPTIVE
 

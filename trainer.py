@@ -23,12 +23,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
+from budget import Budget, fit_horizon
 from checkpoint import (CheckpointError, clean_state_dict, ema_weights, load_checkpoint, model_config_from, publish,
                         save_checkpoint)
 from device import Runtime, configure_backends, resolve_amp, resolve_channels_last, resolve_compile, setup_runtime
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
 from sampling import make_noise, recommended_sampler, sample_model, save_grid
+from solvers import NFE_PER_STEP
 from unet import ConditionalUNet, UNetConfig
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -69,6 +71,7 @@ class TrainConfig:
     log_every: int = 50  # steps between log.jsonl records and progress-bar updates
     val_t_points: int = 8  # validation loss averages over this fixed grid of t values
     max_steps: int = 0  # stop after this many optimizer steps in total (the LR schedule is unchanged); 0 = no limit
+    time_budget: float = 0.0  # minutes for the whole run (steps, validation, grids): replaces --epochs, the LR schedule ends where the budget does; 0 = off
 
 
 def output_path(template: str, cfg: TrainConfig) -> Path:
@@ -118,7 +121,7 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
-                "t_grid": 0, "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0}
+                "t_grid": 0, "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0, "time_budget": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")
@@ -368,8 +371,9 @@ class Trainer:
         self.loader = DataLoader(train_set, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
                                  num_workers=cfg.num_workers, pin_memory=self.rt.device.type == "cuda",
                                  persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_sigint)
-        self.schedule_steps = cfg.epochs * self.sampler.batches  # the LR schedule's horizon
-        self.total_steps = min(self.schedule_steps, cfg.max_steps) if cfg.max_steps else self.schedule_steps
+        self.budget: Budget | None = None  # set when the run starts, under --time-budget
+        self.fitted = False  # whether the horizon was fitted to --time-budget
+        self.set_horizon(cfg.epochs * self.sampler.batches)  # under a budget: until the first fit
         self.step, self.best_val, self.loss = 0, math.inf, math.nan
         self.written: list[Path] = []
 
@@ -377,6 +381,38 @@ class Trainer:
     def epoch(self) -> int:
         """Completed epochs."""
         return self.step // self.sampler.batches
+
+    @property
+    def epoch_number(self) -> int:
+        """Epochs begun: names the files of an epoch end, also of a last epoch that --time-budget cuts short."""
+        return -(-self.step // self.sampler.batches)
+
+    @property
+    def planned(self) -> str:
+        """Epochs the run will train, for progress lines: "?" until a --time-budget is fitted."""
+        return "?" if self.budget and not self.fitted else str(self.planned_epochs)
+
+    def set_horizon(self, steps: int) -> None:
+        """The LR schedule decays to 0 at `steps`, where the run ends (or earlier, at --max-steps)."""
+        self.schedule_steps = steps
+        self.total_steps = min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
+        self.planned_epochs = -(-steps // self.sampler.batches)
+
+    def refit(self) -> None:
+        """--time-budget: move the horizon to the last step that the time left allows (all ranks agree)."""
+        val_forwards = len(self.val_set) * self.cfg.val_t_points // self.rt.world if self.val_set is not None else 0
+        measured = torch.tensor(self.budget.measures(val_forwards + self.grid_forwards(), self.per_rank),
+                                dtype=torch.float64, device=self.rt.device)
+        if self.rt.ddp:
+            dist.all_reduce(measured, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+        elapsed, step_s, end_s = measured.tolist()
+        horizon = fit_horizon(self.step, elapsed, step_s, end_s, self.sampler.batches, self.budget.seconds)
+        if not self.fitted or horizon != self.schedule_steps:
+            self.say(f"time budget {self.cfg.time_budget:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
+                     f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "
+                     f"({horizon / self.sampler.batches:.2f} epochs)")
+        self.set_horizon(horizon)
+        self.fitted = True
 
     def resume(self) -> int | None:
         """Load --resume (or OUT_DIR/last.pth for auto); returns the step resumed at, or None for a fresh run."""
@@ -389,6 +425,10 @@ class Trainer:
         check_resume(ckpt, self.model_cfg, self.cfg, self.sampler.batches, self.rt.world, path)
         restore(self.parts, ckpt)
         self.step, self.best_val = ckpt["step"], ckpt.get("best_val_loss", math.inf)
+        if self.cfg.time_budget and ckpt.get("horizon_fitted"):  # finish the run as it was planned, not a new budget
+            self.set_horizon(ckpt["schedule_steps"])
+            self.fitted = True
+            self.say(f"--time-budget: keeping the resumed run's end at step {self.schedule_steps}")
         self.say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, {self.step % self.sampler.batches} "
                  "steps into the next)")
         return self.step
@@ -406,8 +446,9 @@ class Trainer:
         """The checkpoint dict: enough to resume exactly and to sample."""
         p = self.parts
         return {
-            "epoch": self.epoch, "step": self.step, "loss": self.loss, "val_loss": val, "best_val_loss": self.best_val,
+            "epoch": self.epoch_number, "step": self.step, "loss": self.loss, "val_loss": val, "best_val_loss": self.best_val,
             "steps_per_epoch": self.sampler.batches, "world_size": self.rt.world,
+            "schedule_steps": self.schedule_steps, "horizon_fitted": self.fitted,
             "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
             "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
             "model_config": asdict(self.model_cfg), "train_config": asdict(self.cfg), "class_names": self.class_names,
@@ -431,9 +472,12 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(
                 {"train": asdict(cfg), "model": asdict(self.model_cfg), **self.extra}, indent=2))
             log = open_log(self.out_dir / "log.jsonl", resumed)
+        if cfg.time_budget and not self.fitted:  # (a resumed budget run keeps its fitted end)
+            self.budget = Budget(cfg.time_budget)
         n_params = sum(p.numel() for p in self.parts.model.parameters())
         self.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {self.sampler.size} images, "
-                 f"{self.sampler.batches} steps/epoch, batch {cfg.batch_size}, until step {self.total_steps}; "
+                 f"{self.sampler.batches} steps/epoch, batch {cfg.batch_size}, "
+                 f"{f'for {cfg.time_budget:g} min' if self.budget else f'until step {self.total_steps}'}; "
                  f"autocast {self.parts.amp}, {'channels_last' if self.parts.channels_last else 'NCHW'}, "
                  f"lr {cfg.lr:g} {cfg.lr_schedule}")
         self.start_time = time.perf_counter()
@@ -444,6 +488,9 @@ class Trainer:
                     if not finished:
                         break
                     self.end_epoch(log)
+                    if self.budget:
+                        self.budget.end_done()
+                        self.refit()
                     if stop.agreed(rt):
                         self.say("Ctrl-C: stopped at an epoch end; continue with --resume auto")
                         break
@@ -466,7 +513,9 @@ class Trainer:
         loss_sum, window_start, window_sum = torch.zeros((), device=rt.device), self.step, 0.0
         last_save = time.monotonic()
         self.epoch_start = time.perf_counter()
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not rt.main, leave=False, dynamic_ncols=True)
+        if self.budget:
+            self.budget.epoch_started()
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.planned}", disable=not rt.main, leave=False, dynamic_ncols=True)
         for x, y, *pair in bar:
             x = x.to(rt.device, non_blocking=True)
             y = y.to(rt.device, non_blocking=True) if self.conditional else None
@@ -481,8 +530,10 @@ class Trainer:
                 if log:
                     log.write(json.dumps({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr}) + "\n")
                     log.flush()
-            if self.step % self.sampler.batches == 0:
-                break  # the epoch's last step: end_epoch saves
+            if self.budget and self.budget.step_done() and not self.fitted:
+                self.refit()
+            if self.step % self.sampler.batches == 0 or self.step == self.schedule_steps:
+                break  # the epoch's last step, or the run's (--time-budget): end_epoch saves
             if stop.agreed(rt) or self.step >= self.total_steps:
                 bar.close()
                 self.loss = global_mean(loss_sum, rt) / (self.step - first)
@@ -506,35 +557,45 @@ class Trainer:
         if improved:
             self.best_val = val if val is not None else self.loss
         if rt.main:
-            record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "loss": self.loss, "val_loss": val,
+            record = {"kind": "epoch", "epoch": self.epoch_number, "step": self.step, "loss": self.loss, "val_loss": val,
                       "images_per_s": self.epoch_steps * cfg.batch_size / self.epoch_seconds, "epoch_s": self.epoch_seconds,
                       "elapsed_s": time.perf_counter() - self.start_time,
                       "lr": self.parts.optimizer.param_groups[0]["lr"]}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            epoch_path = self.out_dir / f"epoch_{self.epoch}.pth"
+            epoch_path = self.out_dir / f"epoch_{self.epoch_number}.pth"
             save_checkpoint(epoch_path, self.state(val))
             publish(epoch_path, self.out_dir / "last.pth")
             if improved or cfg.select_by == "last":
                 publish(epoch_path, self.best_path)
             if cfg.keep_last:
-                (self.out_dir / f"epoch_{self.epoch - cfg.keep_last}.pth").unlink(missing_ok=True)
+                (self.out_dir / f"epoch_{self.epoch_number - cfg.keep_last}.pth").unlink(missing_ok=True)
             self.draw_grid()
             plot_losses(self.out_dir / "log.jsonl", self.out_dir / "loss.png")
             val_text = f"val {val:.4f}{' (best)' if improved else ''}  " if val is not None else ""
-            self.say(f"epoch {self.epoch}/{cfg.epochs}  step {self.step}  loss {self.loss:.4f}  {val_text}"
+            self.say(f"epoch {self.epoch_number}/{self.planned}  step {self.step}  loss {self.loss:.4f}  {val_text}"
                      f"{record['images_per_s']:.0f} img/s  elapsed {record['elapsed_s'] / 60:.1f} min")
         if rt.ddp:
             dist.barrier()  # the other ranks wait here, not inside the next step's all-reduce
 
+    def grid_labels(self) -> torch.Tensor | None:
+        """Labels of an epoch's sample grid: 10 per class for up to 10 classes; None = 64 unconditional images."""
+        return torch.arange(min(self.model_cfg.num_classes, 10)).repeat_interleave(10) if self.conditional else None
+
+    def grid_forwards(self) -> int:
+        """Network evaluations of one sample grid (rank 0 draws it; the other ranks wait as long)."""
+        labels = self.grid_labels()
+        solver, steps, guidance = recommended_sampler(self.extra)
+        passes = 2 if self.conditional and guidance != 1 else 1  # guided: conditional + unconditional
+        return (64 if labels is None else len(labels)) * steps * NFE_PER_STEP.get(solver, 6) * passes  # dopri5: ~6 a step
+
     def draw_grid(self) -> None:
         """SAMPLE_DIR/epoch_N.png from the EMA weights: one row per class (up to 10), or 64 images."""
-        classes = self.model_cfg.num_classes
-        labels = torch.arange(min(classes, 10)).repeat_interleave(10) if self.conditional else None
+        labels = self.grid_labels()
         solver, steps, guidance = recommended_sampler(self.extra)  # what users of the checkpoint will get
         samples = sample_model(self.parts.ema.model, len(labels) if labels is not None else 64, labels, solver, steps,
                                guidance, seed=0, device=self.rt.device)
-        save_grid(samples.images, self.sample_dir / f"epoch_{self.epoch}.png", samples.labels, self.class_names)
+        save_grid(samples.images, self.sample_dir / f"epoch_{self.epoch_number}.png", samples.labels, self.class_names)
 
 
 def train(

@@ -1,7 +1,7 @@
 """Run under torchrun by test_trainer.py (gloo, CPU) and test_cuda.py (NCCL): train the tiny model with DDP,
 then save each rank's weights and logged loss so the test can check that the ranks stayed in step.
 
-    python -m torch.distributed.run --nproc_per_node=N tests/ddp_worker.py OUT_DIR [cpu|cuda]
+    python -m torch.distributed.run --nproc_per_node=N tests/ddp_worker.py OUT_DIR [cpu|cuda [BUDGET_MINUTES]]
 """
 import sys
 from pathlib import Path
@@ -19,5 +19,7 @@ if __name__ == "__main__":
 
     tmp = Path(sys.argv[1])
     device = sys.argv[2] if len(sys.argv) > 2 else "auto"
-    summary = train(tiny_config(tmp, epochs=2, batch_size=16, device=device), TINY, blobs(), blobs(24, seed=1))
+    budget = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    cfg = tiny_config(tmp, epochs=2, batch_size=16, device=device, time_budget=budget)
+    summary = train(cfg, TINY, blobs(), blobs(24, seed=1))
     torch.save({"weights": summary["model"].state_dict(), "loss": summary["loss"]}, tmp / f"rank{os.environ['RANK']}.pt")

@@ -101,6 +101,7 @@ def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
     ("--epochs", "0", "--epochs must be >= 1"),
     ("--batch-size", "0", "--batch-size must be >= 1"),
     ("--lr", "-1", "--lr must be > 0"),
+    ("--time-budget", "-5", "--time-budget must be >= 0"),
     ("--label-dropout", "1.5", "--label-dropout must lie in [0, 1]"),
     ("--lr-schedule", "step", "unknown --lr-schedule 'step'"),
     ("--num-classes", "7", "MNIST has 1 channel and 10 classes"),
@@ -227,16 +228,22 @@ def test_torchrun_with_parallel_none_or_dp_is_refused(monkeypatch, parallel):
         setup_runtime("cpu", parallel)
 
 
+def run_ddp_worker(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py in 2 gloo processes on the CPU; fails the test unless both exit cleanly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), *args],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_ddp_keeps_ranks_in_step_validates_on_all_and_logs_the_global_loss(tmp_path):
     """2 gloo processes: identical weights, one writer, the global loss, validation sharded over the ranks."""
     from checkpoint import model_from_checkpoint
     from trainer import validation_loss
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ddp_worker(tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
     assert r0["loss"] == r1["loss"]  # the all-reduced mean, not each rank's own share
@@ -251,6 +258,15 @@ def test_ddp_keeps_ranks_in_step_validates_on_all_and_logs_the_global_loss(tmp_p
     t_points = ckpt["train_config"]["val_t_points"]
     val = validation_loss(model_from_checkpoint(ckpt), blobs(24, seed=1), Runtime(CPU), 5, t_points, True)
     assert ckpt["val_loss"] == pytest.approx(val, rel=1e-5)  # sharded over ranks = one process
+
+
+def test_ddp_ranks_agree_on_where_a_time_budget_ends(tmp_path):
+    """Each rank times itself; the fit takes the slowest, so both stop at the same step (or the run would hang)."""
+    run_ddp_worker(tmp_path, "cpu", "0.1")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+    ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
+    assert ckpt["horizon_fitted"] and ckpt["step"] == ckpt["schedule_steps"] > 12  # past the 2 epochs it replaced
 
 
 def test_checkpoints_are_synced_to_disk_before_and_after_the_rename(tmp_path, monkeypatch):

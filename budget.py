@@ -1,0 +1,72 @@
+"""--time-budget: fit the training run's last step (the LR schedule's horizon) to a wall-clock budget.
+
+The run times its own steps and epoch ends (validation, checkpoint, sample grid), then picks the last
+step so that the steps and every epoch end still to come fit in what is left of the budget. It fits
+once after CALIBRATION_STEPS timed steps and again after every epoch end, so a slower or faster
+stretch moves the end (and the learning-rate decay with it) a little.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+SKIP_STEPS = 3  # the run's first steps allocate memory and pick kernels: not timed while later ones exist
+CALIBRATION_STEPS = 20  # timed steps before the first fit
+FORWARD_SHARE = 1 / 3  # an image's forward pass costs about a third of its training step (forward + backward)
+
+clock = time.perf_counter  # a module attribute, so that tests can run the budget on a fake clock
+
+
+def fit_horizon(step: int, elapsed_s: float, step_s: float, end_s: float, steps_per_epoch: int, budget_s: float) -> int:
+    """The last step H >= step such that the steps up to H and the epoch ends they pass (one at each
+    epoch boundary, one at H) take at most budget_s - elapsed_s more seconds."""
+    left = budget_s - elapsed_s
+    ends_done = step // steps_per_epoch
+
+    def fits(horizon: int) -> bool:
+        return (horizon - step) * step_s + (math.ceil(horizon / steps_per_epoch) - ends_done) * end_s <= left
+
+    if not fits(step):
+        return step  # out of time: end here (the current epoch's end still runs)
+    low, high = step, step + max(int(left / max(step_s, 1e-9)), 0)  # fits(low); nothing past high can fit
+    while low < high:  # fits() holds on a prefix of [step, high]: bisect for its last element
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+class Budget:
+    """Wall-clock accounting of one run: time since the start, mean step time, mean epoch-end time."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60 * minutes
+        self.started = clock()
+        self.previous: float | None = None  # when the last step (or the epoch's start) finished
+        self.steps, self.step_time = 0, 0.0  # every step of this process
+        self.timed, self.timed_time = 0, 0.0  # the steps after SKIP_STEPS
+        self.ends, self.end_time = 0, 0.0
+
+    def epoch_started(self) -> None:
+        """Start timing the next step here: the epoch end before it is timed apart."""
+        self.previous = clock()
+
+    def step_done(self) -> bool:
+        """Record a step; True when it completes the calibration (the moment for the first fit)."""
+        now = clock()
+        seconds, self.previous = now - self.previous, now
+        self.steps, self.step_time = self.steps + 1, self.step_time + seconds
+        if self.steps > SKIP_STEPS:
+            self.timed, self.timed_time = self.timed + 1, self.timed_time + seconds
+        return self.timed == CALIBRATION_STEPS
+
+    def end_done(self) -> None:
+        """Record an epoch end: the time since the epoch's last step."""
+        self.ends, self.end_time = self.ends + 1, self.end_time + clock() - self.previous
+
+    def measures(self, end_forwards: int, images_per_step: int) -> tuple[float, float, float]:
+        """(elapsed s, s per step, s per epoch end); before any timed end, the end is estimated from its
+        forward passes (validation and grid images) at FORWARD_SHARE of a training image."""
+        step_s = self.timed_time / self.timed if self.timed else self.step_time / max(self.steps, 1)
+        end_s = (self.end_time / self.ends if self.ends
+                 else end_forwards * FORWARD_SHARE * step_s / images_per_step)
+        return clock() - self.started, step_s, end_s

@@ -1,0 +1,90 @@
+"""--time-budget: the horizon that fits a budget (known answers), and a whole run on a fake clock where a
+step takes 1 s and an epoch end 5 s: it ends where the budget does, mid-epoch if need be, and resumes exactly."""
+import json
+
+import pytest
+
+import budget
+import trainer
+from budget import fit_horizon
+from checkpoint import load_checkpoint
+from helpers import TINY, blobs, tiny_config
+from test_trainer import assert_same_weights
+from trainer import train
+
+
+@pytest.mark.parametrize("step,elapsed,step_s,end_s,budget_s,expected", [
+    (10, 15, 1.0, 5.0, 60, 40),  # 45 s left: 30 steps + 3 epoch ends, at an epoch boundary
+    (10, 15, 1.0, 5.0, 67, 42),  # 52 s left: 2 steps into a 4th epoch, whose end is paid too
+    (10, 15, 1.0, 0.0, 60, 55),  # free epoch ends: every second left is a step
+    (0, 0, 0.5, 2.0, 100, 140),  # 70 s of steps + 14 ends of 2 s
+    (10, 15, 1.0, 5.0, 10, 10),  # over budget at an epoch boundary: stop now
+    (12, 15, 1.0, 5.0, 16, 12),  # over budget mid-epoch: stop now (that epoch's end still runs)
+])
+def test_fit_horizon_is_the_last_step_that_fits(step, elapsed, step_s, end_s, budget_s, expected):
+    horizon = fit_horizon(step, elapsed, step_s, end_s, 10, budget_s)
+    cost = lambda h: (h - step) * step_s + (-(-h // 10) - step // 10) * end_s
+    assert horizon >= step
+    if cost(step) <= budget_s - elapsed:
+        assert cost(horizon) <= budget_s - elapsed < cost(horizon + 1)
+    assert horizon == expected
+
+
+class FakeClock:
+    """Seconds that pass only when the run takes a step (1 s) or ends an epoch (5 s)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(budget, "clock", fake)
+    step, end = trainer.train_step, trainer.Trainer.end_epoch
+
+    def timed_step(*args, **kwargs):
+        fake.now += 1.0
+        return step(*args, **kwargs)
+
+    def timed_end(self, log):
+        fake.now += 5.0
+        end(self, log)
+
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    monkeypatch.setattr(trainer.Trainer, "end_epoch", timed_end)
+    return fake
+
+
+def budget_run(tmp_path, **overrides) -> dict:
+    """96 images in batches of 16 = 6 steps per epoch, with a 63 s budget; --epochs 2 is replaced by the budget."""
+    cfg = tiny_config(tmp_path, time_budget=63 / 60, lr_schedule="cosine", **overrides)
+    return train(cfg, TINY, blobs(), blobs(32, seed=1))
+
+
+def test_a_budget_run_ends_where_the_budget_does_with_the_lr_at_zero(tmp_path, clock):
+    summary = budget_run(tmp_path)
+    # the largest H with 1 s x H + 5 s x (epoch ends up to H) <= 63 s: H = 33, half-way into a 6th epoch
+    assert summary["step"] == 33 and clock.now == 63.0
+    last = load_checkpoint(tmp_path / "ck" / "last.pth")
+    assert (last["step"], last["epoch"], last["schedule_steps"], last["horizon_fitted"]) == (33, 6, 33, True)
+    assert (tmp_path / "ck" / "epoch_6.pth").is_file() and (tmp_path / "samples" / "epoch_6.png").is_file()
+    assert (tmp_path / "best.pth").is_file()
+    records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3, 4, 5, 6]
+    lrs = [r["lr"] for r in records if r["kind"] == "step"]
+    assert lrs[-1] < 0.02 * 2e-3 < lrs[len(lrs) // 2]  # the cosine reaches ~0 at the fitted end, not at --epochs 2
+
+
+def test_a_budget_run_resumes_exactly_with_its_fitted_end(tmp_path, clock):
+    whole = budget_run(tmp_path / "whole")
+    budget_run(tmp_path / "cut", max_steps=20)  # stops mid-epoch, after the horizon was fitted
+    assert load_checkpoint(tmp_path / "cut" / "ck" / "last.pth")["schedule_steps"] == 33
+    clock.now += 1000  # the resumed run keeps the planned end whatever the clock says
+    resumed = budget_run(tmp_path / "cut", resume="auto")
+    assert resumed["step"] == whole["step"] == 33
+    assert_same_weights(load_checkpoint(tmp_path / "whole" / "ck" / "last.pth"),
+                        load_checkpoint(tmp_path / "cut" / "ck" / "last.pth"))
