@@ -2,8 +2,8 @@
 
 The run times its own steps and epoch ends (validation, checkpoint, sample grid), then picks the last
 step so that the steps and every epoch end still to come fit in what is left of the budget. It fits
-once after CALIBRATION_STEPS timed steps and again after every epoch end, so a slower or faster
-stretch moves the end (and the learning-rate decay with it) a little.
+after CALIBRATION_STEPS timed steps, then again at every logged step and epoch end, so that a slower
+or faster stretch moves the end (and the learning-rate decay with it) a little, long before it comes.
 """
 from __future__ import annotations
 
@@ -51,13 +51,13 @@ class Budget:
         self.previous = clock()
 
     def step_done(self) -> bool:
-        """Record a step; True when it completes the calibration (the moment for the first fit)."""
+        """Record a step; True once enough steps are timed to fit the horizon."""
         now = clock()
         seconds, self.previous = now - self.previous, now
         self.steps, self.step_time = self.steps + 1, self.step_time + seconds
         if self.steps > SKIP_STEPS:
             self.timed, self.timed_time = self.timed + 1, self.timed_time + seconds
-        return self.timed == CALIBRATION_STEPS
+        return self.timed >= CALIBRATION_STEPS
 
     def end_done(self) -> None:
         """Record an epoch end: the time since the epoch's last step."""

@@ -372,7 +372,7 @@ class Trainer:
                                  num_workers=cfg.num_workers, pin_memory=self.rt.device.type == "cuda",
                                  persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_sigint)
         self.budget: Budget | None = None  # set when the run starts, under --time-budget
-        self.fitted = False  # whether the horizon was fitted to --time-budget
+        self.fitted, self.reported = False, 0  # whether the horizon was fitted to --time-budget; the last one printed
         self.set_horizon(cfg.epochs * self.sampler.batches)  # under a budget: until the first fit
         self.step, self.best_val, self.loss = 0, math.inf, math.nan
         self.written: list[Path] = []
@@ -407,7 +407,8 @@ class Trainer:
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         elapsed, step_s, end_s = measured.tolist()
         horizon = fit_horizon(self.step, elapsed, step_s, end_s, self.sampler.batches, self.budget.seconds)
-        if not self.fitted or horizon != self.schedule_steps:
+        if not self.fitted or abs(horizon - self.reported) > 0.02 * self.reported:
+            self.reported = horizon
             self.say(f"time budget {self.cfg.time_budget:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
                      f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "
                      f"({horizon / self.sampler.batches:.2f} epochs)")
@@ -488,7 +489,7 @@ class Trainer:
                     if not finished:
                         break
                     self.end_epoch(log)
-                    if self.budget:
+                    if self.budget and (self.step < self.schedule_steps or not self.fitted):  # not after the last end
                         self.budget.end_done()
                         self.refit()
                     if stop.agreed(rt):
@@ -530,8 +531,8 @@ class Trainer:
                 if log:
                     log.write(json.dumps({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr}) + "\n")
                     log.flush()
-            if self.budget and self.budget.step_done() and not self.fitted:
-                self.refit()
+            if self.budget and self.budget.step_done() and (not self.fitted or self.step % cfg.log_every == 0):
+                self.refit()  # (log steps are common to all ranks: refit's all-reduce is safe there)
             if self.step % self.sampler.batches == 0 or self.step == self.schedule_steps:
                 break  # the epoch's last step, or the run's (--time-budget): end_epoch saves
             if stop.agreed(rt) or self.step >= self.total_steps:
