@@ -385,7 +385,7 @@ class Trainer:
     @property
     def epoch_number(self) -> int:
         """Epochs begun: names the files of an epoch end, also of a last epoch that --time-budget cuts short."""
-        return -(-self.step // self.sampler.batches)
+        return math.ceil(self.step / self.sampler.batches)
 
     @property
     def planned(self) -> str:
@@ -396,7 +396,7 @@ class Trainer:
         """The LR schedule decays to 0 at `steps`, where the run ends (or earlier, at --max-steps)."""
         self.schedule_steps = steps
         self.total_steps = min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
-        self.planned_epochs = -(-steps // self.sampler.batches)
+        self.planned_epochs = math.ceil(steps / self.sampler.batches)
 
     def refit(self) -> None:
         """--time-budget: move the horizon to the last step that the time left allows (all ranks agree)."""
