@@ -407,7 +407,9 @@ class Trainer:
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         elapsed, step_s, end_s = measured.tolist()
         horizon = fit_horizon(self.step, elapsed, step_s, end_s, self.sampler.batches, self.budget.seconds)
-        if not self.fitted or abs(horizon - self.reported) > 0.02 * self.reported:
+        if self.fitted and horizon == self.step < self.schedule_steps:  # e.g. an epoch end that ran long
+            self.say(f"time budget spent at step {self.step}, before the planned end at {self.schedule_steps}: stopping")
+        elif not self.fitted or abs(horizon - self.reported) > 0.02 * self.reported:
             self.reported = horizon
             self.say(f"time budget {self.cfg.time_budget:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
                      f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "

@@ -35,6 +35,7 @@ class FakeClock:
 
     def __init__(self):
         self.now = 0.0
+        self.slow_ends: dict[int, float] = {}  # step -> seconds of an epoch end that takes longer than 5 s
 
     def __call__(self) -> float:
         return self.now
@@ -51,7 +52,7 @@ def clock(monkeypatch) -> FakeClock:
         return step(*args, **kwargs)
 
     def timed_end(self, log):
-        fake.now += 5.0
+        fake.now += fake.slow_ends.get(self.step, 5.0)
         end(self, log)
 
     monkeypatch.setattr(trainer, "train_step", timed_step)
@@ -88,3 +89,11 @@ def test_a_budget_run_resumes_exactly_with_its_fitted_end(tmp_path, clock):
     assert resumed["step"] == whole["step"] == 33
     assert_same_weights(load_checkpoint(tmp_path / "whole" / "ck" / "last.pth"),
                         load_checkpoint(tmp_path / "cut" / "ck" / "last.pth"))
+
+
+def test_an_epoch_end_that_spends_the_budget_stops_the_run_there(tmp_path, clock, capsys):
+    clock.slow_ends[18] = 40.0  # at 18 + 2 x 5 + 40 = 68 s the 63 s are gone
+    summary = budget_run(tmp_path)
+    assert summary["step"] == 18 and clock.now == 68.0
+    assert "time budget spent at step 18, before the planned end at 33: stopping" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "ck" / "last.pth")["schedule_steps"] == 33  # the plan, which a resume finishes

@@ -266,7 +266,8 @@ def test_ddp_ranks_agree_on_where_a_time_budget_ends(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
     ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
-    assert ckpt["horizon_fitted"] and ckpt["step"] == ckpt["schedule_steps"] > 12  # past the 2 epochs it replaced
+    # past the 2 epochs it replaced; at the fitted end, or before it when an epoch end overran the budget
+    assert ckpt["horizon_fitted"] and 12 < ckpt["step"] <= ckpt["schedule_steps"]
 
 
 def test_checkpoints_are_synced_to_disk_before_and_after_the_rename(tmp_path, monkeypatch):
