@@ -43,7 +43,7 @@ import resource, sys, torch
 from device import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
-for _ in range(10):  # a 64 MB tensor, allocated and freed: page faults of each round
+for _ in range(20):  # a 64 MB tensor, allocated and freed: page faults of each round
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(2**24).sum()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -59,4 +59,4 @@ def test_keep_freed_memory_stops_large_tensors_page_faulting_on_every_reuse():
 
     default, kept = faults("default"), faults("keep")
     assert min(default) > 16_000  # every round faults the tensor's 16,384 pages in again
-    assert sum(f < 1_000 for f in kept) >= 5, kept  # reused once glibc's arenas have settled (a few rounds)
+    assert sum(f < 1_000 for f in kept) >= 12, kept  # reused once glibc's heap has settled (3-8 rounds seen)
