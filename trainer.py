@@ -390,13 +390,12 @@ class Trainer:
     @property
     def planned(self) -> str:
         """Epochs the run will train, for progress lines: "?" until a --time-budget is fitted."""
-        return "?" if self.budget and not self.fitted else str(self.planned_epochs)
+        return "?" if self.budget and not self.fitted else str(math.ceil(self.schedule_steps / self.sampler.batches))
 
     def set_horizon(self, steps: int) -> None:
         """The LR schedule decays to 0 at `steps`, where the run ends (or earlier, at --max-steps)."""
         self.schedule_steps = steps
         self.total_steps = min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
-        self.planned_epochs = math.ceil(steps / self.sampler.batches)
 
     def refit(self) -> None:
         """--time-budget: move the horizon to the last step that the time left allows (all ranks agree)."""
@@ -535,6 +534,7 @@ class Trainer:
                     log.flush()
             if self.budget and self.budget.step_done() and (not self.fitted or self.step % cfg.log_every == 0):
                 self.refit()  # (log steps are common to all ranks: refit's all-reduce is safe there)
+                bar.set_description(f"epoch {epoch + 1}/{self.planned}", refresh=False)
             if self.step % self.sampler.batches == 0 or self.step == self.schedule_steps:
                 break  # the epoch's last step, or the run's (--time-budget): end_epoch saves
             if stop.agreed(rt) or self.step >= self.total_steps:
@@ -581,23 +581,24 @@ class Trainer:
         if rt.ddp:
             dist.barrier()  # the other ranks wait here, not inside the next step's all-reduce
 
-    def grid_labels(self) -> torch.Tensor | None:
-        """Labels of an epoch's sample grid: 10 per class for up to 10 classes; None = 64 unconditional images."""
-        return torch.arange(min(self.model_cfg.num_classes, 10)).repeat_interleave(10) if self.conditional else None
+    def grid_request(self) -> tuple[int, torch.Tensor | None]:
+        """(images, labels) of an epoch's sample grid: 10 per class for up to 10 classes, or 64 without classes."""
+        if not self.conditional:
+            return 64, None
+        labels = torch.arange(min(self.model_cfg.num_classes, 10)).repeat_interleave(10)
+        return len(labels), labels
 
     def grid_forwards(self) -> int:
         """Network evaluations of one sample grid (rank 0 draws it; the other ranks wait as long)."""
-        labels = self.grid_labels()
         solver, steps, guidance = recommended_sampler(self.extra)
         passes = 2 if self.conditional and guidance != 1 else 1  # guided: conditional + unconditional
-        return (64 if labels is None else len(labels)) * steps * NFE_PER_STEP.get(solver, 6) * passes  # dopri5: ~6 a step
+        return self.grid_request()[0] * steps * NFE_PER_STEP.get(solver, 6) * passes  # dopri5: ~6 a step
 
     def draw_grid(self) -> None:
         """SAMPLE_DIR/epoch_N.png from the EMA weights: one row per class (up to 10), or 64 images."""
-        labels = self.grid_labels()
+        n, labels = self.grid_request()
         solver, steps, guidance = recommended_sampler(self.extra)  # what users of the checkpoint will get
-        samples = sample_model(self.parts.ema.model, len(labels) if labels is not None else 64, labels, solver, steps,
-                               guidance, seed=0, device=self.rt.device)
+        samples = sample_model(self.parts.ema.model, n, labels, solver, steps, guidance, seed=0, device=self.rt.device)
         save_grid(samples.images, self.sample_dir / f"epoch_{self.epoch_number}.png", samples.labels, self.class_names)
 
 
