@@ -356,7 +356,7 @@ class Trainer:
         check_train_config(cfg, self.rt.world)
         configure_backends(cfg.deterministic)
         self.cfg, self.model_cfg, self.val_set, self.class_names, self.extra = cfg, model_cfg, val_set, class_names, extra or {}
-        self.say = print if self.rt.main else (lambda *a, **k: None)
+        self.say = tqdm.write if self.rt.main else (lambda text: None)  # tqdm.write: a line above the bar, not on it
         self.out_dir = Path(cfg.out_dir)
         self.best_path, self.sample_dir = output_path(cfg.checkpoint, cfg), output_path(cfg.sample_dir, cfg)
         self.conditional = model_cfg.num_classes is not None
