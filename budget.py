@@ -38,8 +38,10 @@ def fit_horizon(step: int, elapsed_s: float, step_s: float, end_s: float, steps_
 class Budget:
     """Wall-clock accounting of one run: time since the start, mean step time, mean epoch-end time."""
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, end_forwards: int, images_per_step: int):
+        """end_forwards: network evaluations of one epoch end (validation and grid), to estimate it until one is timed."""
         self.seconds = 60 * minutes
+        self.end_forwards, self.images_per_step = end_forwards, images_per_step
         self.started = clock()
         self.previous: float | None = None  # when the last step (or the epoch's start) finished
         self.steps, self.step_time = 0, 0.0  # every step of this process
@@ -63,10 +65,10 @@ class Budget:
         """Record an epoch end: the time since the epoch's last step."""
         self.ends, self.end_time = self.ends + 1, self.end_time + clock() - self.previous
 
-    def measures(self, end_forwards: int, images_per_step: int) -> tuple[float, float, float]:
+    def measures(self) -> tuple[float, float, float]:
         """(elapsed s, s per step, s per epoch end); before any timed end, the end is estimated from its
-        forward passes (validation and grid images) at FORWARD_SHARE of a training image."""
+        forward passes at FORWARD_SHARE of a training image."""
         step_s = self.timed_time / self.timed if self.timed else self.step_time / max(self.steps, 1)
         end_s = (self.end_time / self.ends if self.ends
-                 else end_forwards * FORWARD_SHARE * step_s / images_per_step)
+                 else self.end_forwards * FORWARD_SHARE * step_s / self.images_per_step)
         return clock() - self.started, step_s, end_s

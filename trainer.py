@@ -399,9 +399,7 @@ class Trainer:
 
     def refit(self) -> None:
         """--time-budget: move the horizon to the last step that the time left allows (all ranks agree)."""
-        val_forwards = len(self.val_set) * self.cfg.val_t_points // self.rt.world if self.val_set is not None else 0
-        measured = torch.tensor(self.budget.measures(val_forwards + self.grid_forwards(), self.per_rank),
-                                dtype=torch.float64, device=self.rt.device)
+        measured = torch.tensor(self.budget.measures(), dtype=torch.float64, device=self.rt.device)
         if self.rt.ddp:
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         elapsed, step_s, end_s = measured.tolist()
@@ -475,7 +473,8 @@ class Trainer:
                 {"train": asdict(cfg), "model": asdict(self.model_cfg), **self.extra}, indent=2))
             log = open_log(self.out_dir / "log.jsonl", resumed)
         if cfg.time_budget and not self.fitted:  # (a resumed budget run keeps its fitted end)
-            self.budget = Budget(cfg.time_budget)
+            val_forwards = len(self.val_set) * cfg.val_t_points // rt.world if self.val_set is not None else 0
+            self.budget = Budget(cfg.time_budget, val_forwards + self.grid_forwards(), self.per_rank)
         n_params = sum(p.numel() for p in self.parts.model.parameters())
         self.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {self.sampler.size} images, "
                  f"{self.sampler.batches} steps/epoch, batch {cfg.batch_size}, "

@@ -51,3 +51,14 @@ def tiny_checkpoint(path: Path, cfg: UNetConfig = TINY, label_dropout: float | N
         state["train_config"] = {"label_dropout": label_dropout}
     save_checkpoint(path, state)
     return model.eval(), ema
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Raw weights, EMA weights and optimizer moments of two checkpoints are identical."""
+    assert a["step"] == b["step"]
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+        assert torch.equal(a["ema_state"]["weights"][key], b["ema_state"]["weights"][key]), key
+    for i, state in a["optimizer_state"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[name], b["optimizer_state"]["state"][i][name]), (i, name)

@@ -8,8 +8,7 @@ import budget
 import trainer
 from budget import fit_horizon
 from checkpoint import load_checkpoint
-from helpers import TINY, blobs, tiny_config
-from test_trainer import assert_same_weights
+from helpers import TINY, assert_same_weights, blobs, tiny_config
 from trainer import train
 
 

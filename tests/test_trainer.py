@@ -16,22 +16,11 @@ import torch
 import trainer
 from checkpoint import CheckpointError, load_checkpoint
 from device import Runtime, setup_runtime
-from helpers import TINY, blobs, tiny_config
+from helpers import TINY, assert_same_weights, blobs, tiny_config
 from trainer import TrainConfig, build, learning_rate, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    """Raw weights, EMA weights and optimizer moments of two checkpoints are identical."""
-    assert a["step"] == b["step"]
-    for key in a["model_state"]:
-        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
-        assert torch.equal(a["ema_state"]["weights"][key], b["ema_state"]["weights"][key]), key
-    for i, state in a["optimizer_state"]["state"].items():
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(state[name], b["optimizer_state"]["state"][i][name]), (i, name)
 
 
 def test_learning_rate_warmup_then_decay_to_zero():
@@ -184,7 +173,7 @@ def test_kill_9_then_resume_from_the_periodic_save_equals_an_uninterrupted_run(t
     straight = train(tiny_config(tmp_path / "straight", epochs=3), TINY, blobs(), None)
     # save_every 1e-9 minutes: last.pth after every step; the process sleeps per step so the kill lands mid-epoch
     code = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
-            "from pathlib import Path; import trainer; from helpers import TINY, blobs, tiny_config\n"
+            "from pathlib import Path; import trainer; from helpers import TINY, assert_same_weights, blobs, tiny_config\n"
             "step = trainer.train_step\n"
             "trainer.train_step = lambda *a, **k: (time.sleep(0.3), step(*a, **k))[1]\n"
             "trainer.train(tiny_config(Path(sys.argv[2]), epochs=3, save_every=1e-9), TINY, blobs(), None)\n")
