@@ -53,6 +53,16 @@ PRESETS = {
 }
 
 
+def mnist_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> dict:
+    """The sampler MNIST checkpoints record: midpoint, 4 steps, w = 1.1 where guidance exists (else 1).
+
+    Mild guidance measured better than none on both metrics, on three CPU-preset checkpoints at N = 4,000
+    (README, Guidance): class accuracy 97.4-97.6% vs 95.4-96.2%, Fréchet distance 15.6-20.7 vs 18.3-24.6.
+    """
+    guided = model_cfg.num_classes is not None and cfg.label_dropout > 0
+    return {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "guidance": 1.1 if guided else 1.0}
+
+
 def generate_sample(
     model: torch.nn.Module,
     img_size: tuple[int, int, int] = (1, 28, 28),
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_set = load_mnist(data_cfg.data_root, train=False, image_size=model_cfg.image_size, download=data_cfg.download)
     val_set = torch.utils.data.Subset(val_set, range(min(data_cfg.val_size, len(val_set))))
     summary = train(cfg, model_cfg, train_set, val_set, class_names=[str(d) for d in range(10)],
-                    extra={"dataset": "mnist", "preset": preset})
+                    extra={"dataset": "mnist", "preset": preset, "sampler": mnist_sampler(model_cfg, cfg)})
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary

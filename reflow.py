@@ -196,17 +196,18 @@ def stage(command: str, argv: list[str]) -> dict:
         raise ValueError("--init-from is empty: reflow stages start from trained weights (the default: parent)")
     source = load_checkpoint(init_from)
     model_cfg = model_config_from(source)
-    guidance = 1.0 if manifest["guidance"] != 1.0 else recommended_sampler(source)[2]  # baked into the pairs, or not
     lineage = {"parent": init_from, "parent_sha256": sha256(init_from), "parent_kind": source.get("kind", "1-rectified"),
                "pairs": {k: manifest[k] for k in ("parent", *PAIR_SETTINGS)}}
+    # A stage's sampler is unguided, whatever its parent recommends: its point is few NFE, and a guided
+    # step costs two. Guidance stays a choice at sampling time (--guidance).
     if command == "train":
         kind = f"{rectified_order(manifest['parent_kind']) + 1}-rectified"
-        sampler = {"solver": "euler", "steps": data.recommend_steps, "guidance": guidance}
+        sampler = {"solver": "euler", "steps": data.recommend_steps, "guidance": 1.0}
     else:
         if data.k < 1:
             raise ValueError(f"--k must be >= 1, got {data.k}")
         kind, cfg = f"distilled-{data.k}", replace(cfg, t_grid=data.k)
-        sampler = {"solver": "euler", "steps": data.k, "guidance": guidance}
+        sampler = {"solver": "euler", "steps": data.k, "guidance": 1.0}
     out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
     cfg = replace(cfg, init_from=init_from, out_dir=out_dir)
     summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),

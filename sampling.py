@@ -20,7 +20,7 @@ from solvers import check_solver
 
 DEFAULT_SOLVER = "midpoint"  # measured in benchmark.py: see README "Results"
 DEFAULT_STEPS = 4  # midpoint: 2 NFE per step -> 8 network evaluations per image
-DEFAULT_GUIDANCE = 1.0  # no guidance: the closest samples to the data (README "Results"); 1.5 for ~100% class accuracy
+DEFAULT_GUIDANCE = 1.0  # no guidance, for a bare model; checkpoints record their own (MNIST 1.1, README "Guidance")
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 
 

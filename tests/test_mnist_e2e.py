@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 import mnist_train
 from checkpoint import load_checkpoint
 from data import DataError, load_mnist
+from sampling import recommended_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--base-channels", "16", "--num-res-blocks", "1", "--attention-resolutions", "7", "--dropout", "0",
@@ -51,6 +53,14 @@ def test_training_loss_falls_and_outputs_are_written(trained):
     ckpt = load_checkpoint(tmp / "mnist.pth")
     assert ckpt["model_config"]["num_classes"] == 10 and ckpt["model_config"]["image_size"] == 28
     assert ckpt["train_config"]["batch_size"] == 32 and ckpt["preset"] == "cpu"
+    assert recommended_sampler(ckpt) == ("midpoint", 4, 1.1)  # what sample_from_checkpoint and evaluate.py use
+
+
+@pytest.mark.parametrize("classes,dropout,guidance", [(None, 0.1, 1.0), (10, 0.1, 1.1), (10, 0.0, 1.0)])
+def test_mnist_checkpoints_guide_only_where_the_null_label_was_trained(classes, dropout, guidance):
+    model_cfg = replace(mnist_train.DEFAULTS[1], num_classes=classes)
+    cfg = replace(mnist_train.DEFAULTS[0], label_dropout=dropout)
+    assert mnist_train.mnist_sampler(model_cfg, cfg) == {"solver": "midpoint", "steps": 4, "guidance": guidance}
 
 
 def test_mnist_test_writes_a_labelled_grid(trained, tmp_path):
@@ -59,7 +69,8 @@ def test_mnist_test_writes_a_labelled_grid(trained, tmp_path):
     result = run("mnist_test.py", "--checkpoint", str(tmp / "mnist.pth"), "--digits", "0,3,7", "--per-digit", "5",
                  "--solver", "heun", "--steps", "4", "--out", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "solver heun" in result.stdout and "NFE 16 per image" in result.stdout  # 4 steps x 2 x 2 passes (w = 1.5)
+    assert "solver heun" in result.stdout and "NFE 16 per image" in result.stdout  # 4 steps x 2 x 2 passes
+    assert "guidance 1.5" in result.stdout  # on request, above the 1.1 the checkpoint records
     width, height = Image.open(out).size
     assert height == 2 * (3 * 30 + 2) and width == 2 * (16 + 5 * 30 + 2)  # 3 rows x 5 digits, scaled 2x
 
