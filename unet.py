@@ -24,6 +24,7 @@ class UNetConfig:
     dropout: float = 0.1  # dropout inside ResBlocks
     num_classes: int | None = 10  # None = unconditional; index num_classes is the "no label" token
     head_channels: int = 32  # channels per attention head
+    upsample_conv: bool = True  # a 3x3 conv after each nearest upsampling (off: the next ResBlock's conv does the mixing)
 
 
 class TimeEmbedding(nn.Module):
@@ -136,7 +137,8 @@ class ConditionalUNet(nn.Module):
                 self.up.append(Block(cur + skip_channels.pop(), out, emb_dim, cfg.dropout, attention, cfg.head_channels))
                 cur = out
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)))
+                upsample = nn.Upsample(scale_factor=2, mode="nearest")
+                self.up.append(nn.Sequential(upsample, nn.Conv2d(cur, cur, 3, padding=1)) if cfg.upsample_conv else upsample)
                 res *= 2
 
         self.out = nn.Sequential(nn.GroupNorm(GROUPS, cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1))

@@ -39,6 +39,13 @@ def test_loaded_weights_are_the_saved_models(tmp_path):
     assert not torch.allclose(outputs(ema.model), outputs(model))  # so the two checks above tell EMA from raw
 
 
+def test_config_field_missing_from_an_older_checkpoint_takes_its_default(tmp_path):
+    _, ema = tiny_checkpoint(tmp_path / "c.pth")
+    ckpt = load_checkpoint(tmp_path / "c.pth")
+    del ckpt["model_config"]["upsample_conv"]  # written before the field existed, when every U-Net had the conv
+    assert torch.equal(outputs(model_from_checkpoint(ckpt)), outputs(ema.model))
+
+
 def test_dataparallel_prefixed_state_loads(tmp_path):
     model, ema = tiny_checkpoint(tmp_path / "c.pth")
     ckpt = load_checkpoint(tmp_path / "c.pth")

@@ -6,13 +6,25 @@ from unet import ConditionalUNet, UNetConfig
 
 @pytest.mark.parametrize("size,mult", [(28, (1, 2, 2)), (32, (1, 2, 2)), (64, (1, 2, 2, 2))])
 @pytest.mark.parametrize("num_classes", [None, 10])
-def test_output_shape(size, mult, num_classes):
+@pytest.mark.parametrize("upsample_conv", [True, False])
+def test_output_shape(size, mult, num_classes, upsample_conv):
     cfg = UNetConfig(image_size=size, in_channels=3, base_channels=16, channel_mult=mult, num_res_blocks=1,
-                     attention_resolutions=(size // 4,), num_classes=num_classes)
+                     attention_resolutions=(size // 4,), num_classes=num_classes, upsample_conv=upsample_conv)
     model = ConditionalUNet(cfg)
     x = torch.randn(2, 3, size, size)
     y = torch.tensor([3, num_classes]) if num_classes else None  # index num_classes = the null token
     assert model(x, torch.rand(2), y).shape == x.shape
+
+
+def test_upsample_conv_off_drops_the_conv_after_each_upsampling():
+    def convs(model: ConditionalUNet) -> list[tuple[int, int, int]]:
+        return [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    cfg = UNetConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1)
+    with_conv, without = convs(ConditionalUNet(cfg)), convs(ConditionalUNet(UNetConfig(**{**vars(cfg), "upsample_conv": False})))
+    for c in without:
+        with_conv.remove(c)
+    assert sorted(with_conv) == [(32, 32, 3), (64, 64, 3)]  # 7 -> 14 at 64 channels, 14 -> 28 at 32
 
 
 def test_labels_must_match_num_classes():
