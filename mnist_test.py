@@ -14,7 +14,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint
 from device import keep_freed_memory
-from sampling import DEVICE_HELP, sample_checkpoint
+from sampling import DEVICE_HELP, checkpoint_can_guide, sample_checkpoint
 from solvers import SOLVERS
 
 # Digits drawn on request must be the digit asked for: w = 1.5 gives 99.9% class accuracy against
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.tensor(args.digits).repeat_interleave(args.per_digit)
     ckpt = load_checkpoint(args.checkpoint)
     guidance = args.guidance
-    can_guide = ckpt["model_config"].get("num_classes") is not None and \
-        (ckpt.get("train_config") or {}).get("label_dropout", 0.1) > 0
-    if guidance is None and can_guide and ckpt.get("kind", "1-rectified") == "1-rectified":
+    if guidance is None and checkpoint_can_guide(ckpt) and ckpt.get("kind", "1-rectified") == "1-rectified":
         guidance = ON_REQUEST_GUIDANCE
     samples = sample_checkpoint(ckpt, args.out, args.steps, 256, args.solver, guidance, labels, args.seed, args.device,
                                 use_ema=not args.raw_weights)

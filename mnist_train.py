@@ -18,7 +18,7 @@ from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, load_mnist
 from device import keep_freed_memory
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, sample_model
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, can_guide, sample_model
 from trainer import TrainConfig, check_train_config, train
 from unet import UNetConfig, check_config
 
@@ -60,7 +60,7 @@ def mnist_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> dict:
     Mild guidance measured better than none on both metrics, on five CPU-preset checkpoints at N = 4,000
     (README, Guidance): class accuracy 97.2-97.6% vs 95.4-96.2%, Fréchet distance 15.6-20.7 vs 18.3-24.6.
     """
-    guided = model_cfg.num_classes is not None and cfg.label_dropout > 0
+    guided = can_guide(model_cfg.num_classes, cfg.label_dropout)
     return {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "guidance": 1.1 if guided else 1.0}
 
 

@@ -54,11 +54,21 @@ def check_request(n: int, batch_size: int, solver: str, steps: int) -> None:
     check_solver(solver, steps)
 
 
+def can_guide(num_classes: int | None, label_dropout: float | None) -> bool:
+    """Whether training taught the null label that guidance needs: classes and label dropout (None, unknown
+    in checkpoints older than the field, is assumed)."""
+    return num_classes is not None and (label_dropout is None or label_dropout > 0)
+
+
+def checkpoint_can_guide(ckpt: dict) -> bool:
+    """can_guide for a checkpoint's model and training configs."""
+    return can_guide(model_config_from(ckpt).num_classes, (ckpt.get("train_config") or {}).get("label_dropout"))
+
+
 def check_guidance(ckpt: dict, guidance: float) -> None:
     """Refuse w != 1 where training never taught the null label (--label-dropout 0); older checkpoints pass."""
     conditional = model_config_from(ckpt).num_classes is not None  # flow.guided_velocity refuses the others
-    label_dropout = (ckpt.get("train_config") or {}).get("label_dropout")
-    if guidance != 1.0 and conditional and label_dropout == 0:
+    if guidance != 1.0 and conditional and not checkpoint_can_guide(ckpt):
         raise ValueError(
             f"guidance {guidance} needs the unconditional velocity, but this checkpoint was trained with "
             "--label-dropout 0, so its null-label embedding was never trained: sample with guidance 1, "
