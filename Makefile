@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Offline machines that carry the real MNIST files in ../shared/data read them from there.
 DATA_ROOT ?= $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,data)
+# Minutes mnist_train.py may take: the preset's epochs, or an earlier end on a machine too slow for them, so
+# that `make train` stays within ~15 minutes anywhere (TIME_LIMIT=0 lifts it).
+TIME_LIMIT ?= 14
 ARGS ?=
 
 .PHONY: setup train test clean
@@ -19,7 +22,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-fid.txt
 	touch $@
 
 train: setup
-	$(BIN)/python mnist_train.py --data-root $(DATA_ROOT) $(ARGS)
+	$(BIN)/python mnist_train.py --data-root $(DATA_ROOT) --time-limit $(TIME_LIMIT) $(ARGS)
 	$(BIN)/python mnist_test.py --checkpoint checkpoints/flow_matching_mnist.pth --out samples/mnist_digits.png
 
 test: setup

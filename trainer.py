@@ -20,12 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from budget import Budget, fit_horizon
 from checkpoint import (CheckpointError, clean_state_dict, ema_weights, load_checkpoint, model_config_from, publish,
                         save_checkpoint)
+from data import ShardedSampler
 from device import Runtime, configure_backends, resolve_amp, resolve_channels_last, resolve_compile, setup_runtime
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
@@ -72,35 +73,12 @@ class TrainConfig:
     val_t_points: int = 8  # validation loss averages over this fixed grid of t values
     max_steps: int = 0  # stop after this many optimizer steps in total (the LR schedule is unchanged); 0 = no limit
     time_budget: float = 0.0  # minutes for the whole run (steps, validation, grids): replaces --epochs, the LR schedule ends where the budget does; 0 = off
+    time_limit: float = 0.0  # minutes the whole run may take at most: the planned epochs, or an earlier end (the LR decay fitted to it) if they would not fit; caps --time-budget too; 0 = off
 
 
 def output_path(template: str, cfg: TrainConfig) -> Path:
     """A path flag with {out_dir} filled in."""
     return Path(template.replace("{out_dir}", cfg.out_dir))
-
-
-class ShardedSampler(Sampler[int]):
-    """A fresh permutation per epoch from (seed, epoch), split over ranks, that can start mid-epoch.
-
-    Plays the role of DistributedSampler + set_epoch, and also lets a resumed run skip the
-    batches it already trained on without loading them.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
-        self.batches = size // world // batch_size  # per rank and epoch; the remainder is dropped
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches - self.start_batch) * self.batch_size
-
-    def __iter__(self):
-        perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        mine = perm[self.rank::self.world][: self.batches * self.batch_size]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -121,7 +99,8 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
-                "t_grid": 0, "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0, "time_budget": 0}
+                "t_grid": 0, "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0, "time_budget": 0,
+                "time_limit": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")
@@ -132,6 +111,11 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
             raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes (one batch share each)")
+
+
+def budget_minutes(cfg: TrainConfig) -> float:
+    """The minutes the run is fitted to: --time-budget, capped by --time-limit; 0 when neither is set."""
+    return min((m for m in (cfg.time_budget, cfg.time_limit) if m), default=0.0)
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -371,8 +355,8 @@ class Trainer:
         self.loader = DataLoader(train_set, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
                                  num_workers=cfg.num_workers, pin_memory=self.rt.device.type == "cuda",
                                  persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_sigint)
-        self.budget: Budget | None = None  # set when the run starts, under --time-budget
-        self.fitted, self.reported = False, 0  # whether the horizon was fitted to --time-budget; the last one printed
+        self.budget: Budget | None = None  # set when the run starts, under --time-budget or --time-limit
+        self.fitted, self.reported = False, 0  # whether the horizon was fitted to the minutes; the last one printed
         self.set_horizon(cfg.epochs * self.sampler.batches)  # under a budget: until the first fit
         self.step, self.best_val, self.loss = 0, math.inf, math.nan
         self.written: list[Path] = []
@@ -390,7 +374,7 @@ class Trainer:
     @property
     def planned(self) -> str:
         """Epochs the run will train, for progress lines: "?" until a --time-budget is fitted."""
-        return "?" if self.budget and not self.fitted else str(math.ceil(self.schedule_steps / self.sampler.batches))
+        return "?" if self.cfg.time_budget and not self.fitted else str(math.ceil(self.schedule_steps / self.sampler.batches))
 
     def set_horizon(self, steps: int) -> None:
         """The LR schedule decays to 0 at `steps`, where the run ends (or earlier, at --max-steps)."""
@@ -398,17 +382,20 @@ class Trainer:
         self.total_steps = min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
 
     def refit(self) -> None:
-        """--time-budget: move the horizon to the last step that the time left allows (all ranks agree)."""
+        """Move the horizon to the last step that the time left allows (all ranks agree); under --time-limit
+        alone, never past the planned epochs."""
         measured = torch.tensor(self.budget.measures(), dtype=torch.float64, device=self.rt.device)
         if self.rt.ddp:
             dist.all_reduce(measured, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         elapsed, step_s, end_s = measured.tolist()
         horizon = fit_horizon(self.step, elapsed, step_s, end_s, self.sampler.batches, self.budget.seconds)
+        if not self.cfg.time_budget:
+            horizon = min(horizon, self.cfg.epochs * self.sampler.batches)
         if self.fitted and horizon == self.step < self.schedule_steps:  # e.g. an epoch end that ran long
             self.say(f"time budget spent at step {self.step}, before the planned end at {self.schedule_steps}: stopping")
         elif not self.fitted or abs(horizon - self.reported) > 0.02 * self.reported:
             self.reported = horizon
-            self.say(f"time budget {self.cfg.time_budget:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
+            self.say(f"time budget {budget_minutes(self.cfg):g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
                      f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "
                      f"({horizon / self.sampler.batches:.2f} epochs)")
         self.set_horizon(horizon)
@@ -425,10 +412,10 @@ class Trainer:
         check_resume(ckpt, self.model_cfg, self.cfg, self.sampler.batches, self.rt.world, path)
         restore(self.parts, ckpt)
         self.step, self.best_val = ckpt["step"], ckpt.get("best_val_loss", math.inf)
-        if self.cfg.time_budget and ckpt.get("horizon_fitted"):  # finish the run as it was planned, not a new budget
+        if budget_minutes(self.cfg) and ckpt.get("horizon_fitted"):  # finish the run as it was planned, not a new budget
             self.set_horizon(ckpt["schedule_steps"])
             self.fitted = True
-            self.say(f"--time-budget: keeping the resumed run's end at step {self.schedule_steps}")
+            self.say(f"time budget: keeping the resumed run's end at step {self.schedule_steps}")
         self.say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, {self.step % self.sampler.batches} "
                  "steps into the next)")
         return self.step
@@ -472,13 +459,14 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(
                 {"train": asdict(cfg), "model": asdict(self.model_cfg), **self.extra}, indent=2))
             log = open_log(self.out_dir / "log.jsonl", resumed)
-        if cfg.time_budget and not self.fitted:  # (a resumed budget run keeps its fitted end)
+        if budget_minutes(cfg) and not self.fitted:  # (a resumed budget run keeps its fitted end)
             val_forwards = len(self.val_set) * cfg.val_t_points // rt.world if self.val_set is not None else 0
-            self.budget = Budget(cfg.time_budget, val_forwards + self.grid_forwards(), self.per_rank)
+            self.budget = Budget(budget_minutes(cfg), val_forwards + self.grid_forwards(), self.per_rank)
         n_params = sum(p.numel() for p in self.parts.model.parameters())
         self.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {self.sampler.size} images, "
                  f"{self.sampler.batches} steps/epoch, batch {cfg.batch_size}, "
-                 f"{f'for {cfg.time_budget:g} min' if self.budget else f'until step {self.total_steps}'}; "
+                 f"{f'for {budget_minutes(cfg):g} min' if self.budget and cfg.time_budget else f'until step {self.total_steps}'}"
+                 f"{f' (at most {cfg.time_limit:g} min)' if self.budget and cfg.time_limit else ''}; "
                  f"autocast {self.parts.amp}, {'channels_last' if self.parts.channels_last else 'NCHW'}, "
                  f"lr {cfg.lr:g} {cfg.lr_schedule}")
         self.start_time = time.perf_counter()

@@ -1,5 +1,6 @@
-"""--time-budget: the horizon that fits a budget (known answers), and a whole run on a fake clock where a
-step takes 1 s and an epoch end 5 s: it ends where the budget does, mid-epoch if need be, and resumes exactly."""
+"""--time-budget / --time-limit: the horizon that fits a budget (known answers), and whole runs on a fake clock
+where a step takes 1 s and an epoch end 5 s: they end where the budget does, mid-epoch if need be, and resume
+exactly; a limit that the planned epochs fit changes nothing."""
 import json
 
 import pytest
@@ -96,3 +97,31 @@ def test_an_epoch_end_that_spends_the_budget_stops_the_run_there(tmp_path, clock
     assert summary["step"] == 18 and clock.now == 68.0
     assert "time budget spent at step 18, before the planned end at 33: stopping" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["schedule_steps"] == 33  # the plan, which a resume finishes
+
+
+def step_lrs(tmp_path) -> list[float]:
+    records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in records if r["kind"] == "step"]
+
+
+def test_a_time_limit_that_the_planned_epochs_fit_changes_nothing(tmp_path, clock):
+    # 10 epochs of 6 steps: 60 x 1 s + 10 ends x 5 s = 110 s, inside a 120 s limit
+    limited = train(tiny_config(tmp_path / "limited", epochs=10, time_limit=2, lr_schedule="cosine"), TINY, blobs(),
+                    blobs(32, seed=1))
+    plain = train(tiny_config(tmp_path / "plain", epochs=10, lr_schedule="cosine"), TINY, blobs(), blobs(32, seed=1))
+    assert limited["step"] == plain["step"] == 60
+    last = load_checkpoint(tmp_path / "limited" / "ck" / "last.pth")
+    assert (last["schedule_steps"], last["horizon_fitted"]) == (60, True)
+    assert step_lrs(tmp_path / "limited") == step_lrs(tmp_path / "plain")
+    assert_same_weights(last, load_checkpoint(tmp_path / "plain" / "ck" / "last.pth"))
+
+
+@pytest.mark.parametrize("minutes", [dict(time_limit=63 / 60), dict(time_budget=2, time_limit=63 / 60)],
+                         ids=["limit", "limit-caps-budget"])
+def test_a_time_limit_ends_a_run_that_would_not_fit_it_earlier_with_the_lr_at_zero(tmp_path, clock, capsys, minutes):
+    summary = train(tiny_config(tmp_path, epochs=10, lr_schedule="cosine", **minutes), TINY, blobs(), blobs(32, seed=1))
+    assert summary["step"] == 33 and clock.now == 63.0  # as the 63 s budget run above, not the 60 planned steps
+    assert load_checkpoint(tmp_path / "ck" / "last.pth")["schedule_steps"] == 33
+    lrs = step_lrs(tmp_path)
+    assert lrs[-1] < 0.02 * 2e-3 < lrs[len(lrs) // 2]
+    assert "time budget 1.05 min" in capsys.readouterr().out

@@ -91,6 +91,7 @@ def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
     ("--batch-size", "0", "--batch-size must be >= 1"),
     ("--lr", "-1", "--lr must be > 0"),
     ("--time-budget", "-5", "--time-budget must be >= 0"),
+    ("--time-limit", "-1", "--time-limit must be >= 0"),
     ("--label-dropout", "1.5", "--label-dropout must lie in [0, 1]"),
     ("--lr-schedule", "step", "unknown --lr-schedule 'step'"),
     ("--num-classes", "7", "MNIST has 1 channel and 10 classes"),
