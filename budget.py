@@ -1,4 +1,4 @@
-"""--time-budget: fit the training run's last step (the LR schedule's horizon) to a wall-clock budget.
+"""--time-budget / --time-limit: fit the training run's last step (the LR schedule's horizon) to a wall-clock budget.
 
 The run times its own steps and epoch ends (validation, checkpoint, sample grid), then picks the last
 step so that the steps and every epoch end still to come fit in what is left of the budget. It fits
