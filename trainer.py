@@ -113,11 +113,6 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes (one batch share each)")
 
 
-def budget_minutes(cfg: TrainConfig) -> float:
-    """The minutes the run is fitted to: --time-budget, capped by --time-limit; 0 when neither is set."""
-    return min((m for m in (cfg.time_budget, cfg.time_limit) if m), default=0.0)
-
-
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """LR of optimizer step `step` (0-based): linear warm-up, then constant or decaying to 0 at total_steps."""
     if step < cfg.warmup_steps or cfg.lr_schedule == "constant":
@@ -355,7 +350,9 @@ class Trainer:
         self.loader = DataLoader(train_set, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
                                  num_workers=cfg.num_workers, pin_memory=self.rt.device.type == "cuda",
                                  persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_sigint)
-        self.budget: Budget | None = None  # set when the run starts, under --time-budget or --time-limit
+        # the minutes the run is fitted to: --time-budget, capped by --time-limit; 0 = neither flag
+        self.minutes = min((m for m in (cfg.time_budget, cfg.time_limit) if m), default=0.0)
+        self.budget: Budget | None = None  # set when the run starts, if self.minutes
         self.fitted, self.reported = False, 0  # whether the horizon was fitted to the minutes; the last one printed
         self.set_horizon(cfg.epochs * self.sampler.batches)  # under a budget: until the first fit
         self.step, self.best_val, self.loss = 0, math.inf, math.nan
@@ -395,7 +392,7 @@ class Trainer:
             self.say(f"time budget spent at step {self.step}, before the planned end at {self.schedule_steps}: stopping")
         elif not self.fitted or abs(horizon - self.reported) > 0.02 * self.reported:
             self.reported = horizon
-            self.say(f"time budget {budget_minutes(self.cfg):g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
+            self.say(f"time budget {self.minutes:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
                      f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "
                      f"({horizon / self.sampler.batches:.2f} epochs)")
         self.set_horizon(horizon)
@@ -412,7 +409,7 @@ class Trainer:
         check_resume(ckpt, self.model_cfg, self.cfg, self.sampler.batches, self.rt.world, path)
         restore(self.parts, ckpt)
         self.step, self.best_val = ckpt["step"], ckpt.get("best_val_loss", math.inf)
-        if budget_minutes(self.cfg) and ckpt.get("horizon_fitted"):  # finish the run as it was planned, not a new budget
+        if self.minutes and ckpt.get("horizon_fitted"):  # finish the run as it was planned, not a new budget
             self.set_horizon(ckpt["schedule_steps"])
             self.fitted = True
             self.say(f"time budget: keeping the resumed run's end at step {self.schedule_steps}")
@@ -459,13 +456,13 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(
                 {"train": asdict(cfg), "model": asdict(self.model_cfg), **self.extra}, indent=2))
             log = open_log(self.out_dir / "log.jsonl", resumed)
-        if budget_minutes(cfg) and not self.fitted:  # (a resumed budget run keeps its fitted end)
+        if self.minutes and not self.fitted:  # (a resumed budget run keeps its fitted end)
             val_forwards = len(self.val_set) * cfg.val_t_points // rt.world if self.val_set is not None else 0
-            self.budget = Budget(budget_minutes(cfg), val_forwards + self.grid_forwards(), self.per_rank)
+            self.budget = Budget(self.minutes, val_forwards + self.grid_forwards(), self.per_rank)
         n_params = sum(p.numel() for p in self.parts.model.parameters())
         self.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {self.sampler.size} images, "
                  f"{self.sampler.batches} steps/epoch, batch {cfg.batch_size}, "
-                 f"{f'for {budget_minutes(cfg):g} min' if self.budget and cfg.time_budget else f'until step {self.total_steps}'}"
+                 f"{f'for {self.minutes:g} min' if self.budget and cfg.time_budget else f'until step {self.total_steps}'}"
                  f"{f' (at most {cfg.time_limit:g} min)' if self.budget and cfg.time_limit else ''}; "
                  f"autocast {self.parts.amp}, {'channels_last' if self.parts.channels_last else 'NCHW'}, "
                  f"lr {cfg.lr:g} {cfg.lr_schedule}")
