@@ -108,7 +108,7 @@ def draw_pairs(args: argparse.Namespace) -> dict:
         if shard_path(out_dir, j).is_file():
             continue  # written atomically, so an existing shard is complete
         first, last = j * args.shard_size, min((j + 1) * args.shard_size, args.count)
-        noise = make_noise(last - first, (cfg.in_channels, cfg.image_size, cfg.image_size), args.seed + first, "cpu")
+        noise = make_noise(last - first, (cfg.in_channels, cfg.image_size, cfg.image_size), args.seed, "cpu", start=first)
         # class-balanced: pair i has label i mod num_classes
         labels = torch.arange(first, last) % cfg.num_classes if cfg.num_classes is not None else None
         images = []
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     # w = 1: measured better than guidance baked into the pairs (README "Few-step generation, measured")
     q.add_argument("--guidance", type=float, default=1.0,
                    help="guidance w baked into the pairs, then sampled at w = 1 (default 1: guide at sampling time)")
-    q.add_argument("--seed", type=int, default=0, help="pair i's noise is drawn from seed + i")
+    q.add_argument("--seed", type=int, default=0, help="pair i's noise depends only on (seed, i)")
     q.add_argument("--batch-size", type=int, default=500)
     q.add_argument("--device", default="auto", help=DEVICE_HELP)
     q.add_argument("--raw-weights", action="store_true", help="draw from the raw weights instead of the EMA")

@@ -40,9 +40,20 @@ class Samples:
     guidance: float = DEFAULT_GUIDANCE
 
 
-def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device | str) -> torch.Tensor:
-    """Noise (n, *shape) where sample i depends only on (seed, i), not on the batch size."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]).to(device)
+def noise_seed(seed: int, i: int) -> int:
+    """Generator seed of sample i under `seed`.
+
+    torch's CPU generator keeps 32 bits of a seed. Multiplying by 2^32 / golden ratio spreads nearby seeds far
+    apart there: seeds within 1,000 of each other share none of their first 1.9 million samples (with seed + i,
+    seed 1 would redraw seed 0's samples shifted by one).
+    """
+    return (seed * 0x9E3779B1 + i) % 2**32
+
+
+def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device | str, start: int = 0) -> torch.Tensor:
+    """Noise (n, *shape) for samples start .. start + n - 1; sample i depends only on (seed, i), not on the batch size."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i)))
+                        for i in range(start, start + n)]).to(device)
 
 
 def check_request(n: int, batch_size: int, solver: str, steps: int) -> None:

@@ -233,7 +233,7 @@ def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: in
         x, y, *pair = default_collate([data[i] for i in idx])
         x = x.to(rt.device)
         y = y.to(rt.device) if conditional else None
-        noise = make_noise(len(idx), (t_points, *x.shape[1:]), 1234 + first, rt.device) if not pair else None
+        noise = make_noise(len(idx), (t_points, *x.shape[1:]), 1234, rt.device, start=first) if not pair else None
         for k, t in enumerate(ts):
             x0 = pair[0].to(rt.device) if pair else noise[:, k]  # reflow pairs: the pair's own noise
             tb = t.expand(len(x)).to(rt.device)

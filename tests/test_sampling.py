@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import TINY, tiny_checkpoint
-from sampling import sample_from_checkpoint, sample_model
+from sampling import make_noise, sample_from_checkpoint, sample_model
 from unet import ConditionalUNet
 
 
@@ -34,6 +34,14 @@ def test_noise_is_independent_of_batch_size(tmp_path):
     assert small.shape == (5, 1, 8, 8)
     assert torch.allclose(small, whole, atol=1e-5)
     assert not torch.allclose(small[0], small[3], atol=1e-2)  # same label, different noise
+
+
+def test_nearby_seeds_draw_disjoint_noise_and_any_range_can_be_drawn_alone():
+    base = make_noise(64, (4,), 0, "cpu")
+    for seed in (1, 2, 7, 999):  # torch keeps 32 bits of a seed: seed + i would make seed 1 seed 0 shifted by one
+        other = make_noise(64, (4,), seed, "cpu")
+        assert torch.cdist(base, other).min() > 1e-3
+    torch.testing.assert_close(make_noise(10, (4,), 0, "cpu", start=50), base[50:60], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs,message", [
