@@ -35,6 +35,9 @@ from solvers import NFE_PER_STEP
 from unet import ConditionalUNet, UNetConfig
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+# validation item i uses noise sample VAL_NOISE_START + i of seed 0: the fixed noise behind every validation loss
+# the README reports
+VAL_NOISE_START = 1234
 
 
 @dataclass
@@ -233,7 +236,7 @@ def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: in
         x, y, *pair = default_collate([data[i] for i in idx])
         x = x.to(rt.device)
         y = y.to(rt.device) if conditional else None
-        noise = make_noise(len(idx), (t_points, *x.shape[1:]), 1234, rt.device, start=first) if not pair else None
+        noise = make_noise(len(idx), (t_points, *x.shape[1:]), 0, rt.device, start=VAL_NOISE_START + first) if not pair else None
         for k, t in enumerate(ts):
             x0 = pair[0].to(rt.device) if pair else noise[:, k]  # reflow pairs: the pair's own noise
             tb = t.expand(len(x)).to(rt.device)
