@@ -37,10 +37,19 @@ from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HE
 from trainer import build, train_step
 
 
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # environment variables that cap PyTorch's CPU kernels
+
+
 def machine() -> dict:
-    """What the figures were measured on: speeds hold per GPU model or CPU class (AVX2, AVX-512, AMX)."""
+    """What the figures were measured on: speeds hold per GPU model or CPU class (AVX2, AVX-512, AMX).
+
+    A CPU whose kernels are capped to an older class only stands in for it (a real AVX2 CPU measured 1.4-1.6x
+    slower than a capped AVX-512 one), so the cap is recorded beside the class it gives.
+    """
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"device": gpu or f"{cpu_name()} ({cpu_class()})", "cpu_class": cpu_class(),
+    caps = " ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name))
+    cpu = f"{cpu_name()} ({cpu_class()}{', a stand-in capped by ' + caps if caps else ''})"
+    return {"device": gpu or cpu, "cpu_class": cpu_class(), "isa_caps": caps or None,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 

@@ -124,13 +124,16 @@ def test_evaluate_straightness_uses_the_recommended_guidance_and_writes_json(tin
     assert set(stored["distance"]) == {"1", "2", "4", "8"} and stored["reference_steps"] == 64
 
 
-def test_train_speed_reports_images_per_second(tmp_path):
+def test_train_speed_reports_images_per_second(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN reads it once, at its first use in the process
     out = tmp_path / "speed.json"
     benchmark.main(["train-speed", "mnist", "--preset", "cpu", "--base-channels", "8", "--batch-size", "8",
                     "--steps", "2", "--warmup", "1", "--out", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert row["images_per_s"] > 0 and row["preset"] == "cpu" and row["model"]["base_channels"] == 8
     assert row["torch"] == torch.__version__ and row["threads"] >= 1
+    assert row["isa_caps"] == "ONEDNN_MAX_CPU_ISA=AVX2"
+    assert torch.cuda.is_available() or "a stand-in capped by ONEDNN_MAX_CPU_ISA=AVX2" in row["device"]
 
 
 def test_inception_without_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
