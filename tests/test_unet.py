@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def test_upsample_conv_off_drops_the_conv_after_each_upsampling():
         return [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
     cfg = UNetConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1)
-    with_conv, without = convs(ConditionalUNet(cfg)), convs(ConditionalUNet(UNetConfig(**{**vars(cfg), "upsample_conv": False})))
+    with_conv, without = convs(ConditionalUNet(cfg)), convs(ConditionalUNet(replace(cfg, upsample_conv=False)))
     for c in without:
         with_conv.remove(c)
     assert sorted(with_conv) == [(32, 32, 3), (64, 64, 3)]  # 7 -> 14 at 64 channels, 14 -> 28 at 32
