@@ -105,13 +105,13 @@ def step_lrs(tmp_path) -> list[float]:
 
 
 def test_a_time_limit_that_the_planned_epochs_fit_changes_nothing(tmp_path, clock):
-    # 10 epochs of 6 steps: 60 x 1 s + 10 ends x 5 s = 110 s, inside a 120 s limit
-    limited = train(tiny_config(tmp_path / "limited", epochs=10, time_limit=2, lr_schedule="cosine"), TINY, blobs(),
+    # 5 epochs of 6 steps: 30 x 1 s + 5 ends x 5 s = 55 s, inside a 60 s limit
+    limited = train(tiny_config(tmp_path / "limited", epochs=5, time_limit=1, lr_schedule="cosine"), TINY, blobs(),
                     blobs(32, seed=1))
-    plain = train(tiny_config(tmp_path / "plain", epochs=10, lr_schedule="cosine"), TINY, blobs(), blobs(32, seed=1))
-    assert limited["step"] == plain["step"] == 60
+    plain = train(tiny_config(tmp_path / "plain", epochs=5, lr_schedule="cosine"), TINY, blobs(), blobs(32, seed=1))
+    assert limited["step"] == plain["step"] == 30
     last = load_checkpoint(tmp_path / "limited" / "ck" / "last.pth")
-    assert (last["schedule_steps"], last["horizon_fitted"]) == (60, True)
+    assert (last["schedule_steps"], last["horizon_fitted"]) == (30, True)
     assert step_lrs(tmp_path / "limited") == step_lrs(tmp_path / "plain")
     assert_same_weights(last, load_checkpoint(tmp_path / "plain" / "ck" / "last.pth"))
 
