@@ -2,8 +2,9 @@
 
 The run times its own steps and epoch ends (validation, checkpoint, sample grid), then picks the last
 step so that the steps and every epoch end still to come fit in what is left of the budget. It fits
-after CALIBRATION_STEPS timed steps, then again at every logged step and epoch end, so that a slower
-or faster stretch moves the end (and the learning-rate decay with it) a little, long before it comes.
+after CALIBRATION_STEPS timed steps (sooner where steps are so slow that those would eat into the budget),
+then again at every logged step and epoch end, so that a slower or faster stretch moves the end (and the
+learning-rate decay with it) a little, long before it comes.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 SKIP_STEPS = 3  # the run's first steps allocate memory and pick kernels: not timed while later ones exist
 CALIBRATION_STEPS = 20  # timed steps before the first fit
+CALIBRATION_SHARE = 0.25  # ... or fewer, once the steps have taken this share of the budget
 FORWARD_SHARE = 1 / 3  # an image's forward pass costs about a third of its training step (forward + backward)
 
 clock = time.perf_counter  # a module attribute, so that tests can run the budget on a fake clock
@@ -59,7 +61,7 @@ class Budget:
         self.steps, self.step_time = self.steps + 1, self.step_time + seconds
         if self.steps > SKIP_STEPS:
             self.timed, self.timed_time = self.timed + 1, self.timed_time + seconds
-        return self.timed >= CALIBRATION_STEPS
+        return self.timed >= CALIBRATION_STEPS or self.step_time >= CALIBRATION_SHARE * self.seconds
 
     def end_done(self) -> None:
         """Record an epoch end: the time since the epoch's last step."""

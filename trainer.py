@@ -519,10 +519,12 @@ class Trainer:
                 if log:
                     log.write(json.dumps({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr}) + "\n")
                     log.flush()
-            if self.budget and self.budget.step_done() and (not self.fitted or self.step % cfg.log_every == 0):
+            at_epoch_end = self.step % self.sampler.batches == 0  # (then the budget is refitted after that end, counting it)
+            fit_now = not at_epoch_end and (not self.fitted or self.step % cfg.log_every == 0)
+            if self.budget and self.budget.step_done() and fit_now:
                 self.refit()  # (log steps are common to all ranks: refit's all-reduce is safe there)
                 bar.set_description(f"epoch {epoch + 1}/{self.planned}", refresh=False)
-            if self.step % self.sampler.batches == 0 or self.step == self.schedule_steps:
+            if at_epoch_end or self.step == self.schedule_steps:
                 break  # the epoch's last step, or the run's (--time-budget): end_epoch saves
             if stop.agreed(rt) or self.step >= self.total_steps:
                 bar.close()

@@ -35,6 +35,7 @@ class FakeClock:
 
     def __init__(self):
         self.now = 0.0
+        self.step_s = 1.0
         self.slow_ends: dict[int, float] = {}  # step -> seconds of an epoch end that takes longer than 5 s
 
     def __call__(self) -> float:
@@ -48,7 +49,7 @@ def clock(monkeypatch) -> FakeClock:
     step, end = trainer.train_step, trainer.Trainer.end_epoch
 
     def timed_step(*args, **kwargs):
-        fake.now += 1.0
+        fake.now += fake.step_s
         return step(*args, **kwargs)
 
     def timed_end(self, log):
@@ -97,6 +98,14 @@ def test_an_epoch_end_that_spends_the_budget_stops_the_run_there(tmp_path, clock
     assert summary["step"] == 18 and clock.now == 68.0
     assert "time budget spent at step 18, before the planned end at 33: stopping" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["schedule_steps"] == 33  # the plan, which a resume finishes
+
+
+def test_steps_too_slow_to_calibrate_within_the_budget_are_fitted_sooner(tmp_path, clock):
+    # 5 s steps, 25 per epoch, 60 s: the 23 steps of a full calibration alone would take 115 s
+    clock.step_s = 5.0
+    summary = train(tiny_config(tmp_path, time_budget=1, log_every=1), TINY, blobs(400), blobs(32, seed=1))
+    assert 2 <= summary["step"] < 23 and clock.now <= 60
+    assert load_checkpoint(tmp_path / "ck" / "last.pth")["horizon_fitted"]
 
 
 def step_lrs(tmp_path) -> list[float]:
