@@ -398,6 +398,9 @@ class Trainer:
             self.say(f"time budget {self.minutes:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
                      f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "
                      f"({horizon / self.sampler.batches:.2f} epochs)")
+            if not self.fitted and end_s > 0.25 * self.budget.seconds:
+                self.say(f"each epoch end (validation, checkpoint, sample grid) takes ~{end_s:.0f} s, over a quarter of "
+                         "the budget: a lower --val-size or --val-t-points leaves more of it to training")
         self.set_horizon(horizon)
         self.fitted = True
 

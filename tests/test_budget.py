@@ -100,12 +100,14 @@ def test_an_epoch_end_that_spends_the_budget_stops_the_run_there(tmp_path, clock
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["schedule_steps"] == 33  # the plan, which a resume finishes
 
 
-def test_steps_too_slow_to_calibrate_within_the_budget_are_fitted_sooner(tmp_path, clock):
+def test_steps_too_slow_to_calibrate_within_the_budget_are_fitted_sooner(tmp_path, clock, capsys):
     # 5 s steps, 25 per epoch, 60 s: the 23 steps of a full calibration alone would take 115 s
     clock.step_s = 5.0
     summary = train(tiny_config(tmp_path, time_budget=1, log_every=1), TINY, blobs(400), blobs(32, seed=1))
     assert 2 <= summary["step"] < 23 and clock.now <= 60
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["horizon_fitted"]
+    # the epoch end, estimated from its forward passes at ~32 s, is over a quarter of the 60 s
+    assert "a lower --val-size or --val-t-points leaves more of it to training" in capsys.readouterr().out
 
 
 def step_lrs(tmp_path) -> list[float]:
