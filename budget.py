@@ -13,7 +13,7 @@ import time
 
 SKIP_STEPS = 3  # the run's first steps allocate memory and pick kernels: not timed while later ones exist
 CALIBRATION_STEPS = 20  # timed steps before the first fit
-CALIBRATION_SHARE = 0.25  # ... or fewer, once the steps have taken this share of the budget
+CALIBRATION_SHARE = 0.25  # ... or fewer, once the steps have taken this share of the budget (if fit_early)
 FORWARD_SHARE = 1 / 3  # an image's forward pass costs about a third of its training step (forward + backward)
 
 clock = time.perf_counter  # a module attribute, so that tests can run the budget on a fake clock
@@ -40,9 +40,12 @@ def fit_horizon(step: int, elapsed_s: float, step_s: float, end_s: float, steps_
 class Budget:
     """Wall-clock accounting of one run: time since the start, mean step time, mean epoch-end time."""
 
-    def __init__(self, minutes: float, end_forwards: int, images_per_step: int):
-        """end_forwards: network evaluations of one epoch end (validation and grid), to estimate it until one is timed."""
+    def __init__(self, minutes: float, end_forwards: int, images_per_step: int, fit_early: bool = True):
+        """end_forwards: network evaluations of one epoch end (validation and grid), to estimate it until one is timed;
+        fit_early: slow steps may end the calibration before CALIBRATION_STEPS. Off under DDP, where each rank times
+        its own steps, but all must fit at the same step."""
         self.seconds = 60 * minutes
+        self.fit_early = fit_early
         self.end_forwards, self.images_per_step = end_forwards, images_per_step
         self.started = clock()
         self.previous: float | None = None  # when the last step (or the epoch's start) finished
@@ -61,7 +64,7 @@ class Budget:
         self.steps, self.step_time = self.steps + 1, self.step_time + seconds
         if self.steps > SKIP_STEPS:
             self.timed, self.timed_time = self.timed + 1, self.timed_time + seconds
-        return self.timed >= CALIBRATION_STEPS or self.step_time >= CALIBRATION_SHARE * self.seconds
+        return self.timed >= CALIBRATION_STEPS or (self.fit_early and self.step_time >= CALIBRATION_SHARE * self.seconds)
 
     def end_done(self) -> None:
         """Record an epoch end: the time since the epoch's last step."""

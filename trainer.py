@@ -464,7 +464,7 @@ class Trainer:
             log = open_log(self.out_dir / "log.jsonl", resumed)
         if self.minutes and not self.fitted:  # (a resumed budget run keeps its fitted end)
             val_forwards = len(self.val_set) * cfg.val_t_points // rt.world if self.val_set is not None else 0
-            self.budget = Budget(self.minutes, val_forwards + self.grid_forwards(), self.per_rank)
+            self.budget = Budget(self.minutes, val_forwards + self.grid_forwards(), self.per_rank, fit_early=not rt.ddp)
         n_params = sum(p.numel() for p in self.parts.model.parameters())
         self.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {self.sampler.size} images, "
                  f"{self.sampler.batches} steps/epoch, batch {cfg.batch_size}, "

@@ -110,6 +110,19 @@ def test_steps_too_slow_to_calibrate_within_the_budget_are_fitted_sooner(tmp_pat
     assert "a lower --val-size or --val-t-points leaves more of it to training" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("fit_early,first_fit", [(True, 3), (False, 23)], ids=["one-process", "ddp"])
+def test_slow_steps_end_the_calibration_early_only_where_no_other_rank_must_agree(monkeypatch, fit_early, first_fit):
+    now = [0.0]
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
+    timing = budget.Budget(1, 0, 1, fit_early=fit_early)  # 60 s: a quarter is three 5 s steps
+    timing.epoch_started()
+    for step in range(1, 30):
+        now[0] += 5.0
+        if timing.step_done():
+            break
+    assert step == first_fit  # under DDP: after the 3 untimed + 20 timed steps that every rank counts alike
+
+
 def step_lrs(tmp_path) -> list[float]:
     records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
     return [r["lr"] for r in records if r["kind"] == "step"]
