@@ -40,7 +40,7 @@ def fit_horizon(step: int, elapsed_s: float, step_s: float, end_s: float, steps_
 class Budget:
     """Wall-clock accounting of one run: time since the start, mean step time, mean epoch-end time."""
 
-    def __init__(self, minutes: float, end_forwards: int, images_per_step: int, fit_early: bool = True):
+    def __init__(self, minutes: float, end_forwards: int, images_per_step: int, *, fit_early: bool):
         """end_forwards: network evaluations of one epoch end (validation and grid), to estimate it until one is timed;
         fit_early: slow steps may end the calibration before CALIBRATION_STEPS. Off under DDP, where each rank times
         its own steps, but all must fit at the same step."""
