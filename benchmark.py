@@ -27,7 +27,7 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from cli import parse_configs
 from data import DataError, load_mnist
-from device import Runtime, configure_backends, cpu_class, cpu_name, keep_freed_memory, resolve_device
+from device import Runtime, configure_backends, cpu_class, cpu_name, isa_caps, keep_freed_memory, resolve_device
 from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier,
                       mnist_quality, straightness)
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
@@ -37,17 +37,14 @@ from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HE
 from trainer import build, train_step
 
 
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # environment variables that cap PyTorch's CPU kernels
-
-
 def machine() -> dict:
     """What the figures were measured on: speeds hold per GPU model or CPU class (AVX2, AVX-512, AMX).
 
-    A CPU whose kernels are capped to an older class only stands in for it (a real AVX2 CPU measured 1.4-1.6x
-    slower than a capped AVX-512 one), so the cap is recorded beside the class it gives.
+    A CPU whose kernels are capped to an older class only stands in for it (a real AVX2 CPU ran 1.0-1.6x slower
+    than a capped AVX-512 one, by the shared host's hour), so the cap is recorded beside the class it gives.
     """
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    caps = " ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name))
+    caps = isa_caps()
     cpu = f"{cpu_name()} ({cpu_class()}{', a stand-in capped by ' + caps if caps else ''})"
     return {"device": gpu or cpu, "cpu_class": cpu_class(), "isa_caps": caps or None,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}

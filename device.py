@@ -57,9 +57,25 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # environment variables that cap PyTorch's CPU kernels
+
+
+def isa_caps() -> str:
+    """The ISA caps in force (e.g. "ATEN_CPU_CAPABILITY=avx2"), or "" when PyTorch may use all that the CPU has."""
+    return " ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name))
+
+
 def cpu_has_amx() -> bool:
-    """Intel AMX tiles: they make bf16 autocast on the CPU faster than fp32 (without them it is ~18x slower)."""
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    """Intel AMX tiles, unless an ISA cap keeps PyTorch from them (the machine then stands in for an older class)."""
+    return not isa_caps() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def cpu_native_bf16() -> bool:
+    """bf16 arithmetic in hardware, uncapped: AMX, or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later).
+
+    There bf16 autocast is faster than fp32; elsewhere it is emulated, ~18x slower on an AVX2 EPYC.
+    """
+    return cpu_has_amx() or (not isa_caps() and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def cpu_class() -> str:
@@ -91,14 +107,14 @@ def cuda_native_bf16(device: torch.device) -> bool:
 def resolve_amp(amp: str, device: torch.device) -> str:
     """The autocast dtype --amp gives on this device: none | bf16 | fp16.
 
-    auto = bf16 on GPUs with native bf16 and on CPUs with AMX; fp16 (with the grad scaler) on older
-    GPUs; none elsewhere. fp16 on the CPU is slower than fp32, so it is a no-op there, and MPS runs
+    auto = bf16 on GPUs with native bf16 and on CPUs with hardware bf16 (AMX, AVX512-BF16); fp16 (with
+    the grad scaler) on older GPUs; none elsewhere. fp16 on the CPU is slower than fp32, so it is a no-op there, and MPS runs
     fp32 unless asked (its autocast coverage differs between macOS releases).
     """
     if amp == "auto":
         if device.type == "cuda":
             return "bf16" if cuda_native_bf16(device) else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_has_amx() else "none"
+        return "bf16" if device.type == "cpu" and cpu_native_bf16() else "none"
     if device.type == "cpu" and amp == "fp16":
         return "none"
     return amp

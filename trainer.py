@@ -60,7 +60,7 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU) | cpu | cuda | cuda:N | mps
     parallel: str = "auto"  # auto (DDP under torchrun, else one device) | dp (DataParallel) | none
     num_workers: int = 0  # data-loader worker processes
-    amp: str = "none"  # autocast: none | bf16 | fp16 | auto (bf16 on GPUs with native bf16 and AMX CPUs, fp16 on older GPUs)
+    amp: str = "none"  # autocast: none | bf16 | fp16 | auto (bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs)
     channels_last: str = "auto"  # NHWC memory layout: on | off | auto (on, except CPU bf16 and MPS; see device.py)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic cuDNN kernels, no TF32 (slower); off = cudnn.benchmark + TF32

@@ -16,13 +16,32 @@ def resolved(amp: str, layout: str, where: torch.device) -> tuple[str, bool]:
     return mode, resolve_channels_last(layout, where, mode)
 
 
-@pytest.mark.parametrize("isa,expected", [("AMX", ("bf16", False)), ("AVX-512", ("none", True)), ("AVX2", ("none", False))])
-def test_auto_follows_the_cpu_class(monkeypatch, isa, expected):
-    monkeypatch.setattr(device, "cpu_has_amx", lambda: isa == "AMX")
+@pytest.mark.parametrize("isa,native_bf16,expected", [
+    ("AMX", True, ("bf16", False)),  # Intel Sapphire Rapids and later
+    ("AVX-512", True, ("bf16", False)),  # AVX512-BF16: AMD Zen 4 and later
+    ("AVX-512", False, ("none", True)),  # e.g. Intel Skylake-X / Ice Lake
+    ("AVX2", False, ("none", False)),
+])
+def test_auto_follows_the_cpu_class(monkeypatch, isa, native_bf16, expected):
+    monkeypatch.setattr(device, "cpu_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(device, "cpu_class", lambda: isa)
-    # bf16 only where AMX makes it faster, and then NCHW (bf16 GroupNorm is slow in NHWC); fp32 in NHWC where
-    # AVX-512 makes it faster, NCHW on AVX2 where it is not
+    # bf16 only where hardware bf16 makes it faster, and then NCHW (bf16 GroupNorm is slow in NHWC); fp32 in NHWC
+    # where AVX-512 makes it faster, NCHW on AVX2 where it is not
     assert resolved("auto", "auto", CPU) == expected
+
+
+@pytest.mark.parametrize("flag", ["_is_amx_tile_supported", "_is_avx512_bf16_supported"])
+def test_an_isa_cap_turns_hardware_bf16_off(monkeypatch, flag):
+    for name in device.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flag == "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flag == "_is_avx512_bf16_supported",
+                        raising=False)
+    assert device.cpu_native_bf16() and resolve_amp("auto", CPU) == "bf16"
+    # a machine capped to AVX2 stands in for one without hardware bf16: emulated bf16 would be ~18x slower
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert device.isa_caps() == "ONEDNN_MAX_CPU_ISA=AVX2"
+    assert not device.cpu_native_bf16() and not device.cpu_has_amx() and resolve_amp("auto", CPU) == "none"
 
 
 def test_explicit_choices_on_the_cpu(monkeypatch):
