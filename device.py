@@ -108,8 +108,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     """The autocast dtype --amp gives on this device: none | bf16 | fp16.
 
     auto = bf16 on GPUs with native bf16 and on CPUs with hardware bf16 (AMX, AVX512-BF16); fp16 (with
-    the grad scaler) on older GPUs; none elsewhere. fp16 on the CPU is slower than fp32, so it is a no-op there, and MPS runs
-    fp32 unless asked (its autocast coverage differs between macOS releases).
+    the grad scaler) on older GPUs; none elsewhere. fp16 on the CPU is slower than fp32, so it is a no-op
+    there, and MPS runs fp32 unless asked (its autocast coverage differs between macOS releases).
     """
     if amp == "auto":
         if device.type == "cuda":
