@@ -66,12 +66,22 @@ class TensorImages(Dataset):
         return x, int(self.labels[i])
 
 
+def unpack_local_gz(raw: Path) -> None:
+    """Unpack MNIST files present only as .gz: torchvision reads the unpacked ones and, offline, would not unpack."""
+    from torchvision.datasets.utils import extract_archive
+
+    for gz in raw.glob("*-ubyte.gz"):
+        if not gz.with_suffix("").exists():
+            extract_archive(str(gz), str(raw))
+
+
 def load_mnist(root: str | Path, train: bool, image_size: int = 28, download: bool = True) -> TensorImages:
     """MNIST split read (or downloaded) by torchvision into memory: the same files TensorFlow used."""
     from torchvision.datasets import MNIST
 
     root = Path(root)
     try:
+        unpack_local_gz(root / "MNIST" / "raw")
         ds = MNIST(str(root), train=train, download=download)
     except (RuntimeError, OSError) as e:  # torchvision says "Dataset not found" or the download failed
         raise DataError(
