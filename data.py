@@ -7,8 +7,10 @@ the device, so that they follow the step's seed and a resumed run sees the same 
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,11 +70,16 @@ class TensorImages(Dataset):
 
 def unpack_local_gz(raw: Path) -> None:
     """Unpack MNIST files present only as .gz: torchvision reads the unpacked ones and, offline, would not unpack."""
-    from torchvision.datasets.utils import extract_archive
-
     for gz in raw.glob("*-ubyte.gz"):
-        if not gz.with_suffix("").exists():
-            extract_archive(str(gz), str(raw))
+        out = gz.with_suffix("")
+        if not out.exists():
+            tmp = out.with_name(out.name + ".part")  # a truncated .gz must not leave a file torchvision would trust
+            try:
+                with gzip.open(gz) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                tmp.replace(out)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def load_mnist(root: str | Path, train: bool, image_size: int = 28, download: bool = True) -> TensorImages:
@@ -83,7 +90,7 @@ def load_mnist(root: str | Path, train: bool, image_size: int = 28, download: bo
     try:
         unpack_local_gz(root / "MNIST" / "raw")
         ds = MNIST(str(root), train=train, download=download)
-    except (RuntimeError, OSError) as e:  # torchvision says "Dataset not found" or the download failed
+    except (RuntimeError, OSError, EOFError) as e:  # "Dataset not found", a failed download, a broken .gz
         raise DataError(
             f"MNIST not found under {root}/MNIST/raw ({str(e).splitlines()[0]}). Put the four files "
             "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), "

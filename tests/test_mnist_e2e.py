@@ -157,6 +157,18 @@ def test_local_gz_files_are_unpacked_with_or_without_download(mnist_root, tmp_pa
     assert len(data) == 10_000 and x.shape == (1, 28, 28) and -1 <= x.min() < x.max() <= 1 and y == 7
 
 
+def test_truncated_gz_gives_a_clear_error_and_no_half_unpacked_file(mnist_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (mnist_root / "MNIST" / "raw").glob("t10k-*.gz"):
+        shutil.copy(gz, raw)
+    images = raw / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:100_000])
+    with pytest.raises(DataError, match="MNIST not found"):
+        load_mnist(tmp_path, train=False, download=False)
+    assert sorted(p.name for p in raw.iterdir() if p.name.startswith("t10k-images")) == ["t10k-images-idx3-ubyte.gz"]
+
+
 def test_resize_flag_and_missing_data(mnist_root, tmp_path):
     data = load_mnist(mnist_root, train=False, image_size=32, download=False)
     assert data[0][0].shape == (1, 32, 32)
