@@ -24,16 +24,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, load_mnist
-from device import Runtime, configure_backends, cpu_class, cpu_name, isa_caps, keep_freed_memory, resolve_device
-from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier,
-                      mnist_quality, straightness)
+from device import Runtime, configure_backends, cpu_class, cpu_name, isa_caps, resolve_device
+from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
+                      straightness_of)
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
-from flow import guided_velocity
-from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, make_noise,
-                      recommended_sampler)
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, load_for_sampling
 from trainer import build, train_step
 
 
@@ -77,16 +75,16 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
             "train": asdict(cfg), "model": asdict(model_cfg), **machine()}
 
 
-def quality_rows(args: argparse.Namespace, settings: list[dict], checkpoint: str | None = None) -> list[dict]:
+def quality_rows(args: argparse.Namespace, settings: list[dict], checkpoint: str | dict | None = None) -> list[dict]:
     """Quality of each setting (solver/steps/guidance/tolerances) on one checkpoint (default --checkpoint).
 
     MNIST: accuracy + Fréchet distance in the classifier's features; with --real-dir: Inception FID.
     """
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(checkpoint or args.checkpoint)
+    loaded = load_for_sampling(checkpoint or args.checkpoint, device=args.device)
     for s in settings:  # refuse a bad guidance scale before the first setting's minutes of sampling
-        check_guidance(ckpt, s["guidance"])
-    model = model_from_checkpoint(ckpt).to(device)
+        check_guidance(loaded.ckpt, s["guidance"])
+    model = loaded.model
+    device = next(model.parameters()).device
     if getattr(args, "real_dir", None):
         real = real_stats(args.real_dir, model.config.image_size, args.n_real or args.n, args.stats_cache, device)
         floor = read_floor(Path(args.out_dir) / "fid_sizes.json", real.key, args.n)
@@ -121,21 +119,19 @@ def few_step_rows(args: argparse.Namespace) -> list[dict]:
     """Each checkpoint (1-RF, 2-RF, distilled) at Euler 1/2/4/8 NFE and at its own sampler, plus its straightness."""
     rows = []
     for path in args.checkpoints.split(","):
-        ckpt = load_checkpoint(path)
-        kind, (solver, steps, guidance) = ckpt.get("kind", "1-rectified"), recommended_sampler(ckpt)
+        loaded = load_for_sampling(path, device=args.device)
+        model, kind = loaded.model, loaded.ckpt.get("kind", "1-rectified")
+        solver, steps, guidance = loaded.solver, loaded.steps, loaded.guidance
         passes = 2 if guidance != 1.0 else 1  # a guided step costs two network evaluations
         settings = [dict(solver="euler", steps=nfe // passes, guidance=guidance) for nfe in map(int, args.nfe.split(","))
                     if nfe % passes == 0]
         if dict(solver=solver, steps=steps, guidance=guidance) not in settings:
             settings.append(dict(solver=solver, steps=steps, guidance=guidance, recommended=True))
-        device = resolve_device(args.device)
-        model = model_from_checkpoint(ckpt).to(device)
-        labels = torch.arange(10).repeat_interleave(args.n_straightness // 10).to(device)
-        noise = make_noise(len(labels), (1, 28, 28), args.seed, device)
-        straight = straightness(guided_velocity(model, labels, guidance), noise, few=(1, 2, 4, 8))
+        straight = straightness_of(model, args.n_straightness, guidance, args.seed)
         print(f"{kind}: straightness {straight['straightness']:.4f}, distance of k-step samples from the "
               f"{straight['reference_steps']}-step ones {straight['distance']}", flush=True)
-        for row in quality_rows(args, [{k: v for k, v in s.items() if k != "recommended"} for s in settings], path):
+        plain = [{k: v for k, v in s.items() if k != "recommended"} for s in settings]
+        for row in quality_rows(args, plain, loaded.ckpt):
             row.update(kind=kind, checkpoint=path, straightness=straight["straightness"], distance=straight["distance"],
                        recommended=(row["solver"], row["steps"]) == (solver, steps))
             rows.append(row)
@@ -160,11 +156,9 @@ def fid_sizes(args: argparse.Namespace) -> dict:
     compare n generated images with that same half. The real statistics of the whole folder are cached
     on the way, so `evaluate.py fid --n-real ALL` reuses them.
     """
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    solver, steps, guidance = recommended_sampler(ckpt, args.solver, args.steps, args.guidance)
-    check_guidance(ckpt, guidance)
-    model = model_from_checkpoint(ckpt).to(device)
+    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, args.device)
+    model, solver, steps, guidance = loaded.model, loaded.solver, loaded.steps, loaded.guidance
+    device = next(model.parameters()).device
     sizes, files = sorted(map(int, args.sizes.split(","))), real_files(args.real_dir, None)
     if sizes[0] < 2 or sizes[-1] > min(len(files) // 2, args.n):
         raise ValueError(f"--sizes must lie between 2 and {min(len(files) // 2, args.n)}: half of the "
@@ -227,7 +221,6 @@ def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    keep_freed_memory()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("train-speed", help="images/s of the training step")

@@ -13,15 +13,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+_kept = False  # whether keep_freed_memory has run in this process
+
 
 def keep_freed_memory() -> None:
     """Let glibc keep freed tensors for reuse instead of returning them to the OS (Linux; elsewhere nothing).
 
-    glibc serves blocks over 32 MB with mmap and unmaps them on free, so every batch of a large
-    sampling or Inception pass page-faults its activations in afresh: on 2 AVX-512 cores, sampling
-    500 CIFAR-sized images spent 6.2 of 13.3 CPU-seconds in the kernel (13.6 s wall); with mmap off
-    and trimming at 2 GB, 0.5 of 7.9 (8.0 s wall). Memory stays at its peak instead.
+    glibc serves blocks over 32 MB with mmap and unmaps them on free, so every batch of a large sampling,
+    training or Inception pass would page-fault its activations in afresh, spending up to half its CPU time
+    in the kernel (docs/cpu-performance.md). Process-wide and idempotent: sampling, training and the
+    Inception call it themselves, so a notebook gets it as the scripts do. Memory stays at its peak instead.
     """
+    global _kept
+    if _kept:
+        return
+    _kept = True
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     libc = ctypes.CDLL(name) if name else None
     if libc is not None and hasattr(libc, "mallopt"):  # musl has no mallopt
@@ -158,9 +164,19 @@ class Runtime:
         return self.rank == 0
 
 
+def launched_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) under plain python."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """The GPU of this process on its node (one GPU per rank); CPU ranks share the CPU."""
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
 def setup_runtime(device_name: str, parallel: str) -> Runtime:
     """Resolve the device; join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local_rank = launched_ranks()
     if world > 1 and parallel != "auto":
         # none would make every process rank 0 on one device, all writing the same files; dp is not DDP.
         raise ValueError(f"--parallel {parallel} cannot run under torchrun ({world} processes): "
@@ -168,9 +184,8 @@ def setup_runtime(device_name: str, parallel: str) -> Runtime:
     device = resolve_device(device_name)
     if world == 1:
         return Runtime(device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = rank_device(device, local_rank)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type == "mps":
         raise ValueError("DDP on Apple MPS is not supported: train with plain python (one process)")

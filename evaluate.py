@@ -24,14 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError
 from data import DataError, ImageFolder, TensorImages, load_mnist
-from device import keep_freed_memory, resolve_device
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
                  inception_features, real_files, real_stats, to_uint8)
 from flow import guided_velocity
-from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, check_guidance,
-                      make_noise, recommended_sampler, sample_model)
+from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, load_for_sampling,
+                      make_noise, sample_model)
 from solvers import SOLVERS, Velocity, solve
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
@@ -158,13 +157,12 @@ def straightness(v: Velocity, noise: torch.Tensor, steps: int = 64, few: tuple[i
     return {"straightness": s.item(), "reference_steps": steps, "distance": distance, "n": len(noise)}
 
 
-def straightness_of(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
-    """`evaluate.py straightness`: class-balanced seeded noise through the (guided) velocity the model samples with."""
-    cfg = model.config
-    labels = balanced_labels(args.n, cfg.num_classes).to(device) if cfg.num_classes is not None else None
-    noise = make_noise(args.n, (cfg.in_channels, cfg.image_size, cfg.image_size), args.seed, device)
-    return {**straightness(guided_velocity(model, labels, args.guidance), noise), "guidance": args.guidance,
-            "seed": args.seed, "weights": args.weights, "checkpoint": str(args.checkpoint)}
+def straightness_of(model: nn.Module, n: int, guidance: float = 1.0, seed: int = 0) -> dict:
+    """`evaluate.py straightness`: n class-balanced seeded noises through the (guided) velocity the model samples with."""
+    cfg, device = model.config, next(model.parameters()).device
+    labels = balanced_labels(n, cfg.num_classes).to(device) if cfg.num_classes is not None else None
+    noise = make_noise(n, (cfg.in_channels, cfg.image_size, cfg.image_size), seed, device)
+    return {**straightness(guided_velocity(model, labels, guidance), noise), "guidance": guidance, "seed": seed}
 
 
 def inception_scores(fake: torch.Tensor, real: torch.Tensor, weights: str | None = None, batch_size: int = 100) -> dict:
@@ -226,37 +224,39 @@ def fid_quality(model: nn.Module, real: RealStats, n: int, solver: str = DEFAULT
             "steps": steps, "nfe": samples.nfe, "guidance": guidance, "seed": seed, "seconds": samples.seconds}
 
 
-def inception_fid(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
-    """`evaluate.py fid`: the score and the protocol that produced it.
+def inception_fid(model: nn.Module, real_dir: str, n: int, solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS,
+                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500, n_real: int | None = None,
+                  stats_cache: str | None = None, inception_weights: str | None = None) -> dict:
+    """`evaluate.py fid`: the score of n generated images against n_real (default n) of real_dir, and its protocol.
 
     The real side comes first, so that a bad folder fails before minutes of sampling and a cached
     one costs nothing; class-conditional models draw the same number of images of every class.
+    inception_weights: torch-fidelity's file, scored through torchmetrics (FID and KID, nothing cached).
     """
-    cfg, n_real = model.config, args.n_real or args.n
-    if args.n < 2:
-        raise ValueError(f"--n {args.n}: the FID fits a covariance to the generated images, so it needs at least 2")
+    cfg, n_real = model.config, n_real or n
+    device = next(model.parameters()).device
+    if n < 2:
+        raise ValueError(f"--n {n}: the FID fits a covariance to the generated images, so it needs at least 2")
     # n must split evenly over the classes: refused here, before the real side's minutes of Inception
-    labels = balanced_labels(args.n, cfg.num_classes) if cfg.num_classes is not None else None
-    if args.inception_weights:  # torchmetrics + torch-fidelity's file: FID and KID, real features computed every time
-        real = real_images(args.real_dir, cfg.image_size, n_real)
-        samples = sample_model(model, args.n, labels, args.solver, args.steps, args.guidance, args.seed, args.batch_size)
-        result = {**inception_scores(samples.images, real, args.inception_weights), "nfe": samples.nfe,
+    labels = balanced_labels(n, cfg.num_classes) if cfg.num_classes is not None else None
+    if inception_weights:
+        real = real_images(real_dir, cfg.image_size, n_real)
+        samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size)
+        result = {**inception_scores(samples.images, real, inception_weights), "nfe": samples.nfe,
                   "seconds": samples.seconds,
-                  "feature_extractor": f"torchmetrics FrechetInceptionDistance, weights {args.inception_weights}"}
+                  "feature_extractor": f"torchmetrics FrechetInceptionDistance, weights {inception_weights}"}
     else:
-        stats = real_stats(args.real_dir, cfg.image_size, n_real, args.stats_cache or STATS_DIR, device)
-        result = {**fid_quality(model, stats, args.n, args.solver, args.steps, args.guidance, args.seed,
-                                args.batch_size), "feature_extractor": EXTRACTOR, "real_key": stats.key,
-                  "real_stats": str(stats.cache_file), "real_stats_cached": stats.cached}
-    per_class = args.n // cfg.num_classes if cfg.num_classes is not None else None
-    return {**result, "n": args.n, "real_dir": str(Path(args.real_dir).resolve()), "n_real": n_real,
-            "image_size": cfg.image_size, "checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights,
-            "solver": args.solver, "steps": args.steps, "guidance": args.guidance,
-            "seed": args.seed, "num_classes": cfg.num_classes, "per_class": per_class}
+        stats = real_stats(real_dir, cfg.image_size, n_real, stats_cache or STATS_DIR, device)
+        result = {**fid_quality(model, stats, n, solver, steps, guidance, seed, batch_size),
+                  "feature_extractor": EXTRACTOR, "real_key": stats.key, "real_stats": str(stats.cache_file),
+                  "real_stats_cached": stats.cached}
+    per_class = n // cfg.num_classes if cfg.num_classes is not None else None
+    return {**result, "n": n, "real_dir": str(Path(real_dir).resolve()), "n_real": n_real,
+            "image_size": cfg.image_size, "solver": solver, "steps": steps, "guidance": guidance,
+            "seed": seed, "num_classes": cfg.num_classes, "per_class": per_class}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    keep_freed_memory()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-classifier", help="train the MNIST CNN used by the metrics (training set only)")
@@ -299,12 +299,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.command == "fid" and args.inception_weights and args.stats_cache:
         raise ValueError("--stats-cache belongs to the built-in Inception; torchmetrics (--inception-weights) "
                          "caches nothing: drop one of the two")
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
     # a one-step model is measured in one step unless asked otherwise
-    args.solver, args.steps, args.guidance = recommended_sampler(ckpt, args.solver, args.steps, args.guidance)
-    check_guidance(ckpt, args.guidance)
-    model = model_from_checkpoint(ckpt, use_ema=args.weights == "ema").to(device)
+    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, args.device,
+                               use_ema=args.weights == "ema")
+    model, device, args.solver, args.steps, args.guidance = (loaded.model, next(loaded.model.parameters()).device,
+                                                             loaded.solver, loaded.steps, loaded.guidance)
     if args.command == "mnist":
         classifier, accuracy = load_classifier(args.classifier, device)
         real = load_mnist(args.data_root, train=False, download=False)
@@ -314,12 +313,15 @@ def main(argv: list[str] | None = None) -> dict:
               f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
               f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  classifier accuracy {accuracy:.2%}")
     elif args.command == "straightness":
-        result = straightness_of(model, args, device)
+        result = {**straightness_of(model, args.n, args.guidance, args.seed), "weights": args.weights,
+                  "checkpoint": str(args.checkpoint)}
         print(f"N={args.n}  guidance {args.guidance}  straightness {result['straightness']:.4f} along "
               f"{result['reference_steps']}-step Euler paths; RMS distance of k-step samples from them: "
               + ", ".join(f"k={k}: {d:.4f}" for k, d in result["distance"].items()))
     else:
-        result = inception_fid(model, args, device)
+        result = {**inception_fid(model, args.real_dir, args.n, args.solver, args.steps, args.guidance, args.seed,
+                                  args.batch_size, args.n_real, args.stats_cache, args.inception_weights),
+                  "checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights}
         kid = f"  KID {result['kid']:.4f} ± {result['kid_std']:.4f}" if "kid" in result else ""
         print(f"N={args.n} generated ({args.weights} weights, {args.solver}, {args.steps} steps, NFE {result['nfe']} "
               f"per image, guidance {args.guidance}, seed {args.seed}) vs {result['n_real']} real images of "

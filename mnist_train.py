@@ -17,7 +17,6 @@ import torch
 from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, load_mnist
-from device import keep_freed_memory
 from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, can_guide, sample_model
 from trainer import TrainConfig, check_train_config, train
 from unet import UNetConfig, check_config
@@ -91,7 +90,6 @@ def default_preset() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, load MNIST, run the shared training loop."""
-    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     print(f"preset: {preset}")

@@ -23,9 +23,7 @@ import torch
 from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, image_folder_splits, load_celeba
-from device import keep_freed_memory
-from sampling import can_guide
-from sampling import sample_from_checkpoint  # re-exported for notebooks: the seed's import path
+from sampling import can_guide, sample_from_checkpoint  # sample_from_checkpoint: re-exported, the seed's import path
 from trainer import TrainConfig, check_train_config, train
 from unet import UNetConfig, check_config
 
@@ -68,7 +66,6 @@ def default_preset() -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, build the data sets, run the shared training loop."""
-    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     check_train_config(cfg)  # impossible settings fail here, before any data is read

@@ -28,11 +28,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 from torch.utils.data import Dataset
 
-from checkpoint import CheckpointError, load_checkpoint, model_config_from, model_from_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint
 from cli import parse_configs
-from device import keep_freed_memory, resolve_device
+from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
 from flow import generate
-from sampling import DEVICE_HELP, check_guidance, check_request, make_noise, recommended_sampler
+from sampling import DEVICE_HELP, check_request, load_for_sampling, make_noise
 from solvers import SOLVERS
 from trainer import TrainConfig, check_train_config, train
 
@@ -83,18 +83,16 @@ def shard_path(out_dir: Path, index: int) -> Path:
 @torch.no_grad()
 def draw_pairs(args: argparse.Namespace) -> dict:
     """Solve the parent's ODE from seeded noise; write shards of (noise, image, label), skipping finished ones."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(args.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world, local_rank = launched_ranks()  # under torchrun each rank draws its own shards; no process group
     if args.count < 1 or args.shard_size < 1:
         raise ValueError("--count and --shard-size must be >= 1")
-    ckpt = load_checkpoint(args.checkpoint)
-    args.solver, args.steps, _ = recommended_sampler(ckpt, args.solver, args.steps)
+    device = rank_device(resolve_device(args.device), local_rank)
+    # w = 1 pairs unless asked: the parent's recorded guidance is for its users, not for its pairs
+    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, device, not args.raw_weights)
+    ckpt, model, args.solver, args.steps = loaded.ckpt, loaded.model, loaded.solver, loaded.steps
     check_request(args.count, args.batch_size, args.solver, args.steps)
-    check_guidance(ckpt, args.guidance)
     order = rectified_order(ckpt.get("kind"))
-    model = model_from_checkpoint(ckpt, use_ema=not args.raw_weights).to(device)
+    keep_freed_memory()  # pairs are drawn by flow.generate, beside sample_model
     cfg = model.config
     out_dir = Path(args.out_dir)
     manifest = {"parent": str(args.checkpoint), "parent_sha256": sha256(args.checkpoint), "parent_kind": f"{order}-rectified",
@@ -218,7 +216,6 @@ def stage(command: str, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("train", "distill"):
         return stage(argv[0], argv[1:])

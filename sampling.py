@@ -8,19 +8,23 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
 from checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
-from device import resolve_device
+from device import keep_freed_memory, resolve_device
 from flow import generate
 from solvers import check_solver
+from unet import ConditionalUNet
 
-DEFAULT_SOLVER = "midpoint"  # measured in benchmark.py: see README "Results"
+# The one rule for the sampler: a checkpoint's recorded sampler (recommended_sampler), wherever it is sampled;
+# these defaults only for a bare model or a checkpoint that records none. Why each was chosen: docs/results-mnist.md.
+DEFAULT_SOLVER = "midpoint"
 DEFAULT_STEPS = 4  # midpoint: 2 NFE per step -> 8 network evaluations per image
-DEFAULT_GUIDANCE = 1.0  # no guidance, for a bare model; checkpoints record their own (MNIST 1.1, README "Guidance")
+DEFAULT_GUIDANCE = 1.0  # no guidance
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 
 
@@ -58,6 +62,9 @@ def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device |
 
 def check_request(n: int, batch_size: int, solver: str, steps: int) -> None:
     """Raise ValueError for a request that cannot be drawn, before any checkpoint is read or noise drawn."""
+    for name, value in (("batch_size", batch_size), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if n < 1:
@@ -125,6 +132,7 @@ def sample_model(
 
     The NFE reported is the mean over batches (adaptive dopri5 varies; fixed-step solvers do not)."""
     check_request(n, batch_size, solver, steps)
+    keep_freed_memory()  # here, not only in the scripts: a notebook's sampling gets it too
     cfg = model.config
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     if labels is None and cfg.num_classes is not None:
@@ -177,54 +185,82 @@ def _label_rows(labels: torch.Tensor | None) -> list[int]:
     return values.tolist()
 
 
-def sample_checkpoint(
+@dataclass
+class Loaded:
+    """A checkpoint made ready to sample: the model on its device, the dict it came from, and the sampler to use."""
+
+    model: ConditionalUNet
+    ckpt: dict
+    solver: str
+    steps: int
+    guidance: float
+
+
+def load_for_sampling(checkpoint: str | Path | dict, solver: str | None = None, steps: int | None = None,
+                      guidance: float | None = None, device: str | torch.device | None = None,
+                      use_ema: bool = True) -> Loaded:
+    """Read a checkpoint (or take the dict load_checkpoint gave), resolve its sampler and build its model.
+
+    The one path from a file to a model that samples: solver, steps and guidance left at None take what the
+    checkpoint records (recommended_sampler); guidance is refused where training never taught the null label.
+    """
+    device = resolve_device(device)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
+    solver, steps, guidance = recommended_sampler(ckpt, solver, steps, guidance)
+    check_solver(solver, steps)
+    check_guidance(ckpt, guidance)
+    return Loaded(model_from_checkpoint(ckpt, use_ema).to(device), ckpt, solver, steps, guidance)
+
+
+def label_tensor(labels: Sequence[int | str] | torch.Tensor, class_names: list[str] | None) -> torch.Tensor:
+    """Labels as class indices (L,): integers, or class names where the checkpoint records them."""
+    if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels are class indices (integers), got a {labels.dtype} tensor")
+        return labels.long().flatten()
+    labels = list(labels)
+    names = {name: i for i, name in enumerate(class_names or [])}
+    indices = []
+    for label in labels:
+        if isinstance(label, str):
+            if label not in names:
+                known = f"one of {', '.join(names)}" if names else "class indices: this checkpoint records no class names"
+                raise ValueError(f"unknown label {label!r}: labels are {known}")
+            indices.append(names[label])
+        elif isinstance(label, int) or (isinstance(label, torch.Tensor) and label.dim() == 0):
+            indices.append(int(label))
+        else:
+            raise ValueError(f"labels are class indices (integers) or class names, got {label!r}")
+    return torch.tensor(indices, dtype=torch.long)
+
+
+def sample_from_checkpoint(
     checkpoint: str | Path | dict,
     out_path: str | Path | None = None,
     steps: int | None = None,
     batch_size: int = 4,
     solver: str | None = None,
     guidance: float | None = None,
-    labels: list[int] | torch.Tensor | None = None,
-    seed: int | None = None,
-    device: str | torch.device | None = None,
-    use_ema: bool = True,
-) -> Samples:
-    """sample_from_checkpoint, returning the Samples record; checkpoint is a path or a dict from load_checkpoint."""
-    device = resolve_device(device)
-    if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-    n = len(labels) if labels is not None else batch_size
-    check_request(n, batch_size, DEFAULT_SOLVER if solver is None else solver, DEFAULT_STEPS if steps is None else steps)
-    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
-    solver, steps, guidance = recommended_sampler(ckpt, solver, steps, guidance)
-    check_request(n, batch_size, solver, steps)
-    check_guidance(ckpt, guidance)
-    model = model_from_checkpoint(ckpt, use_ema).to(device)
-    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, device)
-    if out_path is not None:
-        save_grid(samples.images, out_path, samples.labels, ckpt.get("class_names"))
-    return samples
-
-
-def sample_from_checkpoint(
-    checkpoint_path: str | Path,
-    out_path: str | Path | None = None,
-    steps: int | None = None,
-    batch_size: int = 4,
-    solver: str | None = None,
-    guidance: float | None = None,
-    labels: list[int] | torch.Tensor | None = None,
+    labels: Sequence[int | str] | torch.Tensor | None = None,
     seed: int | None = None,
     device: str | torch.device | None = None,
     use_ema: bool = True,
 ) -> torch.Tensor:
-    """Images (B, C, H, W) in [0, 1] from a checkpoint file alone; writes a grid PNG when out_path is given.
+    """Images (B, C, H, W) in [0, 1] from a checkpoint file alone (or its dict); writes a grid PNG when out_path is given.
 
-    B is len(labels) when labels are given, else batch_size (class-conditional models then cycle
-    through their classes). solver, steps and guidance left at None take the checkpoint's recommended
-    sampler (a one-step model samples in one step), else midpoint, 4 steps, w = 1. guidance w != 1 needs
-    a class-conditional model trained with label dropout; seed None draws a random seed; device None or
-    "auto" is CUDA, then MPS, then the CPU.
+    B is len(labels) when labels are given (class indices, or class names where the checkpoint records them),
+    else batch_size (class-conditional models then cycle through their classes). solver, steps and guidance
+    left at None take the sampler the checkpoint records (a one-step model samples in one step). seed None
+    draws a random seed; device None or "auto" is CUDA, then MPS, then the CPU. For the NFE and timing of a
+    draw, use load_for_sampling and sample_model.
     """
-    return sample_checkpoint(checkpoint_path, out_path, steps, batch_size, solver, guidance, labels, seed, device,
-                             use_ema).images
+    n = len(labels) if labels is not None else batch_size
+    check_request(n, batch_size, DEFAULT_SOLVER if solver is None else solver, DEFAULT_STEPS if steps is None else steps)
+    loaded = load_for_sampling(checkpoint, solver, steps, guidance, device, use_ema)
+    class_names = loaded.ckpt.get("class_names")
+    if labels is not None:
+        labels = label_tensor(labels, class_names)
+    samples = sample_model(loaded.model, n, labels, loaded.solver, loaded.steps, loaded.guidance, seed, batch_size)
+    if out_path is not None:
+        save_grid(samples.images, out_path, samples.labels, class_names)
+    return samples.images

@@ -27,7 +27,8 @@ from budget import Budget, fit_horizon
 from checkpoint import (CheckpointError, clean_state_dict, ema_weights, load_checkpoint, model_config_from, publish,
                         save_checkpoint)
 from data import ShardedSampler
-from device import Runtime, configure_backends, resolve_amp, resolve_channels_last, resolve_compile, setup_runtime
+from device import (Runtime, configure_backends, keep_freed_memory, resolve_amp, resolve_channels_last, resolve_compile,
+                    setup_runtime)
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
 from sampling import make_noise, recommended_sampler, sample_model, save_grid
@@ -142,6 +143,7 @@ class Parts:
 
 def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
     """Model, EMA, optimizer, grad scaler and autocast for cfg on rt's device."""
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     amp = resolve_amp(cfg.amp, rt.device)
     channels_last = resolve_channels_last(cfg.channels_last, rt.device, amp)

@@ -11,7 +11,7 @@ import torch
 from checkpoint import load_checkpoint
 from device import resolve_amp
 from helpers import TINY, blobs, tiny_config
-from sampling import sample_checkpoint
+from sampling import load_for_sampling, sample_model
 from trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -76,7 +76,7 @@ def test_ddp_over_nccl_with_one_process(tmp_path):
 
 def test_sampling_on_the_gpu_matches_the_cpu(tmp_path):
     run(tmp_path)
-    gpu = sample_checkpoint(tmp_path / "best.pth", steps=4, batch_size=6, seed=3, device="cuda")
-    cpu = sample_checkpoint(tmp_path / "best.pth", steps=4, batch_size=6, seed=3, device="cpu")
+    gpu = sample_model(load_for_sampling(tmp_path / "best.pth", steps=4, device="cuda").model, 6, steps=4, seed=3)
+    cpu = sample_model(load_for_sampling(tmp_path / "best.pth", steps=4, device="cpu").model, 6, steps=4, seed=3)
     assert gpu.images.shape == (6, 1, 8, 8) and gpu.nfe == 8
     torch.testing.assert_close(gpu.images, cpu.images, rtol=0, atol=2e-3)  # the same noise: the same images

@@ -70,7 +70,7 @@ def test_mnist_test_writes_a_labelled_grid(trained, tmp_path):
                  "--solver", "heun", "--steps", "4", "--out", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "solver heun" in result.stdout and "NFE 16 per image" in result.stdout  # 4 steps x 2 x 2 passes
-    assert "guidance 1.5" in result.stdout  # on request, above the 1.1 the checkpoint records
+    assert "guidance 1.1" in result.stdout  # the sampler the checkpoint records
     width, height = Image.open(out).size
     assert height == 2 * (3 * 30 + 2) and width == 2 * (16 + 5 * 30 + 2)  # 3 rows x 5 digits, scaled 2x
 

@@ -102,7 +102,7 @@ def test_resume_is_exact(tmp_path):
 def test_weights_saved_with_wrapper_prefixes_resume_and_sample(tmp_path):
     """Checkpoints from DataParallel/DDP (module.) or torch.compile (_orig_mod.) wrappers load everywhere."""
     from checkpoint import save_checkpoint
-    from sampling import sample_checkpoint
+    from sampling import sample_from_checkpoint
 
     train(tiny_config(tmp_path / "a", epochs=1, parallel="dp"), TINY, blobs(), None)  # the DataParallel path runs
     ckpt = load_checkpoint(tmp_path / "a" / "ck" / "last.pth")
@@ -113,9 +113,9 @@ def test_weights_saved_with_wrapper_prefixes_resume_and_sample(tmp_path):
     resumed = train(tiny_config(tmp_path / "b", epochs=1, resume="auto"), TINY, blobs(), None)
     assert resumed["step"] == 6  # nothing left to train: the prefixed weights were loaded as they are
     assert all(torch.equal(resumed["model"].state_dict()[k], v) for k, v in ckpt["model_state"].items())
-    with_prefix = sample_checkpoint(tmp_path / "b" / "ck" / "last.pth", steps=2, batch_size=3, seed=0, device="cpu")
-    plain = sample_checkpoint(tmp_path / "a" / "ck" / "last.pth", steps=2, batch_size=3, seed=0, device="cpu")
-    assert torch.equal(with_prefix.images, plain.images)
+    with_prefix = sample_from_checkpoint(tmp_path / "b" / "ck" / "last.pth", steps=2, batch_size=3, seed=0, device="cpu")
+    plain = sample_from_checkpoint(tmp_path / "a" / "ck" / "last.pth", steps=2, batch_size=3, seed=0, device="cpu")
+    assert torch.equal(with_prefix, plain)
 
 
 def test_batch_smaller_than_world_is_refused(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ import torch
 import reflow
 from checkpoint import load_checkpoint
 from flow import flow_matching_loss
-from helpers import TINY, tiny_checkpoint
-from sampling import sample_checkpoint
+from helpers import tiny_checkpoint
+from sampling import load_for_sampling, sample_model
 
 PAIR_FLAGS = ["--count", "96", "--shard-size", "32", "--solver", "euler", "--steps", "2", "--batch-size", "40",
               "--device", "cpu"]
@@ -138,7 +138,8 @@ def test_mnist_pipeline_pairs_reflow_distill_then_one_step_sampling(tmp_path, mn
     d1 = load_checkpoint(tmp_path / "d1" / "best.pth")
     assert d1["kind"] == "distilled-1" and d1["train_config"]["t_grid"] == 1
     assert d1["lineage"]["parent_sha256"] == reflow.sha256(tmp_path / "rf2" / "best.pth")
-    samples = sample_checkpoint(tmp_path / "d1" / "best.pth", batch_size=10, seed=0, device="cpu")  # no sampler given
+    loaded = load_for_sampling(tmp_path / "d1" / "best.pth", device="cpu")  # no sampler given
+    samples = sample_model(loaded.model, 10, None, loaded.solver, loaded.steps, loaded.guidance, seed=0)
     assert (samples.solver, samples.steps, samples.nfe) == ("euler", 1, 1)
     assert samples.images.shape == (10, 1, 28, 28) and samples.images.std() > 0.05
 
