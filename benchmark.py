@@ -14,8 +14,11 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -181,6 +184,35 @@ def fid_sizes(args: argparse.Namespace) -> dict:
             "solver": solver, "steps": steps, "nfe": samples.nfe, "guidance": guidance, "seed": args.seed, "rows": rows}
 
 
+LIBRARY_CALL = """
+import sys, time
+start = time.perf_counter()
+from rectified_flow_train import sample_from_checkpoint
+labels = [d for d in range(10) for _ in range(int(sys.argv[2]))]
+sample_from_checkpoint(sys.argv[1], labels=labels, batch_size=256, solver="euler", steps=8, guidance=1.0, seed=0)
+"""
+
+
+def library_path(checkpoint: str, n: int) -> list[dict]:
+    """Wall and CPU seconds of one request (n digits, Euler 8, w = 1, batch 256) in a fresh process: the script
+    (mnist_test.py) against a bare import of the library (what a notebook does), which must not be slower."""
+    per_digit, rows = max(n // 10, 1), []
+    commands = {"mnist_test.py": [sys.executable, "mnist_test.py", "--checkpoint", checkpoint, "--per-digit",
+                                  str(per_digit), "--solver", "euler", "--steps", "8", "--guidance", "1",
+                                  "--out", str(Path(tempfile.mkdtemp()) / "grid.png")],
+                "sample_from_checkpoint": [sys.executable, "-c", LIBRARY_CALL, checkpoint, str(per_digit)]}
+    for name, command in commands.items():
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).parent)
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+        rows.append({"path": name, "n": 10 * per_digit, "wall_s": wall, "user_s": after.ru_utime - before.ru_utime,
+                     "system_s": after.ru_stime - before.ru_stime})
+        print(f"{name:>22}: {10 * per_digit} digits in {wall:.1f} s wall, {rows[-1]['user_s']:.1f} s user + "
+              f"{rows[-1]['system_s']:.1f} s system CPU", flush=True)
+    print(f"library / script wall time: {rows[1]['wall_s'] / rows[0]['wall_s']:.2f}")
+    return rows
+
+
 def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver") -> None:
     """Fréchet distance (or Inception FID) vs x, one line per solver (or per model kind), log-x for NFE."""
     import matplotlib
@@ -273,6 +305,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name, value in (("--n", 1000), ("--seed", 0), ("--batch-size", 500)):
         f.add_argument(name, type=int, default=value)
     f.add_argument("--device", default="auto", help=DEVICE_HELP)
+    lib = sub.add_parser("library-path", help="sample_from_checkpoint in a fresh process against mnist_test.py")
+    lib.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth")
+    lib.add_argument("--n", type=int, default=1000, help="digits per request")
+    lib.add_argument("--out", default="benchmarks/library_path.json")
     args, rest = p.parse_known_args(argv)
     if rest and args.command != "train-speed":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -303,6 +339,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out.write_text(json.dumps({"machine": machine(), **result}, indent=2))
         print(f"wrote {out}")
         return result["rows"]
+    elif args.command == "library-path":
+        rows, out = library_path(args.checkpoint, args.n), Path(args.out)
     elif args.command == "fewstep":
         rows = few_step_rows(args)
         plot(rows, "nfe", Path(args.out_dir) / "fewstep.png", f"N={args.n} per setting", group="kind")

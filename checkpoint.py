@@ -8,6 +8,7 @@ Keys: the seed's `epoch`, `model_state`, `ema_state`, `optimizer_state`, `loss`,
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import fields
@@ -96,7 +97,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} not found: train one first or pass --checkpoint PATH")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all mean "not readable"
+    except pickle.UnpicklingError as e:  # a readable file whose pickle names objects that weights-only loading refuses
+        if "weights_only" not in str(e).replace(" ", "_").lower():
+            raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint (UnpicklingError)") from e
+        raise CheckpointError(f"{path} holds pickled Python objects, not only tensors, so it was not written by this repo; "
+                              "nothing in it was run (weights-only loading refuses them)") from e
+    except Exception as e:  # truncated zip, garbage: all mean "not readable"
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or "model_state" not in ckpt:
         raise CheckpointError(f"{path} is not a Flow Image Generator checkpoint (no 'model_state')")

@@ -265,7 +265,8 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss (EMA)")
     ax.set(xlabel="optimizer step", ylabel="flow-matching MSE", yscale="log")
-    ax.legend()
+    if train or val:  # a run shorter than --log-every without validation has nothing to label
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -49,6 +49,8 @@ def test_nearby_seeds_draw_disjoint_noise_and_any_range_can_be_drawn_alone():
     (dict(labels=[]), "nothing to draw: 0 images"),
     (dict(steps=0), "steps must be >= 1 for midpoint"),
     (dict(solver="rk5"), "unknown solver 'rk5'"),
+    (dict(batch_size=2.5), "batch_size must be a whole number, got 2.5"),
+    (dict(steps=1.5), "steps must be a whole number, got 1.5"),
 ])
 def test_bad_requests_are_refused_before_the_checkpoint_is_read(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):  # the file does not exist: the request was checked first
@@ -79,3 +81,19 @@ def test_absent_device_is_a_clear_error(tmp_path):
     device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
     with pytest.raises(ValueError, match="CUDA GPU"):
         sample_from_checkpoint(tmp_path / "c.pth", device=device)
+
+
+def test_labels_may_be_class_names_where_the_checkpoint_records_them(tmp_path):
+    from checkpoint import load_checkpoint
+
+    tiny_checkpoint(tmp_path / "plain.pth")  # no class names recorded
+    with pytest.raises(ValueError, match="unknown label 'cat': labels are class indices"):
+        sample_from_checkpoint(tmp_path / "plain.pth", labels=["cat"], steps=1, device="cpu")
+    with pytest.raises(ValueError, match="labels are class indices"):
+        sample_from_checkpoint(tmp_path / "plain.pth", labels=[0.5], steps=1, device="cpu")
+    ckpt = {**load_checkpoint(tmp_path / "plain.pth"), "class_names": ["cat", "dog", "frog"]}
+    by_name = sample_from_checkpoint(ckpt, labels=["frog", "cat"], steps=1, seed=0, device="cpu")
+    by_index = sample_from_checkpoint(ckpt, labels=[2, 0], steps=1, seed=0, device="cpu")
+    assert torch.equal(by_name, by_index)
+    with pytest.raises(ValueError, match="unknown label 'bird': labels are one of cat, dog, frog"):
+        sample_from_checkpoint(ckpt, labels=["bird"], steps=1, device="cpu")

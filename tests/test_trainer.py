@@ -284,3 +284,17 @@ def test_train_speed_benchmark_configures_backends_as_training_does(monkeypatch)
     monkeypatch.setattr(benchmark, "configure_backends", lambda deterministic: calls.append(deterministic))
     row = benchmark.train_speed("mnist", ["--preset", "cpu", "--base-channels", "8", "--batch-size", "4"], steps=1, warmup=0)
     assert calls == [False] and row["images_per_s"] > 0
+
+
+def test_a_loss_plot_with_nothing_to_label_writes_no_warning(tmp_path):
+    import json
+    import warnings
+
+    from trainer import plot_losses
+
+    log = tmp_path / "log.jsonl"  # a run shorter than --log-every, without a validation set
+    log.write_text(json.dumps({"kind": "epoch", "step": 3, "loss": 0.5, "val_loss": None}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_losses(log, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
