@@ -26,7 +26,8 @@ train: setup
 	$(BIN)/python mnist_test.py --checkpoint checkpoints/flow_matching_mnist.pth --out samples/mnist_digits.png
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/ruff check .
+	DATA_ROOT=$(DATA_ROOT) $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf checkpoints samples

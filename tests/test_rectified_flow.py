@@ -28,7 +28,7 @@ def photo_run(tmp_path_factory):
 
     source = SHARED_DATA / "cifar10-test-jpg"
     if not source.is_dir():
-        pytest.skip("real photos need ../shared/data/cifar10-test-jpg")
+        pytest.skip(f"real photos need {SHARED_DATA}/cifar10-test-jpg")
     tmp = tmp_path_factory.mktemp("rf")
     for cls in ("automobile", "horse"):
         (tmp / "photos" / cls).mkdir(parents=True)
