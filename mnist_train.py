@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_set = load_mnist(data_cfg.data_root, train=False, image_size=model_cfg.image_size, download=data_cfg.download)
     val_set = torch.utils.data.Subset(val_set, range(min(data_cfg.val_size, len(val_set))))
     summary = train(cfg, model_cfg, train_set, val_set, class_names=[str(d) for d in range(10)],
-                    extra={"dataset": "mnist", "preset": preset, "sampler": mnist_sampler(model_cfg, cfg)})
+                    extra={"kind": "1-rectified", "dataset": "mnist", "preset": preset, "sampler": mnist_sampler(model_cfg, cfg)})
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary

@@ -59,15 +59,10 @@ PRESETS = {
 }
 
 
-def default_preset() -> None:
-    """No preset by default: the flags keep the seed's values (128 px)."""
-    return None
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, build the data sets, run the shared training loop."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
+    (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, None, argv, __doc__)  # no preset: the seed's 128 px
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
     check_data_flags(data_cfg, model_cfg)
@@ -81,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     if val_set is not None and len(val_set) > data_cfg.val_size:
         val_set = torch.utils.data.Subset(val_set, range(data_cfg.val_size))
     summary = train(cfg, model_cfg, train_set, val_set, class_names,
-                    extra={"dataset": data_cfg.dataset, "data_root": data_cfg.data_root, "preset": preset,
+                    extra={"kind": "1-rectified", "dataset": data_cfg.dataset, "data_root": data_cfg.data_root, "preset": preset,
                            "sampler": folder_sampler(model_cfg, cfg)})
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")

@@ -129,6 +129,8 @@ def draw_pairs(args: argparse.Namespace) -> dict:
 class Pairs(Dataset):
     """Reflow pairs as training items (image x1 in [-1, 1], label, noise x0); held-out pairs for validation."""
 
+    paired = True  # the trainer refuses --hflip: a flipped image is not the pair of its noise
+
     def __init__(self, x1: torch.Tensor, y: torch.Tensor, x0: torch.Tensor):
         self.x1, self.y, self.x0 = x1, y, x0
 

@@ -27,8 +27,8 @@ from budget import Budget, fit_horizon
 from checkpoint import (CheckpointError, clean_state_dict, ema_weights, load_checkpoint, model_config_from, publish,
                         save_checkpoint)
 from data import ShardedSampler
-from device import (Runtime, configure_backends, keep_freed_memory, resolve_amp, resolve_channels_last, resolve_compile,
-                    setup_runtime)
+from device import (Runtime, configure_backends, keep_freed_memory, launched_ranks, resolve_amp, resolve_channels_last,
+                    resolve_compile, setup_runtime)
 from ema import EMA
 from flow import T_SCHEDULES, flow_matching_loss, interpolate
 from sampling import make_noise, recommended_sampler, sample_model, save_grid
@@ -146,6 +146,8 @@ def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
     keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     amp = resolve_amp(cfg.amp, rt.device)
+    if cfg.amp == "fp16" and amp == "none" and rt.main:
+        print("--amp fp16: the CPU has no fast fp16 autocast (slower than fp32), so this run trains in fp32")
     channels_last = resolve_channels_last(cfg.channels_last, rt.device, amp)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = ConditionalUNet(model_cfg).to(rt.device, memory_format=memory_format)
@@ -336,16 +338,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: Dataset | None,
                  class_names: list[str] | None, extra: dict | None):
-        check_train_config(cfg)
+        check_train_config(cfg, launched_ranks()[1])  # before joining a process group
         self.rt = setup_runtime(cfg.device, cfg.parallel)
-        check_train_config(cfg, self.rt.world)
         configure_backends(cfg.deterministic)
         self.cfg, self.model_cfg, self.val_set, self.class_names, self.extra = cfg, model_cfg, val_set, class_names, extra or {}
         self.say = tqdm.write if self.rt.main else (lambda text: None)  # tqdm.write: a line above the bar, not on it
         self.out_dir = Path(cfg.out_dir)
         self.best_path, self.sample_dir = output_path(cfg.checkpoint, cfg), output_path(cfg.sample_dir, cfg)
         self.conditional = model_cfg.num_classes is not None
-        if cfg.hflip and len(train_set[0]) == 3:
+        if cfg.hflip and getattr(train_set, "paired", False):
             raise ValueError("--hflip cannot be used with reflow pairs: a flipped image is not the pair of its noise")
         self.parts = build(cfg, model_cfg, self.rt)
         self.per_rank = cfg.batch_size // self.rt.world
@@ -362,7 +363,6 @@ class Trainer:
         self.fitted, self.reported = False, 0  # whether the horizon was fitted to the minutes; the last one printed
         self.set_horizon(cfg.epochs * self.sampler.batches)  # under a budget: until the first fit
         self.step, self.best_val, self.loss = 0, math.inf, math.nan
-        self.written: list[Path] = []
 
     @property
     def epoch(self) -> int:
@@ -445,7 +445,7 @@ class Trainer:
             "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
             "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
             "model_config": asdict(self.model_cfg), "train_config": asdict(self.cfg), "class_names": self.class_names,
-            "kind": "1-rectified", **self.extra,  # reflow.py names its stages in extra
+            **self.extra,  # kind, sampler, lineage: named by the script that trains
         }
 
     def save_last(self, reason: str) -> None:
@@ -518,7 +518,7 @@ class Trainer:
             lr = learning_rate(cfg, self.step, self.schedule_steps)
             loss_sum += train_step(parts, cfg, x, y, self.step, rt.rank, lr, x0)
             self.step += 1
-            if self.step % cfg.log_every == 0:  # the only host sync in the loop
+            if self.step % cfg.log_every == 0:  # a host sync; besides it, only DDP's per-step stop check syncs
                 total = global_mean(loss_sum, rt)
                 mean, window_start, window_sum = (total - window_sum) / (self.step - window_start), self.step, total
                 bar.set_postfix(loss=f"{mean:.4f}")
