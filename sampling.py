@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,7 @@ def label_tensor(labels: Sequence[int | str] | torch.Tensor, class_names: list[s
                 known = f"one of {', '.join(names)}" if names else "class indices: this checkpoint records no class names"
                 raise ValueError(f"unknown label {label!r}: labels are {known}")
             indices.append(names[label])
-        elif isinstance(label, int) or (isinstance(label, torch.Tensor) and label.dim() == 0):
+        elif isinstance(label, numbers.Integral) or (isinstance(label, torch.Tensor) and label.dim() == 0):
             indices.append(int(label))
         else:
             raise ValueError(f"labels are class indices (integers) or class names, got {label!r}")
