@@ -185,8 +185,7 @@ def fid_sizes(args: argparse.Namespace) -> dict:
 
 
 LIBRARY_CALL = """
-import sys, time
-start = time.perf_counter()
+import sys
 from rectified_flow_train import sample_from_checkpoint
 labels = [d for d in range(10) for _ in range(int(sys.argv[2]))]
 sample_from_checkpoint(sys.argv[1], labels=labels, batch_size=256, solver="euler", steps=8, guidance=1.0, seed=0)
