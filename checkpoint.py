@@ -97,8 +97,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} not found: train one first or pass --checkpoint PATH")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # a readable file whose pickle names objects that weights-only loading refuses
-        if "weights_only" not in str(e).replace(" ", "_").lower():
+    except pickle.UnpicklingError as e:  # garbage, or a pickle naming objects that weights-only loading refuses
+        if "Unsupported global" not in str(e):
             raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint (UnpicklingError)") from e
         raise CheckpointError(f"{path} holds pickled Python objects, not only tensors, so it was not written by this repo; "
                               "nothing in it was run (weights-only loading refuses them)") from e

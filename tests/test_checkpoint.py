@@ -63,6 +63,9 @@ def test_truncated_foreign_and_missing_files(tmp_path):
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "cut.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint\n")  # unpickles as garbage, not as refused objects
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "text.pth")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pth")
     with pytest.raises(CheckpointError, match="not a Flow Image Generator checkpoint"):
         load_checkpoint(tmp_path / "foreign.pth")
