@@ -3,6 +3,12 @@
 Path: x_t = (1-t)·x0 + t·x1 with x0 ~ N(0, I) noise at t=0 and x1 data at t=1; target v = x1 - x0.
 Guidance scale w: v = v_uncond + w·(v_cond - v_uncond); w = 1 is plain conditional sampling,
 w = 0 unconditional, w > 1 pushes samples towards their class.
+
+MeanFlow (Geng et al. 2025, arXiv 2505.13447) trains the average velocity u(x_t, t, t_end) =
+1/(t_end - t)·∫_t^t_end v(x_s, s) ds instead, so that one jump x_1 = x_0 + u(x_0, 0, 1) samples.
+The paper runs time from data (0) to noise (1); in this repo's direction its identity (Eq. 6) reads
+u(x_t, t, t_end) = v(x_t, t) + (t_end - t)·d/dt u(x_t, t, t_end), with the total derivative
+d/dt u = v·∂_x u + ∂_t u along the path (t_end held fixed).
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from torch import nn
 from solvers import solve
 
 T_SCHEDULES = ("uniform", "logit-normal")
+OBJECTIVES = ("flow-matching", "meanflow")
+ADAPTIVE_WEIGHT_EPS = 1e-3  # c in the adaptive loss weight 1 / (||Δ||² + c)^p (the paper's value)
 
 
 def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cpu", grid: int = 0) -> torch.Tensor:
@@ -60,6 +68,71 @@ def flow_matching_loss(
     return F.mse_loss(v.float(), (x1 - x0).float())
 
 
+def mean_flow_times(n: int, share: float, mu: float, sigma: float, device: torch.device | str = "cpu"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, t_end), each (n,): two logit-normal(mu, sigma) times sorted, t <= t_end, for the first round(share·n)
+    items; t_end = t for the rest (there the loss is plain flow matching). A fixed count keeps shapes fixed."""
+    times = torch.sigmoid(mu + sigma * torch.randn(2, n, device=device))
+    t, t_end = times.min(0).values, times.max(0).values
+    k = round(share * n)
+    return t, torch.cat([t_end[:k], t[k:]])
+
+
+def total_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, y: torch.Tensor | None,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, du/dt) at x (B, C, H, W), t, t_end (B,): u = model(x, t, y, t_end) and its derivative along dx/dt = v with
+    t_end fixed, d/dt u = v·∂_x u + ∂_t u, by one forward-mode JVP with tangent (v, 1) in (x, t)."""
+    return torch.func.jvp(lambda x, t: model(x, t, y, t_end), (x, t), (v, torch.ones_like(t)))
+
+
+def mean_flow_loss(
+    net: nn.Module,
+    x1: torch.Tensor,
+    y: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    label_dropout: float = 0.1,
+    x0: torch.Tensor | None = None,
+    jvp_model: nn.Module | None = None,
+    share: float = 0.25,
+    mu: float = 0.4,
+    sigma: float = 1.0,
+    weight_power: float = 1.0,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """MeanFlow loss (Geng et al. 2025, Eq. 9 and 10) for data x1: (B, C, H, W) in [-1, 1]:
+    ||u(x_t, t, t_end) - sg(v + (t_end - t)·du/dt)||², weighted by sg(1 / (||Δ||² + c)^p) per image (p = 0: MSE).
+
+    The total derivative du/dt is one forward-mode JVP with tangent (v, 1) in (x, t), in fp32 and without
+    autograd on jvp_model (the plain module: torch.func cannot go through DDP or compile wrappers, and the
+    target is stop-gradient anyway); only the items with t_end > t need it. net (the wrapped model, under the
+    caller's autocast) gives the prediction that gradients flow through. guidance w != 1 folds classifier-free
+    guidance into the target (the paper's Eq. 13-14): v becomes w·v + (1 - w)·u(x_t, t, t | no label) for the
+    items that kept their label, so one network evaluation samples guided. mu, sigma: logit-normal times in this
+    repo's direction (the paper's lognorm(-0.4, 1.0) is mu = 0.4 here).
+    """
+    jvp_model = jvp_model or net
+    x0 = torch.randn_like(x1) if x0 is None else x0
+    t, t_end = mean_flow_times(x1.shape[0], share, mu, sigma, x1.device)
+    if y is not None and label_dropout > 0:
+        y = drop_labels(y, label_dropout, null_class=num_classes)
+    xt = interpolate(x0, x1, t)
+    v = (x1 - x0).float()
+    with torch.no_grad(), torch.autocast(x1.device.type, enabled=False):
+        if guidance != 1.0 and y is not None:
+            kept = (y != num_classes).view(-1, 1, 1, 1)
+            v_uncond = jvp_model(xt.float(), t, torch.full_like(y, num_classes)).float()
+            v = torch.where(kept, guidance * v + (1 - guidance) * v_uncond, v)
+        target = v.clone()
+        k = round(share * x1.shape[0])  # the items with t_end > t come first (mean_flow_times)
+        if k:
+            yk = y[:k] if y is not None else None
+            _, du_dt = total_derivative(jvp_model, xt[:k].float(), t[:k], t_end[:k], yk, v[:k])
+            target[:k] += (t_end[:k] - t[:k]).view(-1, 1, 1, 1) * du_dt.float()
+    error = (net(xt, t, y, t_end).float() - target).square().flatten(1).mean(1)  # per image
+    weight = 1 / (error.detach() + ADAPTIVE_WEIGHT_EPS) ** weight_power
+    return (weight * error).mean()
+
+
 def is_guided(y: torch.Tensor | None, guidance: float) -> bool:
     """Whether sampling runs the unconditional pass too: labels given and w != 1."""
     return y is not None and guidance != 1.0
@@ -73,12 +146,14 @@ def guided_velocity(model: nn.Module, y: torch.Tensor | None, guidance: float = 
     if y is None and guidance != 1.0:
         raise ValueError(f"guidance {guidance} needs a class-conditional model; this one is unconditional (use 1)")
 
-    def v(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def v(t: torch.Tensor, x: torch.Tensor, t_end: torch.Tensor | None = None) -> torch.Tensor:
         tb = t.expand(x.shape[0]).to(x.dtype)
+        eb = t_end.expand(x.shape[0]).to(x.dtype) if t_end is not None else None  # meanflow: the jump's end
         if not is_guided(y, guidance):
-            return model(x, tb, y)
+            return model(x, tb, y, eb) if eb is not None else model(x, tb, y)
         null = torch.full_like(y, num_classes)
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).chunk(2)
+        pair = (torch.cat([eb, eb]),) if eb is not None else ()
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null]), *pair).chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
 
     return v
@@ -99,5 +174,8 @@ def generate(
 
     NFE counts network evaluations per image: a guided velocity is two (cond + uncond), though batched as one call.
     """
+    if solver == "meanflow" and not getattr(model.config, "average_velocity", False):
+        raise ValueError("solver meanflow jumps along average velocities: this model predicts the velocity only "
+                         "(train with --objective meanflow, or sample with euler, midpoint, heun, rk4 or dopri5)")
     x, calls = solve(guided_velocity(model, labels, guidance), noise, solver, steps, rtol, atol)
     return x.clamp(-1, 1), calls * (2 if is_guided(labels, guidance) else 1)

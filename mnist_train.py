@@ -17,8 +17,8 @@ import torch
 from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, load_mnist
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, can_guide, sample_model
-from trainer import TrainConfig, check_train_config, train
+from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MEANFLOW_SAMPLER, can_guide, sample_model
+from trainer import TrainConfig, check_train_config, run_kind, train
 from unet import UNetConfig, check_config
 
 
@@ -59,6 +59,8 @@ def mnist_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> dict:
     Mild guidance measured better than none on both metrics, on five CPU-preset checkpoints at N = 4,000
     (README, Guidance): class accuracy 97.2-97.6% vs 95.4-96.2%, Fréchet distance 15.6-20.7 vs 18.3-24.6.
     """
+    if cfg.objective == "meanflow":
+        return dict(MEANFLOW_SAMPLER)
     guided = can_guide(model_cfg.num_classes, cfg.label_dropout)
     return {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "guidance": 1.1 if guided else 1.0}
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_set = load_mnist(data_cfg.data_root, train=False, image_size=model_cfg.image_size, download=data_cfg.download)
     val_set = torch.utils.data.Subset(val_set, range(min(data_cfg.val_size, len(val_set))))
     summary = train(cfg, model_cfg, train_set, val_set, class_names=[str(d) for d in range(10)],
-                    extra={"kind": "1-rectified", "dataset": "mnist", "preset": preset, "sampler": mnist_sampler(model_cfg, cfg)})
+                    extra={"kind": run_kind(cfg), "dataset": "mnist", "preset": preset, "sampler": mnist_sampler(model_cfg, cfg)})
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary

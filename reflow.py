@@ -188,6 +188,9 @@ def stage(command: str, argv: list[str]) -> dict:
     check_train_config(cfg)
     if cfg.t_grid:
         raise ValueError("--t-grid is set by `reflow.py distill --k`")
+    if cfg.objective != "flow-matching":
+        raise ValueError("reflow and distillation train velocities on pairs: --objective meanflow trains one-step "
+                         "models from data (mnist_train.py, rectified_flow_train.py)")
     train_set, val_set, manifest = load_pairs(data.pairs, data.val_size)
     init_from = manifest["parent"] if cfg.init_from == "parent" else cfg.init_from
     if command == "distill" and cfg.init_from == "parent":

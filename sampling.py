@@ -27,6 +27,9 @@ DEFAULT_SOLVER = "midpoint"
 DEFAULT_STEPS = 4  # midpoint: 2 NFE per step -> 8 network evaluations per image
 DEFAULT_GUIDANCE = 1.0  # no guidance
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+# what --objective meanflow checkpoints record: one jump along the average velocity from noise to data, 1 NFE
+# (guidance, where wanted, is folded into training by --mf-guidance; why: docs/meanflow.md)
+MEANFLOW_SAMPLER = {"solver": "meanflow", "steps": 1, "guidance": 1.0}
 
 
 @dataclass

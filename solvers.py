@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (t: 0-dim tensor, x: (B, ...)) -> (B, ...)
+# (t: 0-dim tensor, x: (B, ...)[, t_end: 0-dim tensor]) -> (B, ...); t_end only for average velocities (meanflow)
+Velocity = Callable[..., torch.Tensor]
 
 
 def euler(v: Velocity, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
@@ -50,8 +51,16 @@ def rk4(v: Velocity, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
     return x
 
 
-FIXED_STEP = {"euler": euler, "midpoint": midpoint, "heun": heun, "rk4": rk4}
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}  # velocity evaluations per fixed step
+def meanflow(u: Velocity, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """Jumps along the average velocity over each step: x += h·u(t, x, t + h) (Geng et al. 2025, Eq. 12); exact for
+    an exact average velocity, whatever the step. 1 NFE per step; needs a model trained with --objective meanflow."""
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * u(t, x, t_next)
+    return x
+
+
+FIXED_STEP = {"euler": euler, "midpoint": midpoint, "heun": heun, "rk4": rk4, "meanflow": meanflow}
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "meanflow": 1}  # velocity evaluations per fixed step
 ADAPTIVE = ("dopri5",)  # handed to torchdiffeq
 SOLVERS = tuple(FIXED_STEP) + ADAPTIVE
 
@@ -76,10 +85,10 @@ def solve(
     check_solver(solver, steps)
     nfe = 0
 
-    def counted(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def counted(t: torch.Tensor, x: torch.Tensor, *t_end: torch.Tensor) -> torch.Tensor:
         nonlocal nfe
         nfe += 1
-        return v(t, x)
+        return v(t, x, *t_end)
 
     if solver in FIXED_STEP:
         ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).to(x0.device, x0.dtype)

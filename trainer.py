@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,8 +30,8 @@ from data import ShardedSampler
 from device import (Runtime, configure_backends, keep_freed_memory, launched_ranks, resolve_amp, resolve_channels_last,
                     resolve_compile, setup_runtime)
 from ema import EMA
-from flow import T_SCHEDULES, flow_matching_loss, interpolate
-from sampling import make_noise, recommended_sampler, sample_model, save_grid
+from flow import OBJECTIVES, T_SCHEDULES, flow_matching_loss, interpolate, mean_flow_loss
+from sampling import can_guide, make_noise, recommended_sampler, sample_model, save_grid
 from solvers import NFE_PER_STEP
 from unet import ConditionalUNet, UNetConfig
 
@@ -54,7 +54,13 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # EMA decay (with warm-up), used for sampling and validation
     label_dropout: float = 0.1  # share of labels replaced by the null token (classifier-free guidance)
-    t_schedule: str = "uniform"  # training-time distribution: uniform | logit-normal
+    t_schedule: str = "uniform"  # training-time distribution: uniform | logit-normal (flow matching; meanflow has its own)
+    objective: str = "flow-matching"  # flow-matching | meanflow (average velocities: one-step sampling from this one run)
+    mf_share: float = 0.25  # meanflow: share of each batch with t_end > t; the rest trains u(x, t, t) = v as flow matching
+    mf_mu: float = 0.4  # meanflow: logit-normal mean of the two times (the paper's lognorm(-0.4, 1) in this repo's time direction)
+    mf_sigma: float = 1.0  # meanflow: logit-normal standard deviation of the two times
+    mf_weight_power: float = 1.0  # meanflow: adaptive loss weight 1 / (||error||^2 + 1e-3)^p per image; 0 = plain MSE
+    mf_guidance: float = 1.0  # meanflow: guidance scale folded into the training target, so one pass samples guided; 1 = none
     t_grid: int = 0  # 0 = continuous t; k = t in {0, 1/k, ..., (k-1)/k}: trains a k-step Euler map (distillation)
     hflip: bool = False  # random horizontal flips (not for digits)
     seed: int = 0  # seeds data order, noise, times and dropout
@@ -80,6 +86,16 @@ class TrainConfig:
     time_limit: float = 0.0  # minutes the whole run may take at most: the planned epochs, or an earlier end (the LR decay fitted to it) if they would not fit; caps --time-budget too; 0 = off
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint was saved (a ValueError, so the
+    scripts print it as one line)."""
+
+
+def run_kind(cfg: TrainConfig) -> str:
+    """The kind a training script's checkpoints record: meanflow, or a first rectified flow."""
+    return "meanflow" if cfg.objective == "meanflow" else "1-rectified"
+
+
 def output_path(template: str, cfg: TrainConfig) -> Path:
     """A path flag with {out_dir} filled in."""
     return Path(template.replace("{out_dir}", cfg.out_dir))
@@ -97,7 +113,7 @@ def flag(name: str) -> str:
 
 def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     """Reject settings that would fail later (deep inside torch) or silently do nothing; world = processes."""
-    choices = {"t_schedule": T_SCHEDULES, "lr_schedule": LR_SCHEDULES, "amp": ("none", "bf16", "fp16", "auto"),
+    choices = {"t_schedule": T_SCHEDULES, "objective": OBJECTIVES, "lr_schedule": LR_SCHEDULES, "amp": ("none", "bf16", "fp16", "auto"),
                "channels_last": ("on", "off", "auto"), "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -110,9 +126,15 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
             raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
-    for name in ("ema_decay", "label_dropout"):
+    for name in ("ema_decay", "label_dropout", "mf_share"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
+    if not (cfg.mf_sigma > 0 and cfg.mf_weight_power >= 0 and cfg.mf_guidance >= 0):
+        raise ValueError(f"--mf-sigma must be > 0, --mf-weight-power and --mf-guidance >= 0 (got {cfg.mf_sigma}, "
+                         f"{cfg.mf_weight_power}, {cfg.mf_guidance})")
+    if cfg.objective == "meanflow" and cfg.t_grid:
+        raise ValueError("--t-grid (k-step distillation) trains a velocity at k times; --objective meanflow "
+                         "trains average velocities: use one of the two")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes (one batch share each)")
 
@@ -177,8 +199,12 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
     for group in parts.optimizer.param_groups:
         group["lr"] = cfg.lr if lr is None else lr
     with parts.autocast:
-        loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, cfg.t_schedule,
-                                  x0, cfg.t_grid)
+        if cfg.objective == "meanflow":  # the JVP runs on the plain module (parts.model), the loss through parts.net
+            loss = mean_flow_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, x0, parts.model,
+                                  cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, cfg.mf_weight_power, cfg.mf_guidance)
+        else:
+            loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout,
+                                      cfg.t_schedule, x0, cfg.t_grid)
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
@@ -346,6 +372,13 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.best_path, self.sample_dir = output_path(cfg.checkpoint, cfg), output_path(cfg.sample_dir, cfg)
         self.conditional = model_cfg.num_classes is not None
+        if model_cfg.average_velocity and cfg.objective != "meanflow":
+            raise ValueError("--average-velocity is set by --objective meanflow; flow matching trains the velocity only")
+        if cfg.objective == "meanflow":  # the U-Net takes the jump's end time too
+            self.model_cfg = model_cfg = replace(model_cfg, average_velocity=True)
+        if cfg.mf_guidance != 1 and cfg.objective == "meanflow" and not can_guide(model_cfg.num_classes, cfg.label_dropout):
+            raise ValueError(f"--mf-guidance {cfg.mf_guidance} folds classifier-free guidance into training: it needs "
+                             "classes and --label-dropout > 0 (the unconditional velocity it guides against)")
         if cfg.hflip and getattr(train_set, "paired", False):
             raise ValueError("--hflip cannot be used with reflow pairs: a flipped image is not the pair of its noise")
         self.parts = build(cfg, model_cfg, self.rt)
@@ -506,6 +539,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, self.step - epoch * self.sampler.batches)
         parts.net.train()
         loss_sum, window_start, window_sum = torch.zeros((), device=rt.device), self.step, 0.0
+        first_bad = torch.full((), -1, device=rt.device)  # the first step whose loss was not finite, kept on the device
         last_save = time.monotonic()
         self.epoch_start = time.perf_counter()
         if self.budget:
@@ -516,10 +550,13 @@ class Trainer:
             y = y.to(rt.device, non_blocking=True) if self.conditional else None
             x0 = pair[0].to(rt.device, non_blocking=True) if pair else None
             lr = learning_rate(cfg, self.step, self.schedule_steps)
-            loss_sum += train_step(parts, cfg, x, y, self.step, rt.rank, lr, x0)
+            loss = train_step(parts, cfg, x, y, self.step, rt.rank, lr, x0)
+            first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, self.step + 1)
+            loss_sum += loss
             self.step += 1
             if self.step % cfg.log_every == 0:  # a host sync; besides it, only DDP's per-step stop check syncs
                 total = global_mean(loss_sum, rt)
+                self.check_finite(total, first_bad, window_start)
                 mean, window_start, window_sum = (total - window_sum) / (self.step - window_start), self.step, total
                 bar.set_postfix(loss=f"{mean:.4f}")
                 if log:
@@ -535,16 +572,30 @@ class Trainer:
             if stop.agreed(rt) or self.step >= self.total_steps:
                 bar.close()
                 self.loss = global_mean(loss_sum, rt) / (self.step - first)
+                self.check_finite(self.loss, first_bad, first)
                 self.save_last("Ctrl-C" if stop.requested else "stopped by --max-steps")
                 return False
             if rt.main and cfg.save_every and time.monotonic() - last_save >= 60 * cfg.save_every:
                 self.loss = loss_sum.item() / (self.step - first)  # rank 0's share: no collective off the common path
-                self.save_last("periodic save")
+                if math.isfinite(self.loss):  # (else the next log step stops every rank together)
+                    self.save_last("periodic save")
                 last_save = time.monotonic()
         bar.close()
         self.loss = global_mean(loss_sum, rt) / max(self.step - first, 1)
+        self.check_finite(self.loss, first_bad, first)
         self.epoch_seconds, self.epoch_steps = time.perf_counter() - self.epoch_start, self.step - first
         return True
+
+    def check_finite(self, loss: float, first_bad: torch.Tensor, since: int) -> None:
+        """Stop the run, saving nothing more, once a loss is NaN or infinite: the weights after it are lost."""
+        if math.isfinite(loss):
+            return
+        step = int(first_bad)
+        where = f"at step {step}" if step > 0 else f"on another process, between steps {since + 1} and {self.step}"
+        last = self.out_dir / "last.pth"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise TrainingDiverged(f"the training loss became {loss} {where}: stopped, and {kept}. A lower --lr, "
+                               "--grad-clip or (meanflow) a lower --mf-share or --mf-weight-power may keep it finite")
 
     def end_epoch(self, log) -> None:
         """Validate (all ranks), then on rank 0: log, save the epoch, publish last/best, draw a grid, plot."""

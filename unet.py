@@ -1,4 +1,5 @@
-"""Conditional U-Net that predicts the rectified-flow velocity v(x_t, t, y)."""
+"""Conditional U-Net that predicts the rectified-flow velocity v(x_t, t, y), or with `average_velocity` the
+MeanFlow average velocity u(x_t, t, t_end, y) over [t, t_end] (u(x_t, t, t, y) is the velocity v)."""
 from __future__ import annotations
 
 import math
@@ -25,6 +26,7 @@ class UNetConfig:
     num_classes: int | None = 10  # None = unconditional; index num_classes is the "no label" token
     head_channels: int = 32  # channels per attention head
     upsample_conv: bool = True  # a 3x3 conv after each nearest upsampling (off: the next ResBlock's conv does the mixing)
+    average_velocity: bool = False  # also embed the interval t_end - t: u(x_t, t, t_end) over [t, t_end] (MeanFlow; set by --objective)
 
 
 class TimeEmbedding(nn.Module):
@@ -37,10 +39,10 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: (B,) -> (B, dim)."""
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
+        half, dtype = self.freq_dim // 2, self.mlp[0].weight.dtype  # fp32 (under autocast too), or fp64 in tests
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=dtype) / half)
         # Scale t to [0, 1000] so the usual diffusion frequencies resolve small steps in t.
-        args = 1000 * t.float()[:, None] * freqs[None]
+        args = 1000 * t.to(dtype)[:, None] * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=1))
 
 
@@ -110,6 +112,8 @@ class ConditionalUNet(nn.Module):
         self.config = cfg
         ch, emb_dim = cfg.base_channels, 4 * cfg.base_channels
         self.time_embed = TimeEmbedding(emb_dim)
+        # MeanFlow (Geng et al. 2025, Table 1c) embeds (t, t - r); here (t, t_end - t), which is 0 for the velocity
+        self.interval_embed = TimeEmbedding(emb_dim) if cfg.average_velocity else None
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
         self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
@@ -145,14 +149,21 @@ class ConditionalUNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity (B, C, H, W) at x_t; y may hold num_classes (the null token) for guidance."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                t_end: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity (B, C, H, W) at x_t, or with t_end (B,) the average velocity over [t, t_end] (None: t_end = t);
+        y may hold num_classes (the null token) for guidance."""
         if (y is None) != (self.class_embed is None):
             raise ValueError(
                 "labels y must be given exactly when the model is class-conditional "
                 f"(num_classes={self.config.num_classes}, y {'missing' if y is None else 'given'})"
             )
         emb = self.time_embed(t)
+        if self.interval_embed is not None:
+            emb = emb + self.interval_embed(torch.zeros_like(t) if t_end is None else t_end - t)
+        elif t_end is not None:
+            raise ValueError("this model predicts the velocity at t only: an end time t_end needs a model trained "
+                             "with --objective meanflow")
         if y is not None:
             emb = emb + self.class_embed(y)
 

@@ -1,7 +1,7 @@
 """Run under torchrun by test_trainer.py (gloo, CPU) and test_cuda.py (NCCL): train the tiny model with DDP,
 then save each rank's weights and logged loss so the test can check that the ranks stayed in step.
 
-    python -m torch.distributed.run --nproc_per_node=N tests/ddp_worker.py OUT_DIR [cpu|cuda [BUDGET_MINUTES]]
+    python -m torch.distributed.run --nproc_per_node=N tests/ddp_worker.py OUT_DIR [cpu|cuda [BUDGET_MINUTES [OBJECTIVE]]]
 """
 import sys
 from pathlib import Path
@@ -20,6 +20,7 @@ if __name__ == "__main__":
     tmp = Path(sys.argv[1])
     device = sys.argv[2] if len(sys.argv) > 2 else "auto"
     budget = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-    cfg = tiny_config(tmp, epochs=2, batch_size=16, device=device, time_budget=budget)
+    objective = sys.argv[4] if len(sys.argv) > 4 else "flow-matching"
+    cfg = tiny_config(tmp, epochs=2, batch_size=16, device=device, time_budget=budget, objective=objective)
     summary = train(cfg, TINY, blobs(), blobs(24, seed=1))
     torch.save({"weights": summary["model"].state_dict(), "loss": summary["loss"]}, tmp / f"rank{os.environ['RANK']}.pt")

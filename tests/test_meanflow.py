@@ -1,0 +1,211 @@
+"""MeanFlow: the JVP's total derivative, the average-velocity identity on a closed-form field, the loss's
+limits, one-step sampling from the checkpoint alone, DDP, exact resume and the stop on a non-finite loss."""
+import math
+import os
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+
+import flow
+import trainer
+from checkpoint import load_checkpoint
+from flow import flow_matching_loss, mean_flow_loss, total_derivative
+from helpers import TINY, assert_same_weights, blobs, tiny_config
+from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_from_checkpoint, sample_model
+from test_trainer import run_ddp_worker
+from trainer import train
+from unet import ConditionalUNet
+
+MF = replace(TINY, average_velocity=True, dropout=0.0)  # no dropout: the same function in every call
+
+
+def mf_model(seed: int = 0) -> ConditionalUNet:
+    """A tiny average-velocity U-Net with every layer away from its zero initialisation."""
+    torch.manual_seed(seed)
+    model = ConditionalUNet(MF).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_the_jvp_is_the_total_derivative_along_the_path():
+    """du/dt = v·∂_x u + ∂_t u (t_end fixed) equals a central finite difference along (x + s·v, t + s)."""
+    model = mf_model()
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t, t_end, y = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64), torch.full((4,), 0.9, dtype=torch.float64), torch.arange(4) % 3
+    with torch.no_grad():
+        u, du_dt = total_derivative(model, x, t, t_end, y, v)
+        assert torch.allclose(u, model(x, t, y, t_end))
+        assert du_dt.abs().max() > 1e-2  # not trivially zero
+
+        def error(eps: float) -> float:
+            fd = (model(x + eps * v, t + eps, y, t_end) - model(x - eps * v, t - eps, y, t_end)) / (2 * eps)
+            return ((fd - du_dt).abs().max() / du_dt.abs().max()).item()
+
+        # the central difference converges to the JVP as eps² (the time embedding's high frequencies need small eps)
+        assert error(1e-6) < 1e-6
+        assert error(1e-5) / error(1e-6) == pytest.approx(100, rel=0.1)
+
+
+class LinearODE(torch.nn.Module):
+    """dx/dt = a·x: the average velocity over [t, t_end] is x·(e^{a h} - 1)/h with h = t_end - t (a at h = 0)."""
+
+    config = MF
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x, t, y=None, t_end=None):
+        h = (t_end - t).view(-1, 1, 1, 1) if t_end is not None else torch.zeros(len(x), 1, 1, 1, dtype=x.dtype)
+        factor = torch.where(h > 0, torch.expm1(self.a * h) / h.clamp_min(1e-12), torch.full_like(h, self.a))
+        return x * factor
+
+
+def test_the_mean_flow_identity_holds_for_a_closed_form_average_velocity():
+    """u(x_t, t, t_end) = v(x_t, t) + (t_end - t)·du/dt (Eq. 6 in this repo's time direction), and one jump
+    with the average velocity lands where the ODE does."""
+    field, a = LinearODE(-1.3), -1.3
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    t, t_end = torch.tensor([0.0, 0.2, 0.6], dtype=torch.float64), torch.tensor([1.0, 0.5, 0.9], dtype=torch.float64)
+    u, du_dt = total_derivative(field, x, t, t_end, None, a * x)
+    assert torch.allclose(u, a * x + (t_end - t).view(-1, 1, 1, 1) * du_dt, atol=1e-12)
+    jumped = x + (t_end - t).view(-1, 1, 1, 1) * u
+    assert torch.allclose(jumped, x * torch.exp(a * (t_end - t)).view(-1, 1, 1, 1), atol=1e-12)
+
+
+class PointData(torch.nn.Module):
+    """The exact average velocity when all data is one image c: paths are straight, u = (c - x)/(1 - t)."""
+
+    config = replace(MF, num_classes=None, image_size=2)
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, t, y=None, t_end=None):
+        return (self.c - x) / (1 - t).view(-1, 1, 1, 1)
+
+
+def test_the_loss_is_zero_for_the_exact_average_velocity():
+    """A wrong sign in the tangent or the identity would give du/dt != 0 here, and a positive loss."""
+    c = torch.full((1, 1, 2, 2), 0.5)
+    loss = mean_flow_loss(PointData(c), c.expand(64, -1, -1, -1), share=1.0, weight_power=0)
+    assert loss < 1e-8
+    assert mean_flow_loss(lambda x, t, y, e=None: torch.zeros_like(x), c.expand(64, -1, -1, -1), share=1.0) > 0.5
+
+
+def test_where_t_end_equals_t_the_loss_is_flow_matching(monkeypatch):
+    model = mf_model().float()
+    x1, x0 = torch.rand(8, 1, 8, 8) * 2 - 1, torch.randn(8, 1, 8, 8)
+    y = torch.arange(8) % 3
+    t = torch.linspace(0.05, 0.95, 8)
+    monkeypatch.setattr(flow, "mean_flow_times", lambda n, *a, **k: (t, t))
+    monkeypatch.setattr(flow, "sample_t", lambda n, *a, **k: t)
+    mf = mean_flow_loss(model, x1, y, 3, 0.0, x0, share=0.0, weight_power=0.0)
+    fm = flow_matching_loss(model, x1, y, 3, 0.0, x0=x0)
+    assert mf.item() == pytest.approx(fm.item(), rel=1e-6)
+
+
+def test_folded_guidance_mixes_the_unconditional_velocity_into_the_target(monkeypatch):
+    """Target for labelled items: w·v + (1 - w)·u(x_t, t, t | null); dropped labels keep v (Eq. 13-14)."""
+    seen = {}
+
+    def model(x, t, y, t_end=None):
+        null = (y == 3).view(-1, 1, 1, 1)
+        out = torch.where(null, torch.full_like(x, 2.0), torch.zeros_like(x))  # u(. | null) = 2, u(. | y) = 0
+        if x.requires_grad or t_end is not None:
+            seen["y"] = y
+        return out
+
+    x1, x0 = torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2)
+    y = torch.tensor([0, 1, 2, 0])
+    monkeypatch.setattr(flow, "drop_labels", lambda y, p, null_class: torch.tensor([0, 3, 2, 0]))
+    loss = mean_flow_loss(model, x1, y, 3, 0.5, x0, share=0.0, weight_power=0.0, guidance=3.0)
+    # v = 0; labelled items: target 3·0 + (1 - 3)·2 = -4 against a prediction of 0; the dropped one: 0 against 2
+    assert loss.item() == pytest.approx((3 * 16 + 4) / 4)
+
+
+def test_a_meanflow_run_records_its_one_step_sampler_and_samples_in_one_evaluation(tmp_path):
+    cfg = tiny_config(tmp_path, objective="meanflow", mf_share=0.5)
+    summary = train(cfg, TINY, blobs(), blobs(24, seed=1), extra={"kind": trainer.run_kind(cfg),
+                                                                  "sampler": dict(MEANFLOW_SAMPLER)})
+    ckpt = load_checkpoint(summary["checkpoint"])
+    assert ckpt["kind"] == "meanflow" and ckpt["model_config"]["average_velocity"]
+    loaded = load_for_sampling(ckpt)
+    assert (loaded.solver, loaded.steps, loaded.guidance) == ("meanflow", 1, 1.0)
+    samples = sample_model(loaded.model, 6, None, loaded.solver, loaded.steps, loaded.guidance)
+    assert samples.nfe == 1 and samples.images.shape == (6, 1, 8, 8)
+    images = sample_from_checkpoint(summary["checkpoint"], batch_size=6, seed=0)
+    assert torch.equal(images, samples.images)  # the recorded sampler, without being told
+    two = sample_model(loaded.model, 6, None, "meanflow", 2, 1.5)
+    assert two.nfe == 4  # two jumps, each guided: cond + uncond
+    with pytest.raises(ValueError, match="solver meanflow jumps along average velocities"):
+        sample_model(ConditionalUNet(TINY), 2, None, "meanflow", 1)
+    with pytest.raises(ValueError, match="needs a model trained with --objective meanflow"):
+        ConditionalUNet(TINY)(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1))
+
+
+def test_meanflow_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    make = lambda name, **kw: tiny_config(tmp_path / name, objective="meanflow", mf_guidance=2.0, **kw)  # noqa: E731
+    train(make("straight"), TINY, blobs(), None)
+    original, calls = trainer.EMA.update, []
+
+    def interrupted(self, model):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self, model)
+
+    monkeypatch.setattr(trainer.EMA, "update", interrupted)
+    assert train(make("parts"), TINY, blobs(), None)["step"] == 5
+    monkeypatch.setattr(trainer.EMA, "update", original)
+    train(make("parts", resume="auto"), TINY, blobs(), None)
+    assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"),
+                        load_checkpoint(tmp_path / "parts" / "ck" / "last.pth"))
+
+
+def test_meanflow_under_ddp_keeps_both_ranks_identical(tmp_path):
+    run_ddp_worker(tmp_path, "cpu", "0", "meanflow")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert "interval_embed.mlp.0.weight" in r0["weights"]
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A NaN in epoch 2 (step 9): epoch 1's checkpoint stays what is on disk, nothing after it is written."""
+    original = trainer.mean_flow_loss
+    step = {"n": 0}
+
+    def failing(*args, **kwargs):
+        step["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * math.nan if step["n"] == 9 else loss
+
+    monkeypatch.setattr(trainer, "mean_flow_loss", failing)
+    cfg = tiny_config(tmp_path, objective="meanflow", log_every=100)
+    with pytest.raises(trainer.TrainingDiverged, match=r"became nan at step 9: stopped, and the last good checkpoint is"):
+        train(cfg, TINY, blobs(), None)
+    last = load_checkpoint(tmp_path / "ck" / "last.pth")
+    assert last["step"] == 6 and all(torch.isfinite(w).all() for w in last["model_state"].values())
+    assert not (tmp_path / "ck" / "epoch_2.pth").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(objective="meanflow", t_grid=2), "--t-grid"),
+    (dict(objective="meanflow", mf_share=1.5), "--mf-share must lie in"),
+    (dict(objective="meanflow", mf_sigma=0.0), "--mf-sigma must be > 0"),
+    (dict(objective="mean"), "unknown --objective 'mean'"),
+])
+def test_impossible_meanflow_settings_are_refused(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_config(tmp_path, **flags), TINY, blobs(), None)
+
+
+def test_folded_guidance_needs_the_null_label(tmp_path):
+    with pytest.raises(ValueError, match="--mf-guidance 2.0 folds classifier-free guidance"):
+        train(tiny_config(tmp_path, objective="meanflow", mf_guidance=2.0, label_dropout=0.0), TINY, blobs(), None)
