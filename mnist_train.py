@@ -29,7 +29,7 @@ class MNISTData:
     data_root: str = "data"  # folder holding MNIST/raw (e.g. ../shared/data)
     download: bool = True  # download MNIST when it is not under DATA_ROOT (needs internet)
     subset: int = 0  # train on the first N images only; 0 = all 60,000
-    val_size: int = 2000  # first N test-split digits, for the validation loss (evaluate.py uses digits after them)
+    val_size: int = 2000  # last N training digits, held out from training for the validation loss (evaluate.py reads the test split)
 
 
 DEFAULTS = [
@@ -102,11 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "(or none for an unconditional model)")
     if data_cfg.subset < 0 or data_cfg.val_size < 1:
         raise ValueError("--subset must be >= 0 (0 = all) and --val-size >= 1")
-    train_set = load_mnist(data_cfg.data_root, train=True, image_size=model_cfg.image_size, download=data_cfg.download)
-    if data_cfg.subset:
-        train_set = torch.utils.data.Subset(train_set, range(min(data_cfg.subset, len(train_set))))
-    val_set = load_mnist(data_cfg.data_root, train=False, image_size=model_cfg.image_size, download=data_cfg.download)
-    val_set = torch.utils.data.Subset(val_set, range(min(data_cfg.val_size, len(val_set))))
+    digits = load_mnist(data_cfg.data_root, train=True, image_size=model_cfg.image_size, download=data_cfg.download)
+    if data_cfg.val_size >= len(digits):
+        raise ValueError(f"--val-size {data_cfg.val_size} leaves none of the {len(digits)} training digits to train on")
+    cut = len(digits) - data_cfg.val_size  # the test split stays unseen: it is evaluate.py's reference
+    train_set = torch.utils.data.Subset(digits, range(min(data_cfg.subset, cut) if data_cfg.subset else cut))
+    val_set = torch.utils.data.Subset(digits, range(cut, len(digits)))
     summary = train(cfg, model_cfg, train_set, val_set, class_names=[str(d) for d in range(10)],
                     extra={"kind": run_kind(cfg), "dataset": "mnist", "preset": preset, "sampler": mnist_sampler(model_cfg, cfg)})
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "

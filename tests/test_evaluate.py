@@ -8,7 +8,7 @@ import benchmark
 import evaluate
 from checkpoint import CheckpointError, load_checkpoint
 from data import TensorImages, load_mnist
-from evaluate import (EVAL_START, MnistClassifier, frechet_distance, frechet_from_stats, inception_scores,
+from evaluate import (MnistClassifier, frechet_distance, frechet_from_stats, inception_scores,
                       load_classifier, mnist_quality, predict, tensors, train_classifier)
 from helpers import tiny_checkpoint
 from unet import ConditionalUNet, UNetConfig
@@ -160,17 +160,25 @@ def indexed_digits(n: int) -> TensorImages:
     return TensorImages(images, torch.arange(n) % 10, 28)
 
 
-def test_mnist_quality_skips_the_validation_digits(monkeypatch):
+def test_the_reference_and_floor_are_disjoint_class_balanced_random_test_digits(monkeypatch):
     seen = []
     monkeypatch.setattr(evaluate, "predict", lambda clf, images: (seen.append(images), predict(clf, images))[1])
     torch.manual_seed(0)
-    model, real = ConditionalUNet(TINY_MNIST).eval(), indexed_digits(EVAL_START + 40)
-    mnist_quality(model, MnistClassifier(), real, 20, solver="euler", steps=1)
-    generated, real_set, floor_set = seen
-    assert torch.equal(real_set, tensors(real, 20, start=EVAL_START)[0])  # 2000-2019: after training's validation
-    assert torch.equal(floor_set, tensors(real, 20, start=EVAL_START + 20)[0])
-    with pytest.raises(ValueError, match="between 20 and 50: .* from index 2000 on .*validation set"):
-        mnist_quality(model, MnistClassifier(), indexed_digits(EVAL_START + 100), 60)  # 120 digits would fit from 0
+    model, real = ConditionalUNet(TINY_MNIST).eval(), indexed_digits(400)
+    result = mnist_quality(model, MnistClassifier(), real, 100, solver="euler", steps=1)
+    generated, reference, floor = seen
+    index = lambda images: ((images[:, 0, 0, 0] + 1) * 127.5).round().long() * 256 + (  # noqa: E731
+        (images[:, 0, 0, 1] + 1) * 127.5).round().long()
+    ref, other = index(reference), index(floor)
+    assert len(set(ref.tolist()) | set(other.tolist())) == 200  # disjoint
+    assert torch.equal(torch.bincount(real.labels[ref], minlength=10), torch.full((10,), 10))  # 10 of each digit
+    assert torch.equal(torch.bincount(real.labels[other], minlength=10), torch.full((10,), 10))
+    assert ref.max() > 300 and ref.min() < 100  # spread over the whole split, not a contiguous range
+    assert result["excess"] == pytest.approx(result["frechet"] - result["floor"])
+    smaller, _ = evaluate.reference_sets(real.labels, 50)
+    assert set(smaller.tolist()) <= set(ref.tolist())  # a larger N extends the smaller reference
+    with pytest.raises(ValueError, match="between 20 and 200: the reference and floor sets are two disjoint"):
+        mnist_quality(model, MnistClassifier(), indexed_digits(400), 210)  # 40 of each digit: 20 + 20 at most
 
 
 @pytest.mark.parametrize("main,command", [(evaluate.main, "mnist"), (benchmark.main, "nfe")],

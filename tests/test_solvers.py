@@ -6,7 +6,7 @@ import torch
 from flow import guided_velocity
 from solvers import FIXED_STEP, SOLVERS, solve
 
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "meanflow": 1}
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -14,9 +14,9 @@ def test_exact_on_polynomial_fields(solver):
     x0 = torch.zeros(3, dtype=torch.float64)
     # dx/dt = 3t^2 integrates to exactly 1; dx/dt = const to exactly const (every method is exact here
     # except Euler on the quadratic, which is checked separately below).
-    x1, _ = solve(lambda t, x: torch.full_like(x, 2.5), x0, solver, steps=3)
+    x1, _ = solve(lambda t, x, *t_end: torch.full_like(x, 2.5), x0, solver, steps=3)
     assert torch.allclose(x1, torch.full_like(x0, 2.5), atol=1e-12)
-    if solver != "euler":
+    if solver not in ("euler", "meanflow"):  # (meanflow on a velocity is Euler; its own test is below)
         x1, _ = solve(lambda t, x: 2 * t * torch.ones_like(x), x0, solver, steps=3, rtol=1e-10, atol=1e-10)
         assert torch.allclose(x1, torch.ones_like(x0), atol=1e-9)
     if solver in ("rk4", "dopri5"):
@@ -28,6 +28,14 @@ def test_euler_on_linear_time_field_by_hand():
     # Left Riemann sum of 2t over 4 steps: 2 * (0 + 1/4 + 2/4 + 3/4) / 4 = 0.75
     x1, nfe = solve(lambda t, x: 2 * t * torch.ones_like(x), torch.zeros(1, dtype=torch.float64), "euler", steps=4)
     assert x1.item() == pytest.approx(0.75, abs=1e-12) and nfe == 4
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_meanflow_jumps_are_exact_with_the_exact_average_velocity(steps):
+    """dx/dt = 3t^2 averages (t_end^3 - t^3) / (t_end - t) over a step: any number of jumps lands on 1."""
+    u = lambda t, x, t_end: (t_end**3 - t**3) / (t_end - t) * torch.ones_like(x)  # noqa: E731
+    x1, nfe = solve(u, torch.zeros(2, dtype=torch.float64), "meanflow", steps=steps)
+    assert torch.allclose(x1, torch.ones(2, dtype=torch.float64), atol=1e-12) and nfe == steps
 
 
 def exact_error(solver: str, steps: int) -> float:
@@ -48,7 +56,7 @@ def test_order_of_accuracy(solver, order):
 @pytest.mark.parametrize("solver", FIXED_STEP)
 @pytest.mark.parametrize("steps", [1, 7])
 def test_nfe_counts(solver, steps):
-    _, nfe = solve(lambda t, x: x, torch.ones(2), solver, steps=steps)
+    _, nfe = solve(lambda t, x, *t_end: x, torch.ones(2), solver, steps=steps)
     assert nfe == NFE_PER_STEP[solver] * steps
 
 
