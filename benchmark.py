@@ -34,7 +34,8 @@ from device import Runtime, configure_backends, cpu_class, cpu_name, isa_caps, r
 from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
                       straightness_of)
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, load_for_sampling
+from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, checkpoint_can_guide,
+                      load_for_sampling)
 from trainer import build, train_step
 
 
@@ -119,26 +120,61 @@ def read_floor(path: Path, real_key: str, n: int) -> dict:
 
 
 def few_step_rows(args: argparse.Namespace) -> list[dict]:
-    """Each checkpoint (1-RF, 2-RF, distilled) at Euler 1/2/4/8 NFE and at its own sampler, plus its straightness."""
+    """Each checkpoint (1-RF, 2-RF, distilled, meanflow) at 1/2/4/8 NFE of its one-step rule (Euler, or meanflow
+    jumps for average-velocity models), at its own sampler and, with --guided W, one guided step; plus its
+    straightness and, with --minutes, the training minutes behind it."""
+    paths = args.checkpoints.split(",")
+    minutes = [float(m) for m in args.minutes.split(",")] if args.minutes else []
+    if minutes and len(minutes) != len(paths):
+        raise ValueError(f"--minutes gives {len(minutes)} values for {len(paths)} checkpoints: one per checkpoint")
     rows = []
-    for path in args.checkpoints.split(","):
+    for i, path in enumerate(paths):
         loaded = load_for_sampling(path, device=args.device)
         model, kind = loaded.model, loaded.ckpt.get("kind", "1-rectified")
         solver, steps, guidance = loaded.solver, loaded.steps, loaded.guidance
+        jump = "meanflow" if model.config.average_velocity else "euler"
         passes = 2 if guidance != 1.0 else 1  # a guided step costs two network evaluations
-        settings = [dict(solver="euler", steps=nfe // passes, guidance=guidance) for nfe in map(int, args.nfe.split(","))
+        settings = [dict(solver=jump, steps=nfe // passes, guidance=guidance) for nfe in map(int, args.nfe.split(","))
                     if nfe % passes == 0]
         if dict(solver=solver, steps=steps, guidance=guidance) not in settings:
-            settings.append(dict(solver=solver, steps=steps, guidance=guidance, recommended=True))
+            settings.append(dict(solver=solver, steps=steps, guidance=guidance))
+        if args.guided and checkpoint_can_guide(loaded.ckpt) and guidance == 1.0:
+            settings.append(dict(solver=jump, steps=1, guidance=args.guided))
         straight = straightness_of(model, args.n_straightness, guidance, args.seed)
         print(f"{kind}: straightness {straight['straightness']:.4f}, distance of k-step samples from the "
               f"{straight['reference_steps']}-step ones {straight['distance']}", flush=True)
-        plain = [{k: v for k, v in s.items() if k != "recommended"} for s in settings]
-        for row in quality_rows(args, plain, loaded.ckpt):
+        for row in quality_rows(args, settings, loaded.ckpt):
             row.update(kind=kind, checkpoint=path, straightness=straight["straightness"], distance=straight["distance"],
-                       recommended=(row["solver"], row["steps"]) == (solver, steps))
+                       recommended=(row["solver"], row["steps"], row["guidance"]) == (solver, steps, guidance))
+            if minutes:
+                row["minutes"] = minutes[i]
             rows.append(row)
     return rows
+
+
+def plot_minutes(rows: list[dict], path: Path, title: str) -> None:
+    """Excess Fréchet distance over the real-vs-real floor against total training minutes: one line per model kind
+    and sampler (1 and 2 NFE, and the recorded sampler), a point per checkpoint of that kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    shown = [r for r in rows if r["nfe"] <= 2 or r["recommended"]]
+    for key in dict.fromkeys((r["kind"], r["solver"], r["steps"], r["guidance"], r["nfe"]) for r in shown):
+        line = sorted((r for r in shown if (r["kind"], r["solver"], r["steps"], r["guidance"], r["nfe"]) == key),
+                      key=lambda r: r["minutes"])
+        kind, solver, steps, guidance, nfe = key
+        ax.plot([r["minutes"] for r in line], [r["excess"] for r in line], "o-" if nfe == 1 else "s--",
+                label=f"{kind}: {solver} {steps}, w {guidance:g} ({nfe} NFE)")
+    ax.set(xlabel="total training minutes (every stage)", ylabel="Fréchet distance minus real-vs-real floor",
+           yscale="log", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def subset_fids(name: str, feats: torch.Tensor, n: int, mu: torch.Tensor, sigma: torch.Tensor) -> dict:
@@ -299,6 +335,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     f.add_argument("--checkpoints", required=True, help="comma-separated: the 1-rectified flow first, then its descendants")
     f.add_argument("--nfe", default="1,2,4,8", help="Euler NFE budgets per model")
     f.add_argument("--n-straightness", type=int, default=200, help="noise samples for the straightness (multiple of 10)")
+    f.add_argument("--guided", type=float, default=0.0, help="also one guided step at this w (2 NFE); 0 = none")
+    f.add_argument("--minutes", default="", help="comma-separated total training minutes per checkpoint: "
+                   "adds a plot of quality against training time")
     for name, value in (("--classifier", CLASSIFIER_PATH), ("--data-root", "data"), ("--out-dir", "benchmarks")):
         f.add_argument(name, default=value)
     for name, value in (("--n", 1000), ("--seed", 0), ("--batch-size", 500)):
@@ -343,6 +382,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     elif args.command == "fewstep":
         rows = few_step_rows(args)
         plot(rows, "nfe", Path(args.out_dir) / "fewstep.png", f"N={args.n} per setting", group="kind")
+        if args.minutes:
+            plot_minutes(rows, Path(args.out_dir) / "fewstep_minutes.png", f"N={args.n} per setting")
         out = Path(args.out_dir) / "fewstep.json"
     else:
         settings = [dict(solver=args.solver, steps=args.steps, guidance=float(w)) for w in args.scales.split(",")]

@@ -209,3 +209,10 @@ def test_impossible_meanflow_settings_are_refused(tmp_path, flags, message):
 def test_folded_guidance_needs_the_null_label(tmp_path):
     with pytest.raises(ValueError, match="--mf-guidance 2.0 folds classifier-free guidance"):
         train(tiny_config(tmp_path, objective="meanflow", mf_guidance=2.0, label_dropout=0.0), TINY, blobs(), None)
+
+
+def test_meanflow_trains_under_bf16_autocast(tmp_path):
+    """The JVP leaves autocast (forward-mode AD refuses its mixed dtypes) and runs in fp32; the loss pass is bf16."""
+    summary = train(tiny_config(tmp_path, objective="meanflow", amp="bf16", epochs=1), TINY, blobs(), None)
+    ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
+    assert math.isfinite(summary["loss"]) and ckpt["train_config"]["amp"] == "bf16" and ckpt["step"] == 6
