@@ -133,8 +133,9 @@ def few_step_rows(args: argparse.Namespace) -> list[dict]:
         model, kind = loaded.model, loaded.ckpt.get("kind", "1-rectified")
         solver, steps, guidance = loaded.solver, loaded.steps, loaded.guidance
         jump = "meanflow" if model.config.average_velocity else "euler"
-        passes = 2 if guidance != 1.0 else 1  # a guided step costs two network evaluations
-        settings = [dict(solver=jump, steps=nfe // passes, guidance=guidance) for nfe in map(int, args.nfe.split(","))
+        # every NFE budget unguided, and with the recorded guidance where it has one (a guided step costs two NFE)
+        settings = [dict(solver=jump, steps=nfe // passes, guidance=w) for nfe in map(int, args.nfe.split(","))
+                    for w, passes in dict.fromkeys([(1.0, 1), (guidance, 2 if guidance != 1.0 else 1)])
                     if nfe % passes == 0]
         if dict(solver=solver, steps=steps, guidance=guidance) not in settings:
             settings.append(dict(solver=solver, steps=steps, guidance=guidance))

@@ -11,6 +11,7 @@ from data import TensorImages, load_mnist
 from evaluate import (MnistClassifier, frechet_distance, frechet_from_stats, inception_scores,
                       load_classifier, mnist_quality, predict, tensors, train_classifier)
 from helpers import tiny_checkpoint
+from sampling import MEANFLOW_SAMPLER
 from unet import ConditionalUNet, UNetConfig
 
 
@@ -100,20 +101,35 @@ def test_benchmark_nfe_and_guidance_write_json_and_png(classifier, tiny_mnist_ch
 
 
 def test_benchmark_fewstep_compares_models_at_equal_nfe_and_their_own_sampler(classifier, tiny_mnist_checkpoint, tmp_path):
+    from dataclasses import replace
+
     from checkpoint import save_checkpoint
 
     clf, _, root = classifier
     one_step = tmp_path / "d1.pth"  # the same weights posing as a distilled model that samples in one Euler step
     save_checkpoint(one_step, {**load_checkpoint(tiny_mnist_checkpoint), "kind": "distilled-1",
                                "sampler": {"solver": "euler", "steps": 1, "guidance": 1.0}})
-    rows = benchmark.main(["fewstep", "--checkpoints", f"{tiny_mnist_checkpoint},{one_step}", "--classifier", str(clf),
-                           "--data-root", str(root), "--n", "20", "--nfe", "1,2", "--n-straightness", "10",
-                           "--device", "cpu", "--out-dir", str(tmp_path)])
-    assert [(r["kind"], r["solver"], r["nfe"], r["recommended"]) for r in rows] == [
-        ("1-rectified", "euler", 1, False), ("1-rectified", "euler", 2, False), ("1-rectified", "midpoint", 8, True),
-        ("distilled-1", "euler", 1, True), ("distilled-1", "euler", 2, False)]
-    assert rows[0]["straightness"] == rows[3]["straightness"] > 0  # the same weights, the same paths
+    meanflow = tmp_path / "mf.pth"
+    tiny_checkpoint(meanflow, replace(TINY_MNIST, average_velocity=True))
+    save_checkpoint(meanflow, {**load_checkpoint(meanflow), "kind": "meanflow", "sampler": dict(MEANFLOW_SAMPLER)})
+    rows = benchmark.main(["fewstep", "--checkpoints", f"{tiny_mnist_checkpoint},{one_step},{meanflow}",
+                           "--classifier", str(clf), "--data-root", str(root), "--n", "20", "--nfe", "1,2",
+                           "--n-straightness", "10", "--guided", "1.5", "--minutes", "5,15,10", "--device", "cpu",
+                           "--out-dir", str(tmp_path)])
+    assert [(r["kind"], r["solver"], r["nfe"], r["guidance"], r["recommended"], r["minutes"]) for r in rows] == [
+        ("1-rectified", "euler", 1, 1.0, False, 5), ("1-rectified", "euler", 2, 1.0, False, 5),
+        ("1-rectified", "midpoint", 8, 1.0, True, 5), ("1-rectified", "euler", 2, 1.5, False, 5),
+        ("distilled-1", "euler", 1, 1.0, True, 15), ("distilled-1", "euler", 2, 1.0, False, 15),
+        ("distilled-1", "euler", 2, 1.5, False, 15),
+        ("meanflow", "meanflow", 1, 1.0, True, 10), ("meanflow", "meanflow", 2, 1.0, False, 10),
+        ("meanflow", "meanflow", 2, 1.5, False, 10)]
+    assert rows[0]["straightness"] == rows[4]["straightness"] > 0  # the same weights, the same paths
+    assert all(r["excess"] == pytest.approx(r["frechet"] - r["floor"]) for r in rows)
     assert (tmp_path / "fewstep.png").stat().st_size > 1000 and json.loads((tmp_path / "fewstep.json").read_text())["rows"]
+    assert (tmp_path / "fewstep_minutes.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="--minutes gives 1 values for 2 checkpoints"):
+        benchmark.main(["fewstep", "--checkpoints", f"{one_step},{meanflow}", "--minutes", "5", "--classifier", str(clf),
+                        "--data-root", str(root), "--n", "20", "--device", "cpu", "--out-dir", str(tmp_path)])
 
 
 def test_evaluate_straightness_uses_the_recommended_guidance_and_writes_json(tiny_mnist_checkpoint, tmp_path):
