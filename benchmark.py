@@ -161,17 +161,18 @@ def plot_minutes(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     shown = [r for r in rows if r["nfe"] <= 2 or r["recommended"]]
-    for key in dict.fromkeys((r["kind"], r["solver"], r["steps"], r["guidance"], r["nfe"]) for r in shown):
+    keys = dict.fromkeys((r["kind"], r["solver"], r["steps"], r["guidance"], r["nfe"]) for r in shown)
+    for i, key in enumerate(keys):
         line = sorted((r for r in shown if (r["kind"], r["solver"], r["steps"], r["guidance"], r["nfe"]) == key),
                       key=lambda r: r["minutes"])
         kind, solver, steps, guidance, nfe = key
         ax.plot([r["minutes"] for r in line], [r["excess"] for r in line], "o-" if nfe == 1 else "s--",
-                label=f"{kind}: {solver} {steps}, w {guidance:g} ({nfe} NFE)")
+                color=plt.cm.tab20(i % 20), label=f"{kind}: {solver} {steps}, w {guidance:g} ({nfe} NFE)")
     ax.set(xlabel="total training minutes (every stage)", ylabel="Fréchet distance minus real-vs-real floor",
            yscale="log", title=title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
