@@ -144,7 +144,7 @@ def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorIma
     samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
     preds, fake_feats = predict(classifier, samples.images * 2 - 1)
     reference, other = reference_sets(real.labels, n)
-    images = real.images.float() / 127.5 - 1
+    images = tensors(real)[0]
     _, real_feats = predict(classifier, images[reference])
     _, other_feats = predict(classifier, images[other])
     frechet, floor = frechet_distance(fake_feats, real_feats), frechet_distance(other_feats, real_feats)

@@ -110,7 +110,7 @@ def mean_flow_loss(
     items that kept their label, so one network evaluation samples guided. mu, sigma: logit-normal times in this
     repo's direction (the paper's lognorm(-0.4, 1.0) is mu = 0.4 here).
     """
-    jvp_model = jvp_model or net
+    jvp_model = net if jvp_model is None else jvp_model
     x0 = torch.randn_like(x1) if x0 is None else x0
     t, t_end = mean_flow_times(x1.shape[0], share, mu, sigma, x1.device)
     if y is not None and label_dropout > 0:
