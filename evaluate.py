@@ -4,6 +4,7 @@ distance in its features (with the real-vs-real floor). RGB folders: Inception F
     python evaluate.py train-classifier --data-root ../shared/data
     python evaluate.py mnist --checkpoint checkpoints/flow_matching_mnist.pth --n 2000
     python evaluate.py fid --checkpoint checkpoints/rf_best.pth --real-dir img_align_celeba --n 5000 --json fid.json
+    python evaluate.py likelihood --checkpoint checkpoints/flow_matching_mnist.pth --data-root ../shared/data --n 1000
 
 The MNIST distance is measured in a small CNN's 128-d penultimate features: it is *not* the
 Inception FID and must not be compared with published FIDs.
@@ -29,8 +30,9 @@ from data import DataError, ImageFolder, TensorImages, load_mnist
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
                  inception_features, real_files, real_stats, to_uint8)
 from flow import guided_velocity
-from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, load_for_sampling,
-                      make_noise, sample_model)
+from likelihood import DIVERGENCES, image_bits_per_dim
+from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, check_guidance,
+                      load_for_sampling, make_noise, sample_model)
 from solvers import SOLVERS, Velocity, solve
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
@@ -272,6 +274,37 @@ def inception_fid(model: nn.Module, real_dir: str, n: int, solver: str = DEFAULT
             "seed": seed, "num_classes": cfg.num_classes, "per_class": per_class}
 
 
+def likelihood(args: argparse.Namespace) -> dict:
+    """evaluate.py likelihood: bits/dim of n held-out images (MNIST test digits or a folder) under a checkpoint."""
+    loaded = load_for_sampling(args.checkpoint, "euler", 1, 1.0, args.device, use_ema=args.weights == "ema")
+    model, cfg = loaded.model, loaded.model.config
+    if (args.data_root is None) == (args.real_dir is None):
+        raise ValueError("give the images: --data-root DIR (MNIST test digits) or --real-dir DIR (a folder)")
+    if args.data_root is not None:
+        if cfg.image_size != 28 or cfg.in_channels != 1:
+            raise ValueError(f"this checkpoint draws {cfg.in_channels}x{cfg.image_size} px images: MNIST likelihoods "
+                             "need 1x28 px (give --real-dir for an image-folder checkpoint)")
+        if args.n < 10 or args.n % 10:
+            raise ValueError(f"--n {args.n}: MNIST test digits are drawn class-balanced, so give a multiple of 10")
+        real = load_mnist(args.data_root, train=False, download=False)
+        index = reference_sets(real.labels, args.n)[0]
+        pixels, labels = real.images[index], real.labels[index]
+        source = "MNIST test digits (class-balanced random)"
+    else:
+        pixels, labels = to_uint8(real_images(args.real_dir, cfg.image_size, args.n)), None
+        source = f"images of {args.real_dir}"
+    marginal = cfg.num_classes is not None and (args.marginal or labels is None)
+    if cfg.num_classes is None:
+        labels = None
+    elif marginal:
+        check_guidance(loaded.ckpt, 0.0)  # the null label's velocity is what log p(x) integrates
+        labels = torch.full((len(pixels),), cfg.num_classes)
+    result = image_bits_per_dim(model, pixels, labels, 1.0, args.solver, args.steps, args.tolerance, args.tolerance,
+                                args.divergence, args.probes, args.seed, args.batch_size)
+    return {**result, "source": source, "checkpoint": str(args.checkpoint), "weights": args.weights,
+            "marginal": marginal}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -297,6 +330,24 @@ def main(argv: list[str] | None = None) -> dict:
         s.add_argument("--device", default="auto", help=DEVICE_HELP)
         s.add_argument("--json", default=None, help="also write the result here")
     sub.choices["mnist"].add_argument("--data-root", default="data", help="folder holding MNIST/raw (real test digits)")
+    like = sub.add_parser("likelihood", help="bits/dim of held-out real images (change of variables)")
+    like.add_argument("--checkpoint", required=True)
+    like.add_argument("--data-root", default=None, help="folder holding MNIST/raw: class-balanced random test digits")
+    like.add_argument("--real-dir", default=None, help="or a folder of images (image-folder checkpoints)")
+    like.add_argument("--n", type=int, default=1000, help="images (a multiple of 10 for MNIST)")
+    like.add_argument("--divergence", choices=DIVERGENCES, default="hutchinson",
+                      help="exact (a backward pass per dimension: slow beyond small subsets) or Hutchinson's estimate")
+    like.add_argument("--probes", type=int, default=1, help="Rademacher probes per image (hutchinson)")
+    like.add_argument("--solver", default="dopri5", choices=[s for s in SOLVERS if s != "meanflow"])
+    like.add_argument("--steps", type=int, default=32, help="fixed-step solvers only")
+    like.add_argument("--tolerance", type=float, default=1e-5, help="dopri5 rtol = atol")
+    like.add_argument("--marginal", action="store_true",
+                      help="log p(x) under the unconditional velocity (null label) instead of log p(x | y)")
+    for name, value in (("--seed", 0), ("--batch-size", 100)):
+        like.add_argument(name, type=int, default=value)
+    like.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    like.add_argument("--device", default="auto", help=DEVICE_HELP)
+    like.add_argument("--json", default=None, help="also write the result here")
     sub.choices["mnist"].add_argument("--classifier", default=CLASSIFIER_PATH)
     f = sub.choices["fid"]
     f.add_argument("--real-dir", required=True, help="folder of real images")
@@ -315,6 +366,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.command == "fid" and args.inception_weights and args.stats_cache:
         raise ValueError("--stats-cache belongs to the built-in Inception; torchmetrics (--inception-weights) "
                          "caches nothing: drop one of the two")
+    if args.command == "likelihood":
+        result = likelihood(args)
+        print(f"N={result['n']} {result['source']}: {result['bpd']:.4f} ± {result['bpd_se']:.4f} bits/dim "
+              f"({'log p(x)' if args.marginal else 'log p(x | y)'}, {args.divergence} divergence"
+              f"{f', {args.probes} probe(s)' if args.divergence == 'hutchinson' else ''}, {args.solver}"
+              f"{f' tol {args.tolerance:g}' if args.solver == 'dopri5' else f' {args.steps} steps'}, NFE "
+              f"{result['nfe']} per image, {result['seconds']:.0f} s)")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return result
     # a one-step model is measured in one step unless asked otherwise
     loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, args.device,
                                use_ema=args.weights == "ema")

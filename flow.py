@@ -179,3 +179,26 @@ def generate(
                          "(train with --objective meanflow, or sample with euler, midpoint, heun, rk4 or dopri5)")
     x, calls = solve(guided_velocity(model, labels, guidance), noise, solver, steps, rtol, atol)
     return x.clamp(-1, 1), calls * (2 if is_guided(labels, guidance) else 1)
+
+
+@torch.no_grad()
+def invert(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    solver: str = "midpoint",
+    steps: int = 10,
+    guidance: float = 1.0,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+) -> tuple[torch.Tensor, int]:
+    """Integrate images (B, C, H, W) in [-1, 1] at t=1 back to their noise at t=0; returns (noise, NFE).
+
+    The ODE that generate solves, run backwards: generate(invert(x)) returns x up to both solvers' errors.
+    """
+    if solver == "meanflow":
+        raise ValueError("solver meanflow jumps forwards only (average velocities were trained for t_end >= t): "
+                         "invert with euler, midpoint, heun, rk4 or dopri5 (a meanflow model's u(x, t, t) is its "
+                         "velocity)")
+    x, calls = solve(guided_velocity(model, labels, guidance), images, solver, steps, rtol, atol, span=(1.0, 0.0))
+    return x, calls * (2 if is_guided(labels, guidance) else 1)

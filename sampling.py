@@ -156,10 +156,11 @@ def sample_model(
 
 
 def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None,
-              class_names: list[str] | None = None, scale: int = 2) -> Path:
-    """PNG grid of images (B, C, H, W) in [0, 1]; runs of equal labels become labelled rows."""
+              class_names: list[str] | None = None, scale: int = 2, ncol: int | None = None) -> Path:
+    """PNG grid of images (B, C, H, W) in [0, 1]; runs of equal labels become labelled rows, else rows of ncol
+    (default: a square)."""
     rows = _label_rows(labels)
-    ncol = len(images) // len(rows) if rows else math.ceil(math.sqrt(len(images)))
+    ncol = len(images) // len(rows) if rows else ncol or math.ceil(math.sqrt(len(images)))
     nrow = len(rows) if rows else math.ceil(len(images) / ncol)
     c, h, w = images.shape[1:]
     pad, margin = 2, (16 if rows else 0)

@@ -1,4 +1,4 @@
-"""ODE solvers for dx/dt = v(t, x) from t=0 (noise) to t=1 (data).
+"""ODE solvers for dx/dt = v(t, x) from t=0 (noise) to t=1 (data), or back (inversion, likelihood).
 
 Time convention (the whole repo): t=0 is noise, t=1 is data, x_t = (1-t)·x0 + t·x1, v = x1 - x0.
 Every fixed-step solver takes the same arguments (velocity, x, t_grid) and integrates over the
@@ -80,8 +80,12 @@ def solve(
     steps: int = 10,
     rtol: float = 1e-3,
     atol: float = 1e-3,
+    span: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[torch.Tensor, int]:
-    """Integrate from t=0 to t=1 with `solver`; returns (x1, NFE). `steps` is ignored by dopri5."""
+    """Integrate x0 at t = span[0] to t = span[1] with `solver`; returns (x at span[1], NFE).
+
+    The default runs noise to data; span (1, 0) runs data back to noise, on the same grid reversed.
+    `steps` is ignored by dopri5."""
     check_solver(solver, steps)
     nfe = 0
 
@@ -91,11 +95,11 @@ def solve(
         return v(t, x, *t_end)
 
     if solver in FIXED_STEP:
-        ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).to(x0.device, x0.dtype)
+        ts = torch.linspace(*span, steps + 1, dtype=torch.float64).to(x0.device, x0.dtype)
         return FIXED_STEP[solver](counted, x0, ts), nfe
 
     from torchdiffeq import odeint  # imported here: only the adaptive path needs it
 
-    span = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
-    x1 = odeint(counted, x0, span, method=solver, rtol=rtol, atol=atol)[-1]
+    times = torch.tensor(span, device=x0.device, dtype=x0.dtype)
+    x1 = odeint(counted, x0, times, method=solver, rtol=rtol, atol=atol)[-1]
     return x1, nfe

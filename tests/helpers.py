@@ -12,6 +12,7 @@ from unet import ConditionalUNet, UNetConfig
 
 TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(4,), dropout=0.1, num_classes=3)
+TINY_MNIST = UNetConfig(base_channels=8, num_res_blocks=1, attention_resolutions=(), dropout=0.0)  # 28 px, 10 classes
 
 
 def blobs(n: int = 96, seed: int = 0) -> TensorImages:

@@ -10,9 +10,9 @@ from checkpoint import CheckpointError, load_checkpoint
 from data import TensorImages, load_mnist
 from evaluate import (MnistClassifier, frechet_distance, frechet_from_stats, inception_scores,
                       load_classifier, mnist_quality, predict, tensors, train_classifier)
-from helpers import tiny_checkpoint
+from helpers import TINY_MNIST, tiny_checkpoint
 from sampling import MEANFLOW_SAMPLER
-from unet import ConditionalUNet, UNetConfig
+from unet import ConditionalUNet
 
 
 def test_frechet_zero_for_identical_sets_and_symmetric():
@@ -70,9 +70,6 @@ def test_classifier_trains_and_metrics_behave(classifier):
 def test_missing_classifier_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="run `python evaluate.py train-classifier` first"):
         load_classifier(tmp_path / "none.pth")
-
-
-TINY_MNIST = UNetConfig(base_channels=8, num_res_blocks=1, attention_resolutions=(), dropout=0.0)  # 28 px, 10 classes
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def run_notebook(cwd: Path, checkpoint: str, few_step: str | None) -> nbformat.N
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = next(c for c in nb.cells if c.cell_type == "code")
     assert "parameters" in params.metadata.get("tags", []), "the first code cell must be the parameters cell"
-    params.source = f"CHECKPOINT = {checkpoint!r}\nFEW_STEP_CHECKPOINT = {few_step!r}\nDEVICE = 'cpu'"
+    params.source = f"CHECKPOINT = {checkpoint!r}\nFEW_STEP_CHECKPOINT = {few_step!r}\nDEVICE = 'cpu'\nDATA_ROOT = None"
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
     # Only this environment's kernel spec: a user-level "python3" spec must not swap in another Python.
     specs = KernelSpecManager(kernel_dirs=[str(Path(sys.prefix) / "share" / "jupyter" / "kernels")])
@@ -72,7 +72,7 @@ def test_notebook_runs_and_draws_every_figure(tmp_path):
     kernel_prefix = nb.cells[-1].outputs[0].text.strip()
     assert Path(kernel_prefix) == Path(sys.prefix), f"the kernel ran {kernel_prefix}, not this environment"
     figures = [c for c in nb.cells if any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
-    assert len(figures) == 4  # labelled grid, guidance sweep, NFE sweep, few-step comparison
+    assert len(figures) == 5  # labelled grid, guidance sweep, NFE sweep, few-step comparison, editing
 
 
 def test_missing_checkpoint_says_make_train_from_notebooks_folder():

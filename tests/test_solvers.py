@@ -24,6 +24,19 @@ def test_exact_on_polynomial_fields(solver):
         assert torch.allclose(x1, torch.ones_like(x0), atol=1e-9)
 
 
+@pytest.mark.parametrize("solver", ["midpoint", "heun", "rk4", "dopri5"])
+def test_backwards_span_runs_the_same_ode_in_reverse(solver):
+    # from t=1 back to t=0, dx/dt = 2t gives x(0) = x(1) - 1 exactly; dx/dt = -x^2 + cos(t)x returns to its start
+    x1, nfe = solve(lambda t, x: 2 * t * torch.ones_like(x), torch.ones(2, dtype=torch.float64), solver, steps=4,
+                    rtol=1e-10, atol=1e-10, span=(1.0, 0.0))
+    assert torch.allclose(x1, torch.zeros(2, dtype=torch.float64), atol=1e-9) and nfe > 0
+    f = lambda t, x: -x**2 + torch.cos(t) * x  # noqa: E731
+    x0 = torch.tensor([0.7, -0.3], dtype=torch.float64)
+    there, _ = solve(f, x0, solver, steps=256, rtol=1e-10, atol=1e-10)
+    back, _ = solve(f, there, solver, steps=256, rtol=1e-10, atol=1e-10, span=(1.0, 0.0))
+    assert torch.allclose(back, x0, atol=1e-7)
+
+
 def test_euler_on_linear_time_field_by_hand():
     # Left Riemann sum of 2t over 4 steps: 2 * (0 + 1/4 + 2/4 + 3/4) / 4 = 0.75
     x1, nfe = solve(lambda t, x: 2 * t * torch.ones_like(x), torch.zeros(1, dtype=torch.float64), "euler", steps=4)

@@ -1,0 +1,278 @@
+"""Use the flow as a flow: invert real images to their noise, swap their class, interpolate between two of them.
+
+A rectified flow is an invertible map: the ODE that turns noise into an image, run from t = 1 back to t = 0,
+turns an image into its noise. Regenerating that noise with another label keeps what the label does not
+decide (for digits: slant, thickness, size) and redraws the class.
+
+    python editing.py invert --checkpoint checkpoints/flow_matching_mnist.pth --data-root DATA --indices 0-7
+    python editing.py swap --checkpoint checkpoints/flow_matching_mnist.pth --data-root DATA --indices 0-7
+    python editing.py interpolate --checkpoint checkpoints/flow_matching_mnist.pth --data-root DATA --pairs 0:1,2:3
+
+From a notebook: `invert_from_checkpoint(path, images, labels)` -> noise, the inverse of `sample_from_checkpoint`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
+
+import torch
+from torch import nn
+
+from checkpoint import CheckpointError
+from data import DataError, ImageFolder, find_images, load_mnist, readable
+from flow import generate, invert
+from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Loaded, check_labels, check_request,
+                      load_for_sampling, save_grid)
+from solvers import SOLVERS
+
+
+@dataclass
+class Inverted:
+    """Noise (B, C, H, W) at t = 0 of images, the labels used, and what inverting them cost."""
+
+    noise: torch.Tensor
+    labels: torch.Tensor | None
+    nfe: int  # network evaluations per image
+    seconds: float
+
+
+def check_images(images: torch.Tensor, labels: torch.Tensor | None, model: nn.Module) -> None:
+    """Raise ValueError unless images (B, C, H, W) in [0, 1] fit the model and labels (B,) match them."""
+    cfg = model.config
+    want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(f"images must be (B, {', '.join(map(str, want))}) for this model, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floats in [0, 1], got {images.dtype} (divide uint8 pixels by 255)")
+    low, high = images.min().item(), images.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"images must lie in [0, 1], got values from {low:.3g} to {high:.3g}")
+    if labels is not None and labels.shape != (len(images),):
+        raise ValueError(f"labels must be one per image: {len(images)} images, labels of shape {tuple(labels.shape)}")
+    check_labels(labels, cfg.num_classes)
+
+
+def inversion_sampler(loaded: Loaded, solver: str | None, steps: int | None) -> tuple[str, int]:
+    """The solver and steps to invert with: the caller's, else the checkpoint's recorded sampler, except that a
+    meanflow jump (forwards only) is replaced by the default ODE solver on the model's u(x, t, t) = v."""
+    if solver is None and loaded.solver == "meanflow":
+        return DEFAULT_SOLVER, DEFAULT_STEPS if steps is None else steps
+    return loaded.solver if solver is None else solver, loaded.steps if steps is None else steps
+
+
+@torch.no_grad()
+def invert_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, guidance: float = 1.0,
+                 batch_size: int = 256, rtol: float = 1e-3, atol: float = 1e-3) -> Inverted:
+    """Noise (B, C, H, W) of images (B, C, H, W) in [0, 1] under their labels (conditional models), in batches."""
+    check_request(len(images), batch_size, solver, steps)
+    check_images(images, labels, model)
+    device, start, noise, nfes = next(model.parameters()).device, time.perf_counter(), [], []
+    for i in range(0, len(images), batch_size):
+        y = labels[i:i + batch_size].to(device) if labels is not None else None
+        x, nfe = invert(model, images[i:i + batch_size].to(device) * 2 - 1, y, solver, steps, guidance, rtol, atol)
+        noise.append(x.cpu())
+        nfes.append(nfe)
+    return Inverted(torch.cat(noise), labels, round(sum(nfes) / len(nfes)), time.perf_counter() - start)
+
+
+def invert_from_checkpoint(checkpoint: str | Path | dict, images: torch.Tensor, labels: torch.Tensor | None = None,
+                           solver: str | None = None, steps: int | None = None, guidance: float | None = None,
+                           device: str | torch.device | None = None, use_ema: bool = True,
+                           batch_size: int = 256) -> torch.Tensor:
+    """Noise (B, C, H, W) that the checkpoint's flow maps to images (B, C, H, W) in [0, 1] with labels (B,).
+
+    The inverse of sample_from_checkpoint: the same sampler rule (solver, steps and guidance left at None take
+    what the checkpoint records; a meanflow jump becomes the default ODE solver), run from t = 1 back to t = 0.
+    """
+    loaded = load_for_sampling(checkpoint, solver, steps, guidance, device, use_ema)
+    solver, steps = inversion_sampler(loaded, solver, steps)
+    labels = torch.as_tensor(labels).long() if labels is not None else None
+    return invert_model(loaded.model, images, labels, solver, steps, loaded.guidance, batch_size).noise
+
+
+@torch.no_grad()
+def regenerate(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None, solver: str, steps: int,
+               guidance: float, batch_size: int = 256, rtol: float = 1e-3, atol: float = 1e-3) -> torch.Tensor:
+    """Images (B, C, H, W) in [0, 1] from given noise (B, C, H, W): the forward half of an edit."""
+    device, out = next(model.parameters()).device, []
+    for i in range(0, len(noise), batch_size):
+        y = labels[i:i + batch_size].to(device) if labels is not None else None
+        x, _ = generate(model, noise[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol)
+        out.append(((x + 1) / 2).cpu())
+    return torch.cat(out)
+
+
+def class_swap(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+               solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, guidance: float = 1.0) -> torch.Tensor:
+    """Each image (B, C, H, W) in [0, 1] redrawn as every target class: (B, T, C, H, W).
+
+    Inversion runs under the image's own label at w = 1 (the flow that maps its noise to it exactly); the
+    regeneration under each target label at guidance w.
+    """
+    check_labels(targets, model.config.num_classes)
+    noise = invert_model(model, images, labels, solver, steps).noise
+    swapped = regenerate(model, noise.repeat_interleave(len(targets), 0), targets.repeat(len(images)), solver, steps,
+                         guidance)
+    return swapped.view(len(images), len(targets), *images.shape[1:])
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (K, ...) between a and b (...) at weights (K,) in [0, 1]: Gaussian noise keeps its
+    norm (about sqrt(D)) on the way, where a straight line would pass through low-norm, unlikely noise."""
+    fa, fb = a.flatten().double(), b.flatten().double()
+    angle = torch.arccos((fa @ fb / (fa.norm() * fb.norm())).clamp(-1, 1))
+    if angle < 1e-6:  # (nearly) the same direction: the straight line is the arc
+        out = (1 - weights.double())[:, None] * fa + weights.double()[:, None] * fb
+    else:
+        w = weights.double()[:, None]
+        out = (torch.sin((1 - w) * angle) * fa + torch.sin(w * angle) * fb) / torch.sin(angle)
+    return out.to(a.dtype).view(len(weights), *a.shape)
+
+
+def interpolate(model: nn.Module, pair: torch.Tensor, labels: torch.Tensor | None, frames: int = 8,
+                solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS) -> torch.Tensor:
+    """frames images (frames, C, H, W) in [0, 1] from pair[0] to pair[1] (2, C, H, W) through their inverted noises.
+
+    Two images of one class interpolate under that label; of two classes, under the null label (the unconditional
+    flow, w = 0), which needs a model trained with label dropout.
+    """
+    if frames < 2:
+        raise ValueError(f"frames must be >= 2 (the two ends), got {frames}")
+    y, guidance = labels, 1.0
+    if labels is not None and labels[0] != labels[1]:
+        y, guidance = labels, 0.0  # w = 0 is the unconditional velocity, whatever the label
+    noise = invert_model(model, pair, y, solver, steps, guidance).noise
+    path = slerp(noise[0], noise[1], torch.linspace(0, 1, frames))
+    path_labels = y[:1].repeat(frames) if y is not None else None
+    return regenerate(model, path, path_labels, solver, steps, guidance)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio (B,) in dB between images (B, ...) in [0, 1]."""
+    mse = (a - b).square().flatten(1).mean(1).clamp_min(1e-12)
+    return -10 * torch.log10(mse)
+
+
+def parse_indices(text: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7]."""
+    out = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"indices look like 0-3,7 (got {text!r})")
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"indices must be >= 0 and at least one (got {text!r})")
+    return out
+
+
+def real_images(loaded: Loaded, data_root: str | None, image_dir: str | None, indices: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (B, C, H, W) in [0, 1] and labels at the indices: MNIST test digits, or a folder's sorted images
+    (labels from class sub-folders named as the checkpoint's classes)."""
+    cfg = loaded.model.config
+    if (data_root is None) == (image_dir is None):
+        raise ValueError("give the images: --data-root DIR (MNIST test digits) or --image-dir DIR (a folder)")
+    if data_root is not None:
+        data = load_mnist(data_root, train=False, image_size=cfg.image_size, download=False)
+    else:
+        root = Path(image_dir)
+        names = loaded.ckpt.get("class_names") if cfg.num_classes is not None else None
+        files = readable(find_images(root))
+        if names:
+            files = [f for f in files if f.relative_to(root).parts[0] in names]
+            if not files:
+                raise DataError(f"no images under {root} sit in sub-folders named as this model's classes "
+                                f"({', '.join(names)})")
+        data = ImageFolder(files, root, cfg.image_size, names)
+    if max(indices) >= len(data):
+        raise ValueError(f"index {max(indices)} is out of range: the set holds {len(data)} images")
+    images, labels = zip(*(data[i] for i in indices))
+    labels = torch.tensor(labels) if cfg.num_classes is not None else None
+    return (torch.stack(images) + 1) / 2, labels
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, helptext in (("invert", "images -> noise, and how well the noise regenerates them (PSNR)"),
+                           ("swap", "redraw images as every class (one grid row per image)"),
+                           ("interpolate", "frames between pairs of images through their noises (a row per pair)")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth")
+        s.add_argument("--data-root", default=None, help="folder holding MNIST/raw: MNIST test digits")
+        s.add_argument("--image-dir", default=None, help="folder of images (class sub-folders for conditional models)")
+        s.add_argument("--solver", default=None, choices=SOLVERS,
+                       help="ODE solver both ways (default: the checkpoint's recorded sampler; a meanflow jump "
+                            f"becomes {DEFAULT_SOLVER})")
+        s.add_argument("--steps", type=int, default=None, help="solver steps, ignored by dopri5 (default: as --solver)")
+        s.add_argument("--device", default="auto", help=DEVICE_HELP)
+        s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+        s.add_argument("--out", default=f"samples/{name}.png" if name != "invert" else "samples/noise.pt")
+    for name in ("invert", "swap"):
+        sub.choices[name].add_argument("--indices", type=parse_indices, default=parse_indices("0-7"),
+                                       help="which images, e.g. 0-7 or 0,5,9")
+    sub.choices["invert"].add_argument("--guidance", type=float, default=None,
+                                       help="guidance scale w both ways (default: the recorded sampler's)")
+    sub.choices["swap"].add_argument("--guidance", type=float, default=1.0, help="guidance scale w of the redraw")
+    sub.choices["swap"].add_argument("--to", type=parse_indices, default=None, help="target classes (default: all)")
+    sub.choices["interpolate"].add_argument("--pairs", default="0:1", help="index pairs, e.g. 0:1,2:3")
+    sub.choices["interpolate"].add_argument("--frames", type=int, default=8)
+    args = p.parse_args(argv)
+
+    guidance = getattr(args, "guidance", None) if args.command == "invert" else None
+    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, guidance, args.device, not args.raw_weights)
+    model, names = loaded.model, loaded.ckpt.get("class_names")
+    solver, steps = inversion_sampler(loaded, args.solver, args.steps)
+    if args.command == "interpolate":
+        try:
+            pairs = [tuple(int(i) for i in pair.split(":")) for pair in args.pairs.split(",")]
+            assert all(len(pair) == 2 for pair in pairs)
+        except (ValueError, AssertionError):
+            raise ValueError(f"--pairs looks like 0:1,2:3 (got {args.pairs!r})")
+        rows = []
+        for pair in pairs:
+            images, labels = real_images(loaded, args.data_root, args.image_dir, list(pair))
+            rows.append(torch.cat([images[:1], interpolate(model, images, labels, args.frames, solver, steps),
+                                   images[1:]]))
+        save_grid(torch.cat(rows), args.out, ncol=args.frames + 2)
+        print(f"wrote {args.out}: {len(pairs)} pair(s), {args.frames} frames each between the two real images "
+              f"(first and last columns), {solver} {steps} steps")
+        return {"out": args.out, "pairs": pairs}
+    images, labels = real_images(loaded, args.data_root, args.image_dir, args.indices)
+    if args.command == "swap":
+        if model.config.num_classes is None:
+            raise ValueError("swap needs a class-conditional model: this one is unconditional")
+        targets = torch.tensor(args.to) if args.to is not None else torch.arange(model.config.num_classes)
+        swapped = class_swap(model, images, labels, targets, solver, steps, args.guidance)
+        save_grid(torch.cat([images[:, None], swapped], 1).flatten(0, 1), args.out, ncol=len(targets) + 1)
+        print(f"wrote {args.out}: a row per image (the real one first), then it redrawn as class(es) "
+              f"{', '.join(names[i] if names else str(i) for i in targets.tolist())}; {solver} {steps} steps, "
+              f"guidance {args.guidance}")
+        return {"out": args.out}
+    inverted = invert_model(model, images, labels, solver, steps, loaded.guidance)
+    back = regenerate(model, inverted.noise, labels, solver, steps, loaded.guidance)
+    quality = psnr(back, images)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"noise": inverted.noise, "labels": labels, "indices": args.indices, "solver": solver, "steps": steps,
+                "guidance": loaded.guidance}, args.out)
+    std = inverted.noise.flatten(1).std(1)
+    print(f"wrote {args.out}: noise of {len(images)} images ({solver} {steps} steps, NFE {inverted.nfe} per image, "
+          f"{inverted.seconds:.2f} s); regenerated from it: PSNR {quality.mean():.2f} dB (min {quality.min():.2f}); "
+          f"noise std per image {std.mean():.3f} (N(0, I): 1)")
+    return {"out": args.out, "psnr": quality.tolist(), "nfe": inverted.nfe, "noise_std": std.tolist()}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, DataError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,129 @@
+"""Inversion (images back to noise), class swap and interpolation, on a tiny trained model and from the CLI."""
+import pytest
+import torch
+
+import editing
+from checkpoint import load_checkpoint, model_from_checkpoint
+from editing import class_swap, interpolate, invert_from_checkpoint, invert_model, psnr, regenerate, slerp
+from flow import invert
+from helpers import TINY, TINY_MNIST, blobs, tiny_checkpoint, tiny_config
+from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, MEANFLOW_SAMPLER
+from trainer import train
+from unet import ConditionalUNet, UNetConfig
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained on three classes of blobs, and eight of those images in [0, 1] with labels."""
+    tmp = tmp_path_factory.mktemp("inv")
+    train(tiny_config(tmp, epochs=4), TINY, blobs(), blobs(24, seed=1), class_names=["a", "b", "c"])
+    path = tmp / "best.pth"
+    data = blobs(8, seed=2)
+    images = torch.stack([(data[i][0] + 1) / 2 for i in range(8)])
+    return path, model_from_checkpoint(load_checkpoint(path)).eval(), images, data.labels
+
+
+def test_invert_then_generate_returns_the_image_with_dopri5(trained):
+    _, model, images, labels = trained
+    noise = invert_model(model, images, labels, "dopri5", 1, rtol=1e-6, atol=1e-6).noise
+    back = regenerate(model, noise, labels, "dopri5", 1, 1.0, rtol=1e-6, atol=1e-6)
+    assert (back - images).abs().max() < 1e-3
+    assert not torch.allclose(noise, images * 2 - 1, atol=0.1)  # the noise is somewhere else entirely
+
+
+def test_reconstruction_error_falls_with_steps(trained):
+    _, model, images, labels = trained
+    errors = []
+    for steps in (1, 2, 4, 8, 16):
+        noise = invert_model(model, images, labels, "euler", steps).noise
+        errors.append((regenerate(model, noise, labels, "euler", steps, 1.0) - images).square().mean().item())
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < errors[0] / 8
+
+
+def test_invert_from_checkpoint_takes_the_recorded_sampler(trained):
+    path, model, images, labels = trained
+    ckpt = load_checkpoint(path)
+    ckpt["sampler"] = {"solver": "euler", "steps": 3, "guidance": 1.5}
+    expected = invert_model(model, images, labels, "euler", 3, 1.5).noise
+    assert torch.equal(invert_from_checkpoint(ckpt, images, labels), expected)
+    # a one-jump meanflow sampler runs forwards only: inversion takes the default ODE solver on u(x, t, t) = v
+    ckpt["sampler"] = MEANFLOW_SAMPLER
+    expected = invert_model(model, images, labels, DEFAULT_SOLVER, DEFAULT_STEPS, 1.0).noise
+    assert torch.equal(invert_from_checkpoint(ckpt, images, labels), expected)
+    assert not torch.equal(invert_from_checkpoint(ckpt, images, labels, use_ema=False), expected)
+
+
+def test_class_swap_to_the_own_class_is_the_reconstruction(trained):
+    _, model, images, labels = trained
+    targets = torch.tensor([0, 1, 2])
+    swapped = class_swap(model, images, labels, targets, "dopri5", 1)
+    assert swapped.shape == (8, 3, 1, 8, 8)
+    own = swapped[torch.arange(8), labels]
+    assert (own - images).abs().max() < 0.02
+    # redrawn as another class, the bright square moves to that class's place (blobs: rows/cols 2y..2y+2)
+    for y in range(3):
+        square = swapped[:, y, 0, 2 * y:2 * y + 3, 2 * y:2 * y + 3].mean()
+        assert square > swapped[:, y].mean() + 0.2
+
+
+def test_slerp_keeps_the_ends_and_the_norm():
+    a, b = torch.zeros(2, 4), torch.zeros(2, 4)
+    a[0, 0], b[1, 1] = 3.0, 3.0  # orthogonal, equal norms
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    assert torch.allclose(path[0], a) and torch.allclose(path[-1], b)
+    assert torch.allclose(path.flatten(1).norm(dim=1), torch.full((5,), 3.0))
+    same = slerp(a, a, torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.allclose(same, a.expand(3, 2, 4))
+
+
+def test_interpolation_starts_and_ends_at_the_two_images(trained):
+    _, model, images, labels = trained
+    same_class = torch.nonzero(labels == labels[0]).flatten()[:2]
+    for pair in (same_class, torch.tensor([0, 1])):
+        frames = interpolate(model, images[pair], labels[pair], frames=6, solver="dopri5", steps=1)
+        assert frames.shape == (6, 1, 8, 8)
+        assert psnr(frames[[0, -1]], images[pair]).min() > 25
+
+
+def test_bad_input_gets_one_line(trained):
+    _, model, images, labels = trained
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        invert_model(model, images * 2 - 1, labels)
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        invert_model(model, images[:, :, :4], labels)
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        invert_model(model, images.repeat(1, 3, 1, 1), labels)
+    with pytest.raises(ValueError, match="floats"):
+        invert_model(model, (images * 255).to(torch.uint8), labels)
+    with pytest.raises(ValueError, match="one per image"):
+        invert_model(model, images, labels[:3])
+    with pytest.raises(ValueError, match="give labels"):
+        invert_model(model, images, None)
+    with pytest.raises(ValueError, match="forwards only"):
+        invert(model, images * 2 - 1, labels, "meanflow", 1)
+    unconditional = ConditionalUNet(UNetConfig(**{**TINY.__dict__, "num_classes": None}))
+    with pytest.raises(ValueError, match="unconditional"):
+        invert_model(unconditional, images, labels)
+    with pytest.raises(ValueError, match="frames"):
+        interpolate(model, images[:2], labels[:2], frames=1)
+
+
+def test_cli_inverts_swaps_and_interpolates_mnist_digits(tmp_path, mnist_root):
+    path = tmp_path / "mnist.pth"
+    tiny_checkpoint(path, TINY_MNIST)
+    args = ["--checkpoint", str(path), "--data-root", str(mnist_root), "--solver", "euler", "--steps", "2"]
+    result = editing.main(["invert", *args, "--indices", "0-3", "--out", str(tmp_path / "noise.pt")])
+    saved = torch.load(tmp_path / "noise.pt")
+    assert saved["noise"].shape == (4, 1, 28, 28) and saved["labels"].tolist() == [7, 2, 1, 0]  # test digits 0-3
+    assert len(result["psnr"]) == 4
+    editing.main(["swap", *args, "--indices", "0,1", "--to", "3-5", "--out", str(tmp_path / "swap.png")])
+    editing.main(["interpolate", *args, "--pairs", "0:1,2:3", "--frames", "4", "--out", str(tmp_path / "lerp.png")])
+    from PIL import Image
+    # 2 rows of the real image + 3 classes; 2 rows of 4 frames between the two real images (2 px gaps, 2x scale)
+    assert Image.open(tmp_path / "swap.png").size == ((4 * 30 + 2) * 2, (2 * 30 + 2) * 2)
+    assert Image.open(tmp_path / "lerp.png").size == ((6 * 30 + 2) * 2, (2 * 30 + 2) * 2)
+    with pytest.raises(ValueError, match="out of range"):
+        editing.main(["invert", *args, "--indices", "10000"])
+    with pytest.raises(ValueError, match="--data-root DIR"):
+        editing.main(["invert", "--checkpoint", str(path)])
