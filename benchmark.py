@@ -1,4 +1,5 @@
-"""Benchmarks that print tables and write JSON + PNG: training speed, NFE vs quality, guidance sweep, FID vs N.
+"""Benchmarks that print tables and write JSON + PNG: training speed, NFE vs quality, guidance sweep, FID vs N,
+inversion and likelihood against NFE.
 
     python benchmark.py train-speed mnist --preset cpu            # flags after the script name are its flags
     python benchmark.py train-speed rf --preset small32 --image-size 64
@@ -7,6 +8,8 @@
     python benchmark.py fid-sizes --checkpoint runs/cifar/rf_best.pth --real-dir ../shared/data/cifar10-test-jpg
     python benchmark.py nfe --checkpoint runs/cifar/rf_best.pth --real-dir ../shared/data/cifar10-test-jpg \
         --n-real 10000 --solvers euler,midpoint --steps 2,4,8 --tolerances "" --ref-steps 0   # Inception FID
+    python benchmark.py inversion --checkpoints runs/reflow/1-rf.pth,runs/reflow/2-rectified/best.pth \
+        --data-root ../shared/data --n 100
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, load_mnist
 from device import Runtime, configure_backends, cpu_class, cpu_name, isa_caps, resolve_device
+from editing import gaussianity, invert_model, psnr, regenerate
 from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
-                      straightness_of)
+                      reference_sets, straightness_of)
+from likelihood import image_bits_per_dim
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, checkpoint_can_guide,
                       load_for_sampling)
@@ -151,6 +156,78 @@ def few_step_rows(args: argparse.Namespace) -> list[dict]:
                 row["minutes"] = minutes[i]
             rows.append(row)
     return rows
+
+
+def parse_setting(text: str) -> dict:
+    """'euler:4' -> euler, 4 steps; 'dopri5:1e-5' -> dopri5 at rtol = atol = 1e-5."""
+    solver, _, value = text.partition(":")
+    if solver == "dopri5":
+        return dict(solver=solver, steps=0, rtol=float(value or 1e-5), atol=float(value or 1e-5))
+    return dict(solver=solver, steps=int(value or DEFAULT_STEPS), rtol=1e-3, atol=1e-3)
+
+
+def inversion_rows(args: argparse.Namespace) -> list[dict]:
+    """Per checkpoint and solver setting, on n class-balanced MNIST test digits under their labels (w = 1):
+    invert-then-regenerate PSNR, how Gaussian the inverted noise is, and bits/dim (Hutchinson, one probe);
+    with --exact-n, exact against Hutchinson divergence on that many digits at --exact-setting (first checkpoint)."""
+    real = load_mnist(args.data_root, train=False, download=False)
+    index = reference_sets(real.labels, args.n)[0]
+    pixels, labels = real.images[index], real.labels[index]
+    images = pixels.float() / 255
+    rows = []
+    for i, path in enumerate(args.checkpoints.split(",")):
+        loaded = load_for_sampling(path, device=args.device)
+        model, kind = loaded.model, loaded.ckpt.get("kind", "1-rectified")
+        for setting in map(parse_setting, args.settings.split(",")):
+            inverted = invert_model(model, images, labels, guidance=1.0, batch_size=args.batch_size, **setting)
+            back = regenerate(model, inverted.noise, labels, guidance=1.0, batch_size=args.batch_size, **setting)
+            like = image_bits_per_dim(model, pixels, labels, seed=args.seed, batch_size=args.batch_size, **setting)
+            row = {"kind": kind, "checkpoint": path, **setting, "nfe": inverted.nfe, "n": args.n,
+                   "psnr": psnr(back, images).mean().item(), "invert_seconds": inverted.seconds,
+                   **{f"noise_{k}": v for k, v in gaussianity(inverted.noise).items()},
+                   "bpd": like["bpd"], "bpd_se": like["bpd_se"], "likelihood_seconds": like["seconds"]}
+            rows.append(row)
+            print(f"{kind:>12} {setting['solver']:>8} {setting['rtol'] if setting['solver'] == 'dopri5' else setting['steps']:>6}"
+                  f"  NFE {row['nfe']:>4}  PSNR {row['psnr']:6.2f} dB  noise std {row['noise_std']:.3f} "
+                  f"KS {row['noise_ks']:.3f}  {row['bpd']:.3f} ± {row['bpd_se']:.3f} bits/dim  "
+                  f"({row['invert_seconds']:.1f} + {row['likelihood_seconds']:.1f} s)", flush=True)
+        if i == 0 and args.exact_n:
+            setting, sub = parse_setting(args.exact_setting), slice(0, args.exact_n)
+            pair = {name: image_bits_per_dim(model, pixels[sub], labels[sub], divergence=name, seed=args.seed,
+                                             batch_size=args.batch_size, **setting)
+                    for name in ("exact", "hutchinson")}
+            diff = torch.tensor(pair["hutchinson"]["per_image"]) - torch.tensor(pair["exact"]["per_image"])
+            rows.append({"kind": kind, "checkpoint": path, **setting, "n": args.exact_n, "divergence_check": True,
+                         "bpd_exact": pair["exact"]["bpd"], "bpd_hutchinson": pair["hutchinson"]["bpd"],
+                         "diff_mean": diff.mean().item(), "diff_sd": diff.std().item(),
+                         "exact_seconds": pair["exact"]["seconds"], "hutchinson_seconds": pair["hutchinson"]["seconds"]})
+            print(f"{kind}: exact {pair['exact']['bpd']:.4f} vs Hutchinson {pair['hutchinson']['bpd']:.4f} bits/dim on "
+                  f"{args.exact_n} digits ({args.exact_setting}); per-image difference {diff.mean():.4f} ± "
+                  f"{diff.std():.4f} (sd); {pair['exact']['seconds']:.0f} vs {pair['hutchinson']['seconds']:.1f} s",
+                  flush=True)
+    return rows
+
+
+def plot_inversion(rows: list[dict], path: Path, title: str) -> None:
+    """Reconstruction PSNR and bits/dim against NFE, one line per model kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [r for r in rows if not r.get("divergence_check")]
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        own = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["nfe"])
+        for ax, y in zip(axes, ("psnr", "bpd")):
+            ax.plot([r["nfe"] for r in own], [r[y] for r in own], "o-", label=kind)
+    for ax, label in zip(axes, ("invert-then-regenerate PSNR (dB)", "bits/dim (Hutchinson, 1 probe)")):
+        ax.set(xscale="log", xlabel="NFE per direction", ylabel=label, title=title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_minutes(rows: list[dict], path: Path, title: str) -> None:
@@ -345,6 +422,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name, value in (("--n", 1000), ("--seed", 0), ("--batch-size", 500)):
         f.add_argument(name, type=int, default=value)
     f.add_argument("--device", default="auto", help=DEVICE_HELP)
+    inv = sub.add_parser("inversion", help="invert-then-regenerate PSNR, noise Gaussianity and bits/dim against NFE")
+    inv.add_argument("--checkpoints", required=True, help="comma-separated, e.g. the 1-rectified flow, then reflowed")
+    inv.add_argument("--settings", default="euler:1,euler:2,euler:4,euler:8,euler:16,rk4:8,dopri5:1e-5",
+                     help="solver:steps (dopri5:tolerance), comma-separated")
+    inv.add_argument("--exact-n", type=int, default=0, help="digits for exact vs Hutchinson divergence (slow); 0 = none")
+    inv.add_argument("--exact-setting", default="euler:8")
+    for name, value in (("--n", 100), ("--seed", 0), ("--batch-size", 100)):
+        inv.add_argument(name, type=int, default=value)
+    for name, value in (("--data-root", "data"), ("--out-dir", "benchmarks"), ("--device", "auto")):
+        inv.add_argument(name, default=value)
     lib = sub.add_parser("library-path", help="sample_from_checkpoint in a fresh process against mnist_test.py")
     lib.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth")
     lib.add_argument("--n", type=int, default=1000, help="digits per request")
@@ -381,6 +468,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return result["rows"]
     elif args.command == "library-path":
         rows, out = library_path(args.checkpoint, args.n), Path(args.out)
+    elif args.command == "inversion":
+        rows = inversion_rows(args)
+        plot_inversion(rows, Path(args.out_dir) / "inversion.png", f"N={args.n} MNIST test digits")
+        out = Path(args.out_dir) / "inversion.json"
     elif args.command == "fewstep":
         rows = few_step_rows(args)
         plot(rows, "nfe", Path(args.out_dir) / "fewstep.png", f"N={args.n} per setting", group="kind")

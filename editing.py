@@ -160,6 +160,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(mse)
 
 
+def gaussianity(noise: torch.Tensor) -> dict:
+    """How much noise (B, ...) looks like N(0, I), per image then averaged: mean, std, excess kurtosis and the
+    Kolmogorov-Smirnov distance of its values from the N(0, 1) CDF (about 0.87 / sqrt(D) for real Gaussian noise)."""
+    x = noise.flatten(1).double()
+    d = x.shape[1]
+    cdf = torch.special.ndtr(x.sort(1).values)
+    rank = torch.arange(1, d + 1, dtype=torch.float64)
+    ks = torch.maximum(rank / d - cdf, cdf - (rank - 1) / d).amax(1)
+    z = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+    return {"mean": x.mean(1).mean().item(), "std": x.std(1).mean().item(),
+            "kurtosis": (z**4).mean(1).sub(3).mean().item(), "ks": ks.mean().item()}
+
+
 def parse_indices(text: str) -> list[int]:
     """'0-3,7' -> [0, 1, 2, 3, 7]."""
     out = []

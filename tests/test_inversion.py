@@ -4,7 +4,7 @@ import torch
 
 import editing
 from checkpoint import load_checkpoint, model_from_checkpoint
-from editing import class_swap, interpolate, invert_from_checkpoint, invert_model, psnr, regenerate, slerp
+from editing import class_swap, gaussianity, interpolate, invert_from_checkpoint, invert_model, psnr, regenerate, slerp
 from flow import invert
 from helpers import TINY, TINY_MNIST, blobs, tiny_checkpoint, tiny_config
 from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, MEANFLOW_SAMPLER
@@ -86,6 +86,16 @@ def test_interpolation_starts_and_ends_at_the_two_images(trained):
         assert psnr(frames[[0, -1]], images[pair]).min() > 25
 
 
+def test_gaussianity_tells_noise_from_images(trained):
+    _, _, images, _ = trained
+    noise = gaussianity(torch.randn(64, 784, generator=torch.Generator().manual_seed(0)))
+    assert abs(noise["mean"]) < 0.01 and noise["std"] == pytest.approx(1, abs=0.01)
+    assert abs(noise["kurtosis"]) < 0.1 and noise["ks"] == pytest.approx(0.87 / 784**0.5, rel=0.3)
+    uniform = gaussianity(torch.rand(64, 784) * 2 * 3**0.5 - 3**0.5)  # mean 0, std 1, yet not Gaussian
+    assert uniform["kurtosis"] == pytest.approx(-1.2, abs=0.1) and uniform["ks"] > 2 * noise["ks"]
+    assert gaussianity(images * 2 - 1)["ks"] > 0.2
+
+
 def test_bad_input_gets_one_line(trained):
     _, model, images, labels = trained
     with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
@@ -127,3 +137,23 @@ def test_cli_inverts_swaps_and_interpolates_mnist_digits(tmp_path, mnist_root):
         editing.main(["invert", *args, "--indices", "10000"])
     with pytest.raises(ValueError, match="--data-root DIR"):
         editing.main(["invert", "--checkpoint", str(path)])
+
+
+def test_benchmark_inversion_measures_each_model_and_setting(tmp_path, mnist_root):
+    import json
+
+    import benchmark
+
+    path = tmp_path / "mnist.pth"
+    tiny_checkpoint(path, TINY_MNIST)
+    rows = benchmark.main(["inversion", "--checkpoints", f"{path},{path}", "--data-root", str(mnist_root), "--n", "10",
+                           "--settings", "euler:1,heun:2", "--exact-n", "2", "--exact-setting", "euler:1",
+                           "--device", "cpu", "--out-dir", str(tmp_path / "bench")])
+    assert [(r["solver"], r.get("nfe"), bool(r.get("divergence_check"))) for r in rows] == [
+        ("euler", 1, False), ("heun", 4, False), ("euler", None, True), ("euler", 1, False), ("heun", 4, False)]
+    for row in rows[:2]:
+        assert row["psnr"] > 0 and row["noise_std"] > 0 and 0 < row["noise_ks"] < 1 and row["bpd_se"] > 0
+    check = rows[2]
+    assert check["n"] == 2 and abs(check["bpd_hutchinson"] - check["bpd_exact"]) < 1
+    assert json.loads((tmp_path / "bench" / "inversion.json").read_text())["rows"][1]["solver"] == "heun"
+    assert (tmp_path / "bench" / "inversion.png").stat().st_size > 1000
