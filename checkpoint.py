@@ -91,8 +91,13 @@ def sync_folder(folder: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read and validate a checkpoint; raise CheckpointError with a readable reason otherwise."""
+    """Read and validate a checkpoint (a .pth file, or a folder that pretrained.py exported); raise CheckpointError
+    with a readable reason otherwise."""
     path = Path(path)
+    if path.is_dir():
+        from pretrained import load_folder  # here: pretrained builds on this module
+
+        return load_folder(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: train one first or pass --checkpoint PATH")
     try:
@@ -130,13 +135,16 @@ def ema_weights(ckpt: dict) -> dict:
     """EMA weights of a checkpoint, whether stored as EMA.state_dict() or as a plain state dict (seed)."""
     ema = ckpt.get("ema_state")
     if ema is None:
-        raise CheckpointError("checkpoint has no EMA weights: sample with use_ema=False")
+        raise CheckpointError("checkpoint has no EMA weights (an export of the raw ones?): sample with use_ema=False")
     return ema["weights"] if "weights" in ema else ema
 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> ConditionalUNet:
     """Rebuild the U-Net from the stored config and load the EMA (default) or raw weights."""
     model = ConditionalUNet(model_config_from(ckpt))
+    if not use_ema and "model_state" not in ckpt:
+        raise CheckpointError("this exported folder holds the EMA weights only: sample those (use_ema=True), or "
+                              "export the raw ones with --weights raw")
     weights = ema_weights(ckpt) if use_ema else ckpt["model_state"]
     try:
         model.load_state_dict(clean_state_dict(weights))

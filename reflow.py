@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint
+from pretrained import CONFIG, WEIGHTS
 from cli import parse_configs
 from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
 from flow import generate
@@ -41,11 +42,14 @@ PAIR_SETTINGS = ("parent_sha256", "solver", "steps", "guidance", "seed", "count"
 
 
 def sha256(path: str | Path) -> str:
-    """Hex digest of a file: names a parent checkpoint in its children's lineage."""
+    """Hex digest of a checkpoint file, or of an exported folder's weights and config: names a parent checkpoint
+    in its children's lineage."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    files = [Path(path) / WEIGHTS, Path(path) / CONFIG] if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -149,6 +149,14 @@ class ConditionalUNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
+    @classmethod
+    def from_pretrained(cls, folder_or_repo_id: str, use_ema: bool = True) -> "ConditionalUNet":
+        """The model of a folder that `pretrained.py export` wrote, or of a Hugging Face Hub repo id holding one."""
+        from checkpoint import model_from_checkpoint  # here: both modules build on this one
+        from pretrained import load_folder, resolve
+
+        return model_from_checkpoint(load_folder(resolve(folder_or_repo_id)), use_ema)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 t_end: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, H, W) at x_t, or with t_end (B,) the average velocity over [t, t_end] (None: t_end = t);

@@ -1,0 +1,106 @@
+"""Exported folders (model.safetensors + config.json + README.md): round trip, no pickle, clear errors."""
+import json
+
+import pytest
+import torch
+
+import mnist_test
+import pretrained
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from helpers import tiny_checkpoint
+from reflow import sha256
+from sampling import sample_from_checkpoint
+from unet import ConditionalUNet
+
+
+@pytest.fixture
+def pth(tmp_path):
+    """A checkpoint whose raw and EMA weights differ, with a recorded sampler, kind and class names."""
+    path = tmp_path / "model.pth"
+    tiny_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    save_checkpoint(path, {**ckpt, "kind": "2-rectified", "class_names": ["a", "b", "c"],
+                           "sampler": {"solver": "euler", "steps": 3, "guidance": 1.5},
+                           "lineage": {"parent_kind": "1-rectified", "parent_sha256": "ab" * 32}})
+    return path
+
+
+def test_folder_samples_equal_the_checkpoint_bit_for_bit(pth, tmp_path):
+    folder = pretrained.main(["export", "--checkpoint", str(pth), "--out", str(tmp_path / "export")])
+    assert sorted(f.name for f in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    labels = [0, 1, 2, 2, "a"]
+    assert torch.equal(sample_from_checkpoint(folder, labels=labels, seed=3),
+                       sample_from_checkpoint(pth, labels=labels, seed=3))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["sampler"] == {"solver": "euler", "steps": 3, "guidance": 1.5} and config["kind"] == "2-rectified"
+    card = (folder / "README.md").read_text()
+    assert "euler, 3 step(s), guidance w = 1.5" in card and "2-rectified" in card and "from_pretrained" in card
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    with torch.no_grad():
+        expected = model_from_checkpoint(load_checkpoint(pth))(x, t, y)
+        assert torch.equal(ConditionalUNet.from_pretrained(str(folder))(x, t, y), expected)
+
+
+def test_raw_export_holds_the_raw_weights_only(pth, tmp_path):
+    ema = pretrained.export(pth, tmp_path / "ema")
+    raw = pretrained.export(pth, tmp_path / "raw", weights="raw")
+    assert torch.equal(sample_from_checkpoint(raw, labels=[0, 1], seed=0, use_ema=False),
+                       sample_from_checkpoint(pth, labels=[0, 1], seed=0, use_ema=False))
+    assert not torch.equal(sample_from_checkpoint(raw, labels=[0, 1], seed=0, use_ema=False),
+                           sample_from_checkpoint(ema, labels=[0, 1], seed=0))
+    with pytest.raises(CheckpointError, match="EMA weights only"):
+        sample_from_checkpoint(ema, labels=[0], use_ema=False)
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        sample_from_checkpoint(raw, labels=[0])
+
+
+def test_loading_a_folder_unpickles_nothing(pth, tmp_path, monkeypatch):
+    folder = pretrained.export(pth, tmp_path / "export")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load (pickle) was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    assert sample_from_checkpoint(folder, labels=[0, 1], seed=0).shape == (2, 1, 8, 8)
+
+
+def test_scripts_take_a_folder(pth, tmp_path):
+    folder = pretrained.export(pth, tmp_path / "export")
+    mnist_test.main(["--checkpoint", str(folder), "--digits", "0,2", "--per-digit", "2", "--out", str(tmp_path / "g.png")])
+    assert (tmp_path / "g.png").stat().st_size > 100
+    before = sha256(folder)
+    assert before == sha256(pretrained.export(pth, tmp_path / "again"))  # the same content, the same name
+    pretrained.export(pth, folder, weights="raw")  # an exported folder is replaced as a whole
+    assert sha256(folder) != before and json.loads((folder / "config.json").read_text())["weights"] == "raw"
+
+
+def test_bad_folders_get_one_line(pth, tmp_path):
+    folder = pretrained.export(pth, tmp_path / "export")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not an exported model folder"):
+        pretrained.export(pth, tmp_path / "plain")
+    assert (tmp_path / "plain" / "notes.txt").is_file()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path / "plain")
+    (tmp_path / "plain" / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_checkpoint(tmp_path / "plain")
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):
+        load_checkpoint(folder)
+    (folder / "model.safetensors").write_bytes(weights)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_config": {**config["model_config"],
+                                                                                "base_channels": 16}}))
+    with pytest.raises(CheckpointError, match="do not match its model_config"):
+        sample_from_checkpoint(folder, labels=[0])
+    (folder / "config.json").write_text(json.dumps({"architectures": ["SomethingElse"]}))
+    with pytest.raises(CheckpointError, match="not a Flow Image Generator model config"):
+        load_checkpoint(folder)
+    (folder / "config.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="not a local folder|huggingface"):
+        ConditionalUNet.from_pretrained(str(tmp_path / "no" / "such"))
