@@ -31,6 +31,7 @@ from device import (Runtime, configure_backends, keep_freed_memory, launched_ran
                     resolve_compile, setup_runtime)
 from ema import EMA
 from flow import OBJECTIVES, T_SCHEDULES, flow_matching_loss, interpolate, mean_flow_loss
+from runlog import LOGGERS, RunLog
 from sampling import can_guide, make_noise, recommended_sampler, sample_model, save_grid
 from solvers import NFE_PER_STEP
 from unet import ConditionalUNet, UNetConfig
@@ -80,6 +81,7 @@ class TrainConfig:
     save_every: float = 10.0  # minutes between saves of last.pth inside an epoch (crash safety); 0 = epoch ends only
     keep_last: int = 5  # epoch_N.pth files kept on disk; 0 keeps all
     log_every: int = 50  # steps between log.jsonl records and progress-bar updates
+    logger: str = "jsonl"  # jsonl | tensorboard (also TensorBoard events in OUT_DIR/tensorboard; pip install tensorboard)
     val_t_points: int = 8  # validation loss averages over this fixed grid of t values
     max_steps: int = 0  # stop after this many optimizer steps in total (the LR schedule is unchanged); 0 = no limit
     time_budget: float = 0.0  # minutes for the whole run (steps, validation, grids): replaces --epochs, the LR schedule ends where the budget does; 0 = off
@@ -114,7 +116,8 @@ def flag(name: str) -> str:
 def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     """Reject settings that would fail later (deep inside torch) or silently do nothing; world = processes."""
     choices = {"t_schedule": T_SCHEDULES, "objective": OBJECTIVES, "lr_schedule": LR_SCHEDULES, "amp": ("none", "bf16", "fp16", "auto"),
-               "channels_last": ("on", "off", "auto"), "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last")}
+               "channels_last": ("on", "off", "auto"), "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last"),
+               "logger": LOGGERS}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -298,17 +301,6 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
-
-
-def open_log(path: Path, resume_step: int | None):
-    """log.jsonl for appending: a fresh run starts it empty; a resumed run keeps only records up to its step."""
-    if resume_step is None or not path.is_file():
-        return open(path, "w")
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-    return open(path, "a")
 
 
 class StopRequest:
@@ -497,7 +489,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(
                 {"train": asdict(cfg), "model": asdict(self.model_cfg), **self.extra}, indent=2))
-            log = open_log(self.out_dir / "log.jsonl", resumed)
+            log = RunLog(self.out_dir, resumed, cfg.logger)
         if self.minutes and not self.fitted:  # (a resumed budget run keeps its fitted end)
             val_forwards = len(self.val_set) * cfg.val_t_points // rt.world if self.val_set is not None else 0
             self.budget = Budget(self.minutes, val_forwards + self.grid_forwards(), self.per_rank, fit_early=not rt.ddp)
@@ -560,8 +552,7 @@ class Trainer:
                 mean, window_start, window_sum = (total - window_sum) / (self.step - window_start), self.step, total
                 bar.set_postfix(loss=f"{mean:.4f}")
                 if log:
-                    log.write(json.dumps({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr}) + "\n")
-                    log.flush()
+                    log.write({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr})
             at_epoch_end = self.step % self.sampler.batches == 0  # (then the budget is refitted after that end, counting it)
             fit_now = not at_epoch_end and (not self.fitted or self.step % cfg.log_every == 0)
             if self.budget and self.budget.step_done() and fit_now:
@@ -610,8 +601,7 @@ class Trainer:
                       "images_per_s": self.epoch_steps * cfg.batch_size / self.epoch_seconds, "epoch_s": self.epoch_seconds,
                       "elapsed_s": time.perf_counter() - self.start_time,
                       "lr": self.parts.optimizer.param_groups[0]["lr"]}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write(record)
             epoch_path = self.out_dir / f"epoch_{self.epoch_number}.pth"
             save_checkpoint(epoch_path, self.state(val))
             publish(epoch_path, self.out_dir / "last.pth")
@@ -619,7 +609,7 @@ class Trainer:
                 publish(epoch_path, self.best_path)
             if cfg.keep_last:
                 (self.out_dir / f"epoch_{self.epoch_number - cfg.keep_last}.pth").unlink(missing_ok=True)
-            self.draw_grid()
+            log.image("samples", self.draw_grid(), self.step)
             plot_losses(self.out_dir / "log.jsonl", self.out_dir / "loss.png")
             val_text = f"val {val:.4f}{' (best)' if improved else ''}  " if val is not None else ""
             self.say(f"epoch {self.epoch_number}/{self.planned}  step {self.step}  loss {self.loss:.4f}  {val_text}"
@@ -640,12 +630,13 @@ class Trainer:
         passes = 2 if self.conditional and guidance != 1 else 1  # guided: conditional + unconditional
         return self.grid_request()[0] * steps * NFE_PER_STEP.get(solver, 6) * passes  # dopri5: ~6 a step
 
-    def draw_grid(self) -> None:
-        """SAMPLE_DIR/epoch_N.png from the EMA weights: one row per class (up to 10), or 64 images."""
+    def draw_grid(self) -> Path:
+        """SAMPLE_DIR/epoch_N.png from the EMA weights: one row per class (up to 10), or 64 images; returns its path."""
         n, labels = self.grid_request()
         solver, steps, guidance = recommended_sampler(self.extra)  # what users of the checkpoint will get
         samples = sample_model(self.parts.ema.model, n, labels, solver, steps, guidance, seed=0, device=self.rt.device)
-        save_grid(samples.images, self.sample_dir / f"epoch_{self.epoch_number}.png", samples.labels, self.class_names)
+        return save_grid(samples.images, self.sample_dir / f"epoch_{self.epoch_number}.png", samples.labels,
+                         self.class_names)
 
 
 def train(

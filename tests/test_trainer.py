@@ -298,3 +298,32 @@ def test_a_loss_plot_with_nothing_to_label_writes_no_warning(tmp_path):
         warnings.simplefilter("error")
         plot_losses(log, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_tensorboard_log_holds_the_scalars_and_the_epoch_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(tmp_path, logger="tensorboard", log_every=3), TINY, blobs(), blobs(24, seed=1))
+    events = EventAccumulator(str(tmp_path / "ck" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [3, 6, 9, 12]  # 2 epochs of 6 steps, a record every 3
+    assert [e.step for e in events.Scalars("epoch/val_loss")] == [6, 12]
+    assert all(e.value > 0 for e in events.Scalars("epoch/images_per_s"))
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs == pytest.approx([2e-3] * 4)
+    grids = events.Images("samples")
+    assert [g.step for g in grids] == [6, 12] and grids[0].width > 0
+    # the JSON lines stay, with the same losses
+    records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "step"]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
+
+
+def test_tensorboard_logger_without_the_package_says_how_to_get_it(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        train(tiny_config(tmp_path, logger="tensorboard"), TINY, blobs(), blobs(24, seed=1))
+    with pytest.raises(ValueError, match="unknown --logger 'wandb'"):
+        train(tiny_config(tmp_path, logger="wandb"), TINY, blobs(), blobs(24, seed=1))
