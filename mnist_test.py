@@ -1,6 +1,8 @@
 """Draw digits on request from an MNIST checkpoint into a labelled grid PNG (one row per digit).
 
     python mnist_test.py --digits 0,3,7 --per-digit 8 --out samples/digits.png
+
+Before `make train` has written a checkpoint, it draws with the committed model in pretrained/mnist-1rf.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 
 from checkpoint import CheckpointError
+from pretrained import MNIST_TRAINED, mnist_checkpoint
 from sampling import DEVICE_HELP, load_for_sampling, sample_model, save_grid
 from solvers import SOLVERS
 
@@ -31,7 +34,9 @@ def parse_digits(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth", help="checkpoint written by mnist_train.py")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"a checkpoint of mnist_train.py, or an exported folder (default: {MNIST_TRAINED}, or "
+                        "pretrained/mnist-1rf until there is one)")
     p.add_argument("--solver", default=None, choices=SOLVERS,
                    help="ODE solver (default: the checkpoint's recommended sampler, else midpoint)")
     p.add_argument("--steps", type=int, default=None, help="solver steps, ignored by dopri5 (default: as --solver)")
@@ -48,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     if (args.steps is not None and args.steps < 1) or args.per_digit < 1:
         p.error("--steps and --per-digit must be >= 1")
     labels = torch.tensor(args.digits).repeat_interleave(args.per_digit)
-    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, args.device,
+    checkpoint, note = mnist_checkpoint(args.checkpoint)
+    if note:
+        print(note)
+    loaded = load_for_sampling(checkpoint, args.solver, args.steps, args.guidance, args.device,
                                use_ema=not args.raw_weights)
     samples = sample_model(loaded.model, len(labels), labels, loaded.solver, loaded.steps, loaded.guidance, args.seed,
                            batch_size=256)

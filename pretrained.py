@@ -22,7 +22,21 @@ from pathlib import Path
 from checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, clean_state_dict, ema_weights, load_checkpoint, sync_folder
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+# the committed models: what a fresh clone samples before it has trained anything (pretrained/*/README.md)
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+MNIST_TRAINED = "checkpoints/flow_matching_mnist.pth"  # where make train / mnist_train.py put theirs
 TRAINING_KEYS = ("epoch", "step", "loss", "val_loss", "best_val_loss")  # the summary a card and config.json carry
+
+
+def mnist_checkpoint(path: str | Path | None = None, root: Path = Path(".")) -> tuple[Path, str | None]:
+    """(checkpoint, note): path when given; else the one make train writes under root, or the committed pretrained
+    model while there is none, with a note that says so."""
+    if path is not None:
+        return Path(path), None
+    if (root / MNIST_TRAINED).is_file():
+        return root / MNIST_TRAINED, None
+    return PRETRAINED / "mnist-1rf", (f"no {root / MNIST_TRAINED} yet (make train writes it): using the committed "
+                                      f"model {PRETRAINED / 'mnist-1rf'}")
 
 
 def resolve(folder_or_repo_id: str | Path) -> Path:
@@ -37,9 +51,11 @@ def resolve(folder_or_repo_id: str | Path) -> Path:
     return Path(snapshot_download(str(folder_or_repo_id), allow_patterns=[CONFIG, WEIGHTS, CARD]))
 
 
-def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema", notes: str = "") -> Path:
-    """Write an exported folder from a checkpoint (file or dict): weights "ema" or "raw"; notes (Markdown) go into
-    the card. Written to a temporary folder first and renamed, so a failure leaves no half-written folder."""
+def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema", notes: str = "",
+           metrics: dict | None = None) -> Path:
+    """Write an exported folder from a checkpoint (file or dict): weights "ema" or "raw"; notes (Markdown) and
+    measured metrics (an `evaluate.py mnist --json` result) go into the card and config.json. Written to a
+    temporary folder first and renamed, so a failure leaves no half-written folder."""
     from safetensors.torch import save_file  # imported here: only exporting and loading folders need it
 
     if weights not in ("ema", "raw"):
@@ -52,6 +68,7 @@ def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema",
         "kind": ckpt.get("kind", "1-rectified"), "lineage": ckpt.get("lineage"),
         "label_dropout": (ckpt.get("train_config") or {}).get("label_dropout"),  # whether guidance was trained
         "training": {**{k: ckpt.get(k) for k in TRAINING_KEYS}, "train_config": ckpt.get("train_config")},
+        "metrics": metrics,
     }
     out = Path(out)
     if out.exists() and not (out / CONFIG).is_file():
@@ -152,6 +169,15 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
               "```", "",
               "The folder loads without pickle (`model.safetensors` + `config.json`); it samples with the recorded sampler "
               "unless told otherwise.", ""]
+    m = config.get("metrics")
+    if m:
+        lines += ["## Measured", "", "| sampler | NFE | N | digit as asked | Fréchet (MNIST-CNN) | real-vs-real floor | excess |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {m['solver']} {m['steps']}, w = {m['guidance']} | {m['nfe']} | {m['n']} | {m['accuracy']:.1%} | "
+                  f"{m['frechet']:.1f} | {m['floor']:.1f} | {m['excess']:.1f} |", "",
+                  f"Read by `evaluate.py`'s MNIST classifier ({m.get('classifier_accuracy', float('nan')):.2%} on the "
+                  "test split), against its class-balanced random reference (docs/evaluation.md)"
+                  + (f"; measured on a {m['hardware']}." if m.get("hardware") else "."), ""]
     if notes:
         lines += ["## Notes", "", notes.strip(), ""]
     return "\n".join(lines)
@@ -165,9 +191,11 @@ def main(argv: list[str] | None = None) -> Path:
     e.add_argument("--out", required=True, help="folder to write (replaced if it is an exported folder already)")
     e.add_argument("--weights", choices=("ema", "raw"), default="ema")
     e.add_argument("--notes", default=None, help="a Markdown file whose text goes into the model card")
+    e.add_argument("--metrics", default=None, help="a JSON file of measured figures (evaluate.py mnist --json)")
     args = p.parse_args(argv)
     notes = Path(args.notes).read_text() if args.notes else ""
-    out = export(args.checkpoint, args.out, args.weights, notes)
+    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    out = export(args.checkpoint, args.out, args.weights, notes, metrics)
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
     return out
 

@@ -11,7 +11,7 @@ from data import TensorImages, load_mnist
 from evaluate import (MnistClassifier, frechet_distance, frechet_from_stats, inception_scores,
                       load_classifier, mnist_quality, predict, tensors, train_classifier)
 from helpers import TINY_MNIST, tiny_checkpoint
-from sampling import MEANFLOW_SAMPLER
+from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_model
 from unet import ConditionalUNet
 
 
@@ -205,3 +205,19 @@ def test_quality_commands_refuse_before_sampling(tmp_path, main, command, args, 
     common = ["--checkpoint", str(tmp_path / "c.pth"), "--classifier", str(tmp_path / "absent.pth"), "--device", "cpu"]
     with pytest.raises(ValueError, match=message):  # before the (absent) classifier is needed
         main([command, *common, *args])
+
+
+@pytest.mark.parametrize("name", ["mnist-1rf", "mnist-distilled-1"])
+def test_committed_models_draw_the_digits_their_cards_say(classifier, name):
+    import pretrained
+
+    clf, clf_accuracy, _ = classifier
+    folder = pretrained.PRETRAINED / name
+    card = json.loads((folder / "config.json").read_text())["metrics"]
+    loaded = load_for_sampling(folder)
+    labels = torch.arange(300) % 10
+    samples = sample_model(loaded.model, 300, labels, loaded.solver, loaded.steps, loaded.guidance, seed=1)
+    preds, _ = predict(load_classifier(clf)[0], samples.images * 2 - 1)
+    # the card's figure is by a 99.2% classifier at N = 4,000; this one is weaker (1 epoch) and N smaller
+    accuracy = (preds == labels).float().mean().item()
+    assert card["accuracy"] - 0.06 - (1 - clf_accuracy) < accuracy < card["accuracy"] + 0.04

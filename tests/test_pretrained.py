@@ -9,7 +9,7 @@ import pretrained
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from helpers import tiny_checkpoint
 from reflow import sha256
-from sampling import sample_from_checkpoint
+from sampling import load_for_sampling, sample_from_checkpoint, sample_model
 from unet import ConditionalUNet
 
 
@@ -104,3 +104,24 @@ def test_bad_folders_get_one_line(pth, tmp_path):
         load_checkpoint(folder)
     with pytest.raises(CheckpointError, match="not a local folder|huggingface"):
         ConditionalUNet.from_pretrained(str(tmp_path / "no" / "such"))
+
+
+@pytest.mark.parametrize("name,nfe", [("mnist-1rf", 16), ("mnist-distilled-1", 1)])
+def test_committed_models_load_and_sample_with_their_recorded_sampler(name, nfe):
+    folder = pretrained.PRETRAINED / name
+    loaded = load_for_sampling(folder)
+    samples = sample_model(loaded.model, 20, torch.arange(20) % 10, loaded.solver, loaded.steps, loaded.guidance)
+    assert samples.images.shape == (20, 1, 28, 28) and samples.nfe == nfe
+    config = json.loads((folder / "config.json").read_text())
+    assert config["metrics"]["n"] >= 4000 and f"{config['metrics']['accuracy']:.1%}" in (folder / "README.md").read_text()
+
+
+def test_mnist_test_uses_the_committed_model_until_make_train_has_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/flow_matching_mnist.pth here
+    mnist_test.main(["--digits", "3", "--per-digit", "2", "--solver", "euler", "--steps", "1", "--out", "g.png"])
+    assert "using the committed model" in capsys.readouterr().out and (tmp_path / "g.png").is_file()
+    assert pretrained.mnist_checkpoint()[0] == pretrained.PRETRAINED / "mnist-1rf"
+    (tmp_path / "checkpoints").mkdir()
+    tiny = tmp_path / pretrained.MNIST_TRAINED
+    tiny_checkpoint(tiny)
+    assert pretrained.mnist_checkpoint() == (tiny.relative_to(tmp_path), None)
