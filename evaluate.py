@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         classifier, accuracy = load_classifier(args.classifier, device)
         real = load_mnist(args.data_root, train=False, download=False)
         result = {**mnist_quality(model, classifier, real, args.n, args.solver, args.steps, args.guidance, args.seed,
-                                  args.batch_size), "weights": args.weights}
+                                  args.batch_size), "weights": args.weights, "classifier_accuracy": accuracy}
         print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']} per image  "
               f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
               f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  excess {result['excess']:.3f}  "

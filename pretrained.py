@@ -175,8 +175,9 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
                   "|---|---|---|---|---|---|---|",
                   f"| {m['solver']} {m['steps']}, w = {m['guidance']} | {m['nfe']} | {m['n']} | {m['accuracy']:.1%} | "
                   f"{m['frechet']:.1f} | {m['floor']:.1f} | {m['excess']:.1f} |", "",
-                  f"Read by `evaluate.py`'s MNIST classifier ({m.get('classifier_accuracy', float('nan')):.2%} on the "
-                  "test split), against its class-balanced random reference (docs/evaluation.md)"
+                  "Read by `evaluate.py`'s MNIST classifier"
+                  + (f" ({m['classifier_accuracy']:.2%} on the test split)" if m.get("classifier_accuracy") else "")
+                  + ", against its class-balanced random reference (docs/evaluation.md)"
                   + (f"; measured on a {m['hardware']}." if m.get("hardware") else "."), ""]
     if notes:
         lines += ["## Notes", "", notes.strip(), ""]
