@@ -166,3 +166,18 @@ def test_straightness_is_zero_for_straight_paths_and_positive_for_curved_ones():
     curved = straightness(rotate, noise, steps=16)
     assert curved["straightness"] > 0.05
     assert curved["distance"][1] > curved["distance"][2] > curved["distance"][8]  # more steps follow the curve better
+
+
+def test_an_exported_folder_is_a_parent_like_its_checkpoint(parent, tmp_path):
+    import pretrained
+
+    folder = pretrained.export(parent, tmp_path / "parent")
+    pairs(folder, tmp_path / "from_folder")
+    pairs(parent, tmp_path / "from_pth")
+    a, b = shard_contents(tmp_path / "from_folder"), shard_contents(tmp_path / "from_pth")
+    assert all(torch.equal(a[k]["x1"], b[k]["x1"]) for k in a)  # the same EMA weights draw the same pairs
+    manifest = json.loads((tmp_path / "from_folder" / "manifest.json").read_text())
+    assert manifest["parent_sha256"] == reflow.sha256(folder)
+    reflow.main(["train", "--pairs", str(tmp_path / "from_folder"), "--out-dir", str(tmp_path / "rf2"), *STAGE_FLAGS])
+    child = load_checkpoint(tmp_path / "rf2" / "best.pth")
+    assert child["kind"] == "2-rectified" and child["lineage"]["parent_sha256"] == reflow.sha256(folder)
