@@ -25,6 +25,7 @@ def trained(tmp_path_factory):
 
 def test_invert_then_generate_returns_the_image_with_dopri5(trained):
     _, model, images, labels = trained
+    images, labels = images[:4], labels[:4]
     noise = invert_model(model, images, labels, "dopri5", 1, rtol=1e-6, atol=1e-6).noise
     back = regenerate(model, noise, labels, "dopri5", 1, 1.0, rtol=1e-6, atol=1e-6)
     assert (back - images).abs().max() < 1e-3
