@@ -27,8 +27,8 @@ from torch import nn
 from checkpoint import CheckpointError
 from data import DataError, ImageFolder, find_images, load_mnist, readable
 from flow import generate, invert
-from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Loaded, check_labels, check_request,
-                      load_for_sampling, save_grid)
+from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Loaded, check_guidance, check_labels,
+                      check_request, load_for_sampling, save_grid)
 from solvers import SOLVERS
 
 
@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows = []
         for pair in pairs:
             images, labels = real_images(loaded, args.data_root, args.image_dir, list(pair))
+            if labels is not None and labels[0] != labels[1]:
+                check_guidance(loaded.ckpt, 0.0)  # two classes meet under the null label
             rows.append(torch.cat([images[:1], interpolate(model, images, labels, args.frames, solver, steps),
                                    images[1:]]))
         save_grid(torch.cat(rows), args.out, ncol=args.frames + 2)

@@ -138,6 +138,9 @@ def test_cli_inverts_swaps_and_interpolates_mnist_digits(tmp_path, mnist_root):
         editing.main(["invert", *args, "--indices", "10000"])
     with pytest.raises(ValueError, match="--data-root DIR"):
         editing.main(["invert", "--checkpoint", str(path)])
+    tiny_checkpoint(tmp_path / "no_null.pth", TINY_MNIST, label_dropout=0.0)  # digits 7 and 2 need the null label
+    with pytest.raises(ValueError, match="label-dropout"):
+        editing.main(["interpolate", *args[:1], str(tmp_path / "no_null.pth"), *args[2:], "--pairs", "0:1"])
 
 
 def test_benchmark_inversion_measures_each_model_and_setting(tmp_path, mnist_root):
