@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-SUBCOMMANDS = {"reflow.py", "evaluate.py", "benchmark.py"}
+SUBCOMMANDS = {"reflow.py", "evaluate.py", "benchmark.py", "editing.py", "pretrained.py"}
 
 
 def commands() -> list[list[str]]:
