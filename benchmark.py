@@ -36,7 +36,7 @@ from data import DataError, load_mnist
 from device import Runtime, configure_backends, cpu_class, cpu_name, isa_caps, resolve_device
 from editing import gaussianity, invert_model, psnr, regenerate
 from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
-                      reference_sets, straightness_of)
+                      straightness_of, test_digits)
 from likelihood import image_bits_per_dim
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, checkpoint_can_guide,
@@ -170,9 +170,7 @@ def inversion_rows(args: argparse.Namespace) -> list[dict]:
     """Per checkpoint and solver setting, on n class-balanced MNIST test digits under their labels (w = 1):
     invert-then-regenerate PSNR, how Gaussian the inverted noise is, and bits/dim (Hutchinson, one probe);
     with --exact-n, exact against Hutchinson divergence on that many digits at --exact-setting (first checkpoint)."""
-    real = load_mnist(args.data_root, train=False, download=False)
-    index = reference_sets(real.labels, args.n)[0]
-    pixels, labels = real.images[index], real.labels[index]
+    pixels, labels = test_digits(args.data_root, args.n)
     images = pixels.float() / 255
     rows = []
     for i, path in enumerate(args.checkpoints.split(",")):

@@ -53,9 +53,7 @@ def check_images(images: torch.Tensor, labels: torch.Tensor | None, model: nn.Mo
     low, high = images.min().item(), images.max().item()
     if low < 0 or high > 1:
         raise ValueError(f"images must lie in [0, 1], got values from {low:.3g} to {high:.3g}")
-    if labels is not None and labels.shape != (len(images),):
-        raise ValueError(f"labels must be one per image: {len(images)} images, labels of shape {tuple(labels.shape)}")
-    check_labels(labels, cfg.num_classes)
+    check_labels(labels, cfg.num_classes, len(images))
 
 
 def inversion_sampler(loaded: Loaded, solver: str | None, steps: int | None) -> tuple[str, int]:

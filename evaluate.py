@@ -274,6 +274,15 @@ def inception_fid(model: nn.Module, real_dir: str, n: int, solver: str = DEFAULT
             "seed": seed, "num_classes": cfg.num_classes, "per_class": per_class}
 
 
+def test_digits(data_root: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 pixels (n, 1, 28, 28) and labels (n,) of the class-balanced random test digits (reference_sets)."""
+    if n < 10 or n % 10:
+        raise ValueError(f"--n {n}: MNIST test digits are drawn class-balanced, so give a multiple of 10")
+    real = load_mnist(data_root, train=False, download=False)
+    index = reference_sets(real.labels, n)[0]
+    return real.images[index], real.labels[index]
+
+
 def likelihood(args: argparse.Namespace) -> dict:
     """evaluate.py likelihood: bits/dim of n held-out images (MNIST test digits or a folder) under a checkpoint."""
     loaded = load_for_sampling(args.checkpoint, "euler", 1, 1.0, args.device, use_ema=args.weights == "ema")
@@ -284,11 +293,7 @@ def likelihood(args: argparse.Namespace) -> dict:
         if cfg.image_size != 28 or cfg.in_channels != 1:
             raise ValueError(f"this checkpoint draws {cfg.in_channels}x{cfg.image_size} px images: MNIST likelihoods "
                              "need 1x28 px (give --real-dir for an image-folder checkpoint)")
-        if args.n < 10 or args.n % 10:
-            raise ValueError(f"--n {args.n}: MNIST test digits are drawn class-balanced, so give a multiple of 10")
-        real = load_mnist(args.data_root, train=False, download=False)
-        index = reference_sets(real.labels, args.n)[0]
-        pixels, labels = real.images[index], real.labels[index]
+        pixels, labels = test_digits(args.data_root, args.n)
         source = "MNIST test digits (class-balanced random)"
     else:
         pixels, labels = to_uint8(real_images(args.real_dir, cfg.image_size, args.n)), None
@@ -303,6 +308,39 @@ def likelihood(args: argparse.Namespace) -> dict:
                                 args.divergence, args.probes, args.seed, args.batch_size)
     return {**result, "source": source, "checkpoint": str(args.checkpoint), "weights": args.weights,
             "marginal": marginal}
+
+
+def sampled_metrics(args: argparse.Namespace) -> dict:
+    """evaluate.py mnist | straightness | fid: sample the checkpoint and measure, printing one line."""
+    # a one-step model is measured in one step unless asked otherwise
+    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, args.device,
+                               use_ema=args.weights == "ema")
+    model, device, args.solver, args.steps, args.guidance = (loaded.model, next(loaded.model.parameters()).device,
+                                                             loaded.solver, loaded.steps, loaded.guidance)
+    if args.command == "mnist":
+        classifier, accuracy = load_classifier(args.classifier, device)
+        real = load_mnist(args.data_root, train=False, download=False)
+        result = {**mnist_quality(model, classifier, real, args.n, args.solver, args.steps, args.guidance, args.seed,
+                                  args.batch_size), "weights": args.weights, "classifier_accuracy": accuracy}
+        print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']} per image  "
+              f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
+              f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  excess {result['excess']:.3f}  "
+              f"classifier accuracy {accuracy:.2%}")
+    elif args.command == "straightness":
+        result = {**straightness_of(model, args.n, args.guidance, args.seed), "weights": args.weights,
+                  "checkpoint": str(args.checkpoint)}
+        print(f"N={args.n}  guidance {args.guidance}  straightness {result['straightness']:.4f} along "
+              f"{result['reference_steps']}-step Euler paths; RMS distance of k-step samples from them: "
+              + ", ".join(f"k={k}: {d:.4f}" for k, d in result["distance"].items()))
+    else:
+        result = {**inception_fid(model, args.real_dir, args.n, args.solver, args.steps, args.guidance, args.seed,
+                                  args.batch_size, args.n_real, args.stats_cache, args.inception_weights),
+                  "checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights}
+        kid = f"  KID {result['kid']:.4f} ± {result['kid_std']:.4f}" if "kid" in result else ""
+        print(f"N={args.n} generated ({args.weights} weights, {args.solver}, {args.steps} steps, NFE {result['nfe']} "
+              f"per image, guidance {args.guidance}, seed {args.seed}) vs {result['n_real']} real images of "
+              f"{args.real_dir}  Inception FID {result['fid']:.2f}{kid}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -373,38 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{f', {args.probes} probe(s)' if args.divergence == 'hutchinson' else ''}, {args.solver}"
               f"{f' tol {args.tolerance:g}' if args.solver == 'dopri5' else f' {args.steps} steps'}, NFE "
               f"{result['nfe']} per image, {result['seconds']:.0f} s)")
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2))
-        return result
-    # a one-step model is measured in one step unless asked otherwise
-    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, args.device,
-                               use_ema=args.weights == "ema")
-    model, device, args.solver, args.steps, args.guidance = (loaded.model, next(loaded.model.parameters()).device,
-                                                             loaded.solver, loaded.steps, loaded.guidance)
-    if args.command == "mnist":
-        classifier, accuracy = load_classifier(args.classifier, device)
-        real = load_mnist(args.data_root, train=False, download=False)
-        result = {**mnist_quality(model, classifier, real, args.n, args.solver, args.steps, args.guidance, args.seed,
-                                  args.batch_size), "weights": args.weights, "classifier_accuracy": accuracy}
-        print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']} per image  "
-              f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
-              f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  excess {result['excess']:.3f}  "
-              f"classifier accuracy {accuracy:.2%}")
-    elif args.command == "straightness":
-        result = {**straightness_of(model, args.n, args.guidance, args.seed), "weights": args.weights,
-                  "checkpoint": str(args.checkpoint)}
-        print(f"N={args.n}  guidance {args.guidance}  straightness {result['straightness']:.4f} along "
-              f"{result['reference_steps']}-step Euler paths; RMS distance of k-step samples from them: "
-              + ", ".join(f"k={k}: {d:.4f}" for k, d in result["distance"].items()))
     else:
-        result = {**inception_fid(model, args.real_dir, args.n, args.solver, args.steps, args.guidance, args.seed,
-                                  args.batch_size, args.n_real, args.stats_cache, args.inception_weights),
-                  "checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights}
-        kid = f"  KID {result['kid']:.4f} ± {result['kid_std']:.4f}" if "kid" in result else ""
-        print(f"N={args.n} generated ({args.weights} weights, {args.solver}, {args.steps} steps, NFE {result['nfe']} "
-              f"per image, guidance {args.guidance}, seed {args.seed}) vs {result['n_real']} real images of "
-              f"{args.real_dir}  Inception FID {result['fid']:.2f}{kid}")
+        result = sampled_metrics(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

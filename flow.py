@@ -177,8 +177,8 @@ def generate(
     if solver == "meanflow" and not getattr(model.config, "average_velocity", False):
         raise ValueError("solver meanflow jumps along average velocities: this model predicts the velocity only "
                          "(train with --objective meanflow, or sample with euler, midpoint, heun, rk4 or dopri5)")
-    x, calls = solve(guided_velocity(model, labels, guidance), noise, solver, steps, rtol, atol)
-    return x.clamp(-1, 1), calls * (2 if is_guided(labels, guidance) else 1)
+    x, nfe = integrate(model, noise, labels, solver, steps, guidance, rtol, atol)
+    return x.clamp(-1, 1), nfe
 
 
 @torch.no_grad()
@@ -200,5 +200,13 @@ def invert(
         raise ValueError("solver meanflow jumps forwards only (average velocities were trained for t_end >= t): "
                          "invert with euler, midpoint, heun, rk4 or dopri5 (a meanflow model's u(x, t, t) is its "
                          "velocity)")
-    x, calls = solve(guided_velocity(model, labels, guidance), images, solver, steps, rtol, atol, span=(1.0, 0.0))
+    return integrate(model, images, labels, solver, steps, guidance, rtol, atol, span=(1.0, 0.0))
+
+
+def integrate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, solver: str, steps: int,
+              guidance: float, rtol: float, atol: float, span: tuple[float, float] = (0.0, 1.0)
+              ) -> tuple[torch.Tensor, int]:
+    """The guided ODE from span[0] to span[1] for x (B, C, H, W); returns (x at span[1], NFE per image): a guided
+    velocity counts two (cond + uncond), though batched as one call."""
+    x, calls = solve(guided_velocity(model, labels, guidance), x, solver, steps, rtol, atol, span)
     return x, calls * (2 if is_guided(labels, guidance) else 1)

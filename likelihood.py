@@ -109,9 +109,7 @@ def image_bits_per_dim(model: nn.Module, pixels: torch.Tensor, labels: torch.Ten
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != want:
         raise ValueError(f"likelihood takes 8-bit images (N, {', '.join(map(str, want))}) as uint8, got "
                          f"{pixels.dtype} {tuple(pixels.shape)}")
-    if labels is not None and labels.shape != (len(pixels),):
-        raise ValueError(f"labels must be one per image: {len(pixels)} images, labels of shape {tuple(labels.shape)}")
-    check_labels(labels[labels != cfg.num_classes] if labels is not None else None, cfg.num_classes)
+    check_labels(labels, cfg.num_classes, len(pixels), null_ok=True)
     device, start, bpd, nfes = next(model.parameters()).device, time.perf_counter(), [], []
     for i in range(0, len(pixels), batch_size):
         x = dequantize(pixels[i:i + batch_size], seed + i).to(device)

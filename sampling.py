@@ -107,13 +107,17 @@ def recommended_sampler(ckpt: dict, solver: str | None = None, steps: int | None
             sampler.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance)
 
 
-def check_labels(labels: torch.Tensor | None, num_classes: int | None) -> None:
-    """Raise ValueError unless labels fit the model's classes."""
+def check_labels(labels: torch.Tensor | None, num_classes: int | None, n: int | None = None,
+                 null_ok: bool = False) -> None:
+    """Raise ValueError unless labels fit the model's classes (and, given n, are one per image of n);
+    null_ok admits num_classes, the null label."""
     if labels is None:
         return
+    if n is not None and labels.shape != (n,):
+        raise ValueError(f"labels must be one per image: {n} images, labels of shape {tuple(labels.shape)}")
     if num_classes is None:
         raise ValueError("this model is unconditional: it takes no labels")
-    bad = labels[(labels < 0) | (labels >= num_classes)]
+    bad = labels[(labels < 0) | (labels >= num_classes + null_ok)]
     if len(bad):
         raise ValueError(f"label {int(bad[0])} is out of range: this model knows classes 0-{num_classes - 1}")
 
