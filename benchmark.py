@@ -41,7 +41,7 @@ from likelihood import image_bits_per_dim
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, check_guidance, checkpoint_can_guide,
                       load_for_sampling)
-from trainer import build, train_step
+from trainer import build, objective_model_config, train_step
 
 
 def machine() -> dict:
@@ -66,6 +66,7 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
     (cfg, model_cfg, _), preset = parse_configs(module.DEFAULTS, module.PRESETS, module.default_preset(), argv)
     rt = Runtime(resolve_device(cfg.device))
     configure_backends(cfg.deterministic)  # TF32 and cudnn.benchmark, as training runs
+    model_cfg = objective_model_config(cfg, model_cfg)
     parts = build(cfg, model_cfg, rt)
     shape = (cfg.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     x = torch.rand(shape, device=rt.device) * 2 - 1

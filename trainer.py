@@ -30,7 +30,7 @@ from data import ShardedSampler
 from device import (Runtime, configure_backends, keep_freed_memory, launched_ranks, resolve_amp, resolve_channels_last,
                     resolve_compile, setup_runtime)
 from ema import EMA
-from flow import OBJECTIVES, T_SCHEDULES, flow_matching_loss, interpolate, mean_flow_loss
+from flow import MF_DERIVATIVES, MF_TANGENTS, OBJECTIVES, T_SCHEDULES, flow_matching_loss, interpolate, mean_flow_loss
 from runlog import LOGGERS, RunLog
 from sampling import can_guide, make_noise, recommended_sampler, sample_model, save_grid
 from solvers import NFE_PER_STEP
@@ -62,6 +62,8 @@ class TrainConfig:
     mf_sigma: float = 1.0  # meanflow: logit-normal standard deviation of the two times
     mf_weight_power: float = 1.0  # meanflow: adaptive loss weight 1 / (||error||^2 + 1e-3)^p per image; 0 = plain MSE
     mf_guidance: float = 1.0  # meanflow: guidance scale folded into the training target, so one pass samples guided; 1 = none
+    mf_tangent: str = "conditional"  # meanflow: direction of du/dt: conditional (x1 - x0, the paper) | predicted (u(x, t, t), improved MeanFlow)
+    mf_derivative: str = "jvp"  # meanflow: du/dt by jvp (forward-mode AD) | difference (central, fp32; ~3x cheaper on a CPU)
     t_grid: int = 0  # 0 = continuous t; k = t in {0, 1/k, ..., (k-1)/k}: trains a k-step Euler map (distillation)
     hflip: bool = False  # random horizontal flips (not for digits)
     seed: int = 0  # seeds data order, noise, times and dropout
@@ -113,11 +115,18 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def objective_model_config(cfg: TrainConfig, model_cfg: UNetConfig) -> UNetConfig:
+    """The model config the objective trains: meanflow's U-Net takes the jump's end time too."""
+    if model_cfg.average_velocity and cfg.objective != "meanflow":
+        raise ValueError("--average-velocity is set by --objective meanflow; flow matching trains the velocity only")
+    return replace(model_cfg, average_velocity=True) if cfg.objective == "meanflow" else model_cfg
+
+
 def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     """Reject settings that would fail later (deep inside torch) or silently do nothing; world = processes."""
     choices = {"t_schedule": T_SCHEDULES, "objective": OBJECTIVES, "lr_schedule": LR_SCHEDULES, "amp": ("none", "bf16", "fp16", "auto"),
                "channels_last": ("on", "off", "auto"), "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last"),
-               "logger": LOGGERS}
+               "logger": LOGGERS, "mf_tangent": MF_TANGENTS, "mf_derivative": MF_DERIVATIVES}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -204,7 +213,8 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
     with parts.autocast:
         if cfg.objective == "meanflow":  # the JVP runs on the plain module (parts.model), the loss through parts.net
             loss = mean_flow_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, x0, parts.model,
-                                  cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, cfg.mf_weight_power, cfg.mf_guidance)
+                                  cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, cfg.mf_weight_power, cfg.mf_guidance,
+                                  cfg.mf_tangent, cfg.mf_derivative)
         else:
             loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout,
                                       cfg.t_schedule, x0, cfg.t_grid)
@@ -364,10 +374,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.best_path, self.sample_dir = output_path(cfg.checkpoint, cfg), output_path(cfg.sample_dir, cfg)
         self.conditional = model_cfg.num_classes is not None
-        if model_cfg.average_velocity and cfg.objective != "meanflow":
-            raise ValueError("--average-velocity is set by --objective meanflow; flow matching trains the velocity only")
-        if cfg.objective == "meanflow":  # the U-Net takes the jump's end time too
-            self.model_cfg = model_cfg = replace(model_cfg, average_velocity=True)
+        self.model_cfg = model_cfg = objective_model_config(cfg, model_cfg)
         if cfg.mf_guidance != 1 and cfg.objective == "meanflow" and not can_guide(model_cfg.num_classes, cfg.label_dropout):
             raise ValueError(f"--mf-guidance {cfg.mf_guidance} folds classifier-free guidance into training: it needs "
                              "classes and --label-dropout > 0 (the unconditional velocity it guides against)")

@@ -149,6 +149,15 @@ def test_train_speed_reports_images_per_second(tmp_path, monkeypatch):
     assert torch.cuda.is_available() or "a stand-in capped by ONEDNN_MAX_CPU_ISA=AVX2" in row["device"]
 
 
+def test_train_speed_times_the_meanflow_step(tmp_path):
+    """The benchmark builds the model the objective trains (average velocity), as a training run does."""
+    out = tmp_path / "speed.json"
+    benchmark.main(["train-speed", "mnist", "--preset", "cpu", "--base-channels", "8", "--batch-size", "8", "--steps", "1",
+                    "--warmup", "0", "--out", str(out), "--objective", "meanflow", "--mf-derivative", "difference"])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["images_per_s"] > 0 and row["model"]["average_velocity"] and row["train"]["mf_derivative"] == "difference"
+
+
 def test_inception_without_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
     import urllib.error
     import torch.hub

@@ -11,7 +11,7 @@ import torch
 import flow
 import trainer
 from checkpoint import load_checkpoint
-from flow import flow_matching_loss, mean_flow_loss, total_derivative
+from flow import difference_derivative, flow_matching_loss, mean_flow_loss, total_derivative
 from helpers import TINY, assert_same_weights, blobs, tiny_config
 from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_from_checkpoint, sample_model
 from test_trainer import run_ddp_worker
@@ -49,6 +49,32 @@ def test_the_jvp_is_the_total_derivative_along_the_path():
         # the central difference converges to the JVP as eps² (the time embedding's high frequencies need small eps)
         assert error(1e-6) < 1e-6
         assert error(1e-5) / error(1e-6) == pytest.approx(100, rel=0.1)
+
+
+def test_the_central_difference_derivative_matches_the_jvp():
+    """--mf-derivative difference: the same du/dt as the JVP, to O(h²) (fp64 here, so rounding stays out)."""
+    model = mf_model()
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t, t_end, y = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64), torch.full((4,), 0.9, dtype=torch.float64), torch.arange(4) % 3
+    with torch.no_grad():
+        exact = total_derivative(model, x, t, t_end, y, v)[1]
+        errors = [((difference_derivative(model, x, t, t_end, y, v, h) - exact).norm() / exact.norm()).item()
+                  for h in (1e-5, 1e-6)]
+    assert errors[0] < 1e-4
+    assert errors[0] / errors[1] == pytest.approx(100, rel=0.1)
+
+
+def test_the_jvp_runs_where_a_fused_attention_kernel_would_be_picked():
+    """channels_last fp32 on a CPU picks SDPA's flash kernel, which has no forward-mode AD: the JVP forces the math one."""
+    model = mf_model().float()
+    x, v = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t, t_end, y = torch.tensor([0.2, 0.4]), torch.tensor([0.6, 0.9]), torch.tensor([0, 1])
+    with torch.no_grad():
+        plain = total_derivative(model, x, t, t_end, y, v)[1]
+        model = model.to(memory_format=torch.channels_last)
+        last = total_derivative(model, x.contiguous(memory_format=torch.channels_last), t, t_end, y, v)[1]
+    assert torch.allclose(plain, last, atol=1e-4)
 
 
 class LinearODE(torch.nn.Module):
@@ -96,6 +122,9 @@ def test_the_loss_is_zero_for_the_exact_average_velocity():
     c = torch.full((1, 1, 2, 2), 0.5)
     loss = mean_flow_loss(PointData(c), c.expand(64, -1, -1, -1), share=1.0, weight_power=0)
     assert loss < 1e-8
+    # the model's own velocity is exact here too, and the difference quotient is exact up to fp32 rounding / h
+    assert mean_flow_loss(PointData(c), c.expand(64, -1, -1, -1), share=1.0, weight_power=0, tangent="predicted") < 1e-8
+    assert mean_flow_loss(PointData(c), c.expand(64, -1, -1, -1), share=1.0, weight_power=0, derivative="difference") < 1e-4
     assert mean_flow_loss(lambda x, t, y, e=None: torch.zeros_like(x), c.expand(64, -1, -1, -1), share=1.0) > 0.5
 
 
@@ -200,6 +229,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
     (dict(objective="meanflow", mf_share=1.5), "--mf-share must lie in"),
     (dict(objective="meanflow", mf_sigma=0.0), "--mf-sigma must be > 0"),
     (dict(objective="mean"), "unknown --objective 'mean'"),
+    (dict(objective="meanflow", mf_tangent="noise"), "unknown --mf-tangent 'noise'"),
+    (dict(objective="meanflow", mf_derivative="fd"), "unknown --mf-derivative 'fd'"),
 ])
 def test_impossible_meanflow_settings_are_refused(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
