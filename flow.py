@@ -22,7 +22,7 @@ from solvers import solve
 T_SCHEDULES = ("uniform", "logit-normal")
 OBJECTIVES = ("flow-matching", "meanflow")
 MF_TANGENTS = ("conditional", "predicted")  # meanflow: the direction of the total derivative (mean_flow_loss)
-MF_DERIVATIVES = ("jvp", "difference")  # meanflow: how the total derivative is taken
+MF_DERIVATIVES = ("difference", "jvp")  # meanflow: how the total derivative is taken
 ADAPTIVE_WEIGHT_EPS = 1e-3  # c in the adaptive loss weight 1 / (||Δ||² + c)^p (the paper's value)
 
 
@@ -107,19 +107,19 @@ def mean_flow_loss(
     num_classes: int | None = None,
     label_dropout: float = 0.1,
     x0: torch.Tensor | None = None,
-    jvp_model: nn.Module | None = None,
+    plain: nn.Module | None = None,
     share: float = 0.25,
     mu: float = 0.4,
     sigma: float = 1.0,
     weight_power: float = 1.0,
     guidance: float = 1.0,
     tangent: str = "conditional",
-    derivative: str = "jvp",
+    derivative: str = "difference",
 ) -> torch.Tensor:
     """MeanFlow loss (Geng et al. 2025, Eq. 9 and 10) for data x1: (B, C, H, W) in [-1, 1]:
     ||u(x_t, t, t_end) - sg(v + (t_end - t)·du/dt)||², weighted by sg(1 / (||Δ||² + c)^p) per image (p = 0: MSE).
 
-    The total derivative du/dt runs without autograd on jvp_model (the plain module: torch.func cannot go through
+    The total derivative du/dt runs without autograd on plain (the unwrapped module: torch.func cannot go through
     DDP or compile wrappers, and the target is stop-gradient anyway), in fp32, for the items with t_end > t only:
     derivative "jvp" is one forward-mode JVP with tangent (v, 1) in (x, t), "difference" a central difference
     (difference_derivative). tangent "conditional" moves x along the straight path's v = x1 - x0 (the paper);
@@ -133,7 +133,7 @@ def mean_flow_loss(
     if tangent not in MF_TANGENTS or derivative not in MF_DERIVATIVES:
         raise ValueError(f"unknown meanflow tangent {tangent!r} or derivative {derivative!r}: choose a tangent from "
                          f"{', '.join(MF_TANGENTS)} and a derivative from {', '.join(MF_DERIVATIVES)}")
-    jvp_model = net if jvp_model is None else jvp_model
+    plain = net if plain is None else plain
     x0 = torch.randn_like(x1) if x0 is None else x0
     t, t_end = mean_flow_times(x1.shape[0], share, mu, sigma, x1.device)
     if y is not None and label_dropout > 0:
@@ -145,13 +145,13 @@ def mean_flow_loss(
     with torch.no_grad():  # the target: velocities under the caller's autocast, the derivative in fp32
         if guidance != 1.0 and y is not None:
             kept = (y != num_classes).view(-1, 1, 1, 1)
-            v_uncond = jvp_model(xt, t, torch.full_like(y, num_classes)).float()
+            v_uncond = plain(xt, t, torch.full_like(y, num_classes)).float()
             v = torch.where(kept, guidance * v + (1 - guidance) * v_uncond, v)
         target = v.clone()
         if k:
-            direction = v[:k] if tangent == "conditional" else jvp_model(xt[:k], t[:k], yk, t[:k]).float()
+            direction = v[:k] if tangent == "conditional" else plain(xt[:k], t[:k], yk, t[:k]).float()
             with torch.autocast(x1.device.type, enabled=False):  # forward-mode AD refuses autocast's mixed dtypes
-                args = (jvp_model, xt[:k].float(), t[:k], t_end[:k], yk, direction)
+                args = (plain, xt[:k].float(), t[:k], t_end[:k], yk, direction)
                 du_dt = total_derivative(*args)[1] if derivative == "jvp" else difference_derivative(*args)
             target[:k] += (t_end[:k] - t[:k]).view(-1, 1, 1, 1) * du_dt.float()
     error = (net(xt, t, y, t_end).float() - target).square().flatten(1).mean(1)  # per image

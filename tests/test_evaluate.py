@@ -153,9 +153,9 @@ def test_train_speed_times_the_meanflow_step(tmp_path):
     """The benchmark builds the model the objective trains (average velocity), as a training run does."""
     out = tmp_path / "speed.json"
     benchmark.main(["train-speed", "mnist", "--preset", "cpu", "--base-channels", "8", "--batch-size", "8", "--steps", "1",
-                    "--warmup", "0", "--out", str(out), "--objective", "meanflow", "--mf-derivative", "difference"])
+                    "--warmup", "0", "--out", str(out), "--objective", "meanflow", "--mf-derivative", "jvp"])
     row = json.loads(out.read_text())["rows"][0]
-    assert row["images_per_s"] > 0 and row["model"]["average_velocity"] and row["train"]["mf_derivative"] == "difference"
+    assert row["images_per_s"] > 0 and row["model"]["average_velocity"] and row["train"]["mf_derivative"] == "jvp"
 
 
 def test_inception_without_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
