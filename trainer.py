@@ -58,7 +58,7 @@ class TrainConfig:
     t_schedule: str = "uniform"  # training-time distribution: uniform | logit-normal (flow matching; meanflow has its own)
     objective: str = "flow-matching"  # flow-matching | meanflow (average velocities: one-step sampling from this one run)
     mf_share: float = 0.25  # meanflow: share of each batch with t_end > t; the rest trains u(x, t, t) = v as flow matching
-    mf_mu: float = 0.4  # meanflow: logit-normal mean of the two times (the paper's lognorm(-0.4, 1) in this repo's time direction)
+    mf_mu: float = -0.4  # meanflow: logit-normal mean of the two times, nearer the noise (the paper's lognorm(-0.4, 1) is 0.4 here)
     mf_sigma: float = 1.0  # meanflow: logit-normal standard deviation of the two times
     mf_weight_power: float = 1.0  # meanflow: adaptive loss weight 1 / (||error||^2 + 1e-3)^p per image; 0 = plain MSE
     mf_guidance: float = 1.0  # meanflow: guidance scale folded into the training target, so one pass samples guided; 1 = none
