@@ -36,6 +36,7 @@ from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HE
 from solvers import SOLVERS, Velocity, solve
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
+BN_CLASSIFIER_PATH = "checkpoints/mnist_classifier_bn.pth"  # the second reader: --arch bn-cnn
 # The Fréchet reference and floor sets: class-balanced random subsets of the whole MNIST test split, which
 # no model trains on or is selected by (mnist_train.py validates on held-out training digits). The split's halves
 # come from different writers (NIST SD-3, SD-1), so contiguous index ranges would measure that shift instead.
@@ -60,8 +61,44 @@ class MnistClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+class MnistBNClassifier(nn.Module):
+    """A second reader sharing nothing with MnistClassifier but the task: four 3x3 conv layers with BatchNorm and two
+    linear ones, trained on digits shifted by up to 2 pixels; input (B, 1, 28, 28) in [-1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.conv = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
+                                  nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 7 * 7, 128, bias=False),
+                                  nn.BatchNorm1d(128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, 128): the space the Fréchet distance is measured in."""
+        return self.conv(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+# arch -> (network, epochs, largest random shift in pixels during training)
+CLASSIFIERS = {"cnn": (MnistClassifier, 5, 0), "bn-cnn": (MnistBNClassifier, 3, 2)}
+
+
+def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Each image of x (B, C, H, W) moved by its own random offset of up to `pixels` each way, on background (-1)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pixels,) * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, b, 1))
+    rows, cols = (dy + torch.arange(h))[:, :, None], (dx + torch.arange(w))[:, None, :]
+    return padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+
+
 @torch.no_grad()
-def predict(classifier: MnistClassifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted digits (N,), features (N, 128)) for images (N, 1, 28, 28) in [-1, 1]."""
     classifier.eval()
     device = next(classifier.parameters()).device
@@ -79,42 +116,65 @@ def tensors(data: TensorImages, n: int | None = None, start: int = 0) -> tuple[t
     return data.images[start:stop].float() / 127.5 - 1, data.labels[start:stop]
 
 
-def train_classifier(data_root: str, epochs: int = 5, subset: int = 0, seed: int = 0, out: str | None = CLASSIFIER_PATH,
-                     device: torch.device | str = "cpu") -> float:
-    """Train the CNN on the MNIST training set only; save it with its test accuracy; return that accuracy."""
+def train_classifier(data_root: str, epochs: int | None = None, subset: int = 0, seed: int = 0,
+                     out: str | None = CLASSIFIER_PATH, device: torch.device | str = "cpu", arch: str = "cnn") -> float:
+    """Train a reader (CLASSIFIERS; epochs None = its own) on the MNIST training set only; save it with its arch and
+    test accuracy; return that accuracy."""
+    if arch not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier arch {arch!r}: choose one of {', '.join(CLASSIFIERS)}")
+    network, default_epochs, shift = CLASSIFIERS[arch]
+    epochs = epochs or default_epochs
     torch.manual_seed(seed)
     train_set = load_mnist(data_root, train=True, download=False)
     if subset:
         train_set = torch.utils.data.Subset(train_set, range(subset))
     test_x, test_y = tensors(load_mnist(data_root, train=False, download=False))
-    model = MnistClassifier().to(device)
+    model = network().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * len(loader))
     for _ in range(epochs):
         model.train()
         for x, y in loader:
+            x = random_shift(x, shift) if shift else x
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+    recalibrate_batchnorm(model, loader, device)
     accuracy = (predict(model, test_x)[0] == test_y).float().mean().item()
     if out:
         from checkpoint import save_checkpoint
 
-        save_checkpoint(out, {"model_state": model.state_dict(), "test_accuracy": accuracy, "kind": "mnist-classifier"})
+        save_checkpoint(out, {"model_state": model.state_dict(), "test_accuracy": accuracy, "kind": "mnist-classifier",
+                               "arch": arch})
     return accuracy
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[MnistClassifier, float]:
-    """The saved classifier and its test accuracy; a clear error when it has not been trained yet."""
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device | str, batches: int = 50) -> None:
+    """Re-estimate BatchNorm statistics on training batches under the final weights: the running averages lag weights
+    that moved fast, and short runs (a test's) read at chance in eval mode without it. No-op without BatchNorm."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+    model.train()
+    for i, (x, _) in zip(range(batches), loader):
+        model(x.to(device))
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, float]:
+    """The saved classifier (either arch) and its test accuracy; a clear error when it has not been trained yet."""
     if not Path(path).is_file():
         raise CheckpointError(f"classifier {path} not found: run `python evaluate.py train-classifier` first")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("kind") != "mnist-classifier":
         raise CheckpointError(f"{path} is not an MNIST classifier written by evaluate.py")
-    model = MnistClassifier()
+    model = CLASSIFIERS[state.get("arch", "cnn")][0]()  # files from before the arch key hold the first CNN
     model.load_state_dict(state["model_state"])
     return model.to(device).eval(), state["test_accuracy"]
 
@@ -132,7 +192,7 @@ def reference_sets(labels: torch.Tensor, n: int, seed: int = REFERENCE_SEED) -> 
     return torch.cat(reference), torch.cat(floor)
 
 
-def mnist_quality(model: nn.Module, classifier: MnistClassifier, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
+def mnist_quality(model: nn.Module, classifier: nn.Module, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500,
                   rtol: float = 1e-3, atol: float = 1e-3) -> dict:
     """Conditional accuracy and Fréchet distance of n generated digits (n/10 per digit) against a reference of n real
@@ -346,10 +406,12 @@ def sampled_metrics(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train-classifier", help="train the MNIST CNN used by the metrics (training set only)")
+    t = sub.add_parser("train-classifier", help="train an MNIST CNN that the metrics read with (training set only)")
     t.add_argument("--data-root", default="data", help="folder holding MNIST/raw")
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--out", default=CLASSIFIER_PATH)
+    t.add_argument("--arch", choices=CLASSIFIERS, default="cnn",
+                   help=f"cnn: the metrics' default reader; bn-cnn: a second, independent one (--out {BN_CLASSIFIER_PATH})")
+    t.add_argument("--epochs", type=int, default=None, help="default: 5 (cnn), 3 (bn-cnn)")
+    t.add_argument("--out", default=None, help=f"default: {CLASSIFIER_PATH} (cnn), {BN_CLASSIFIER_PATH} (bn-cnn)")
     for name, helptext in (("mnist", "accuracy + Fréchet distance of a class-conditional MNIST checkpoint"),
                            ("fid", "Inception FID/KID of an image-folder checkpoint against real images"),
                            ("straightness", "how straight a checkpoint's sampling paths are (reflow's measure)")):
@@ -397,7 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.command == "train-classifier":
         start = time.perf_counter()
-        accuracy = train_classifier(args.data_root, args.epochs, out=args.out)
+        args.out = args.out or (CLASSIFIER_PATH if args.arch == "cnn" else BN_CLASSIFIER_PATH)
+        accuracy = train_classifier(args.data_root, args.epochs, out=args.out, arch=args.arch)
         result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": args.out}
         print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {args.out}")
         return result

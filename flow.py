@@ -71,14 +71,17 @@ def flow_matching_loss(
     return F.mse_loss(v.float(), (x1 - x0).float())
 
 
-def mean_flow_times(n: int, share: float, mu: float, sigma: float, device: torch.device | str = "cpu"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, t_end), each (n,): two logit-normal(mu, sigma) times sorted, t <= t_end, for the first round(share·n)
-    items; t_end = t for the rest (there the loss is plain flow matching). A fixed count keeps shapes fixed."""
+def mean_flow_times(n: int, share: float, mu: float, sigma: float, device: torch.device | str = "cpu",
+                    end_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, t_end), each (n,): two logit-normal(mu, sigma) times sorted, t <= t_end, for the first k = round(share·n)
+    items; t_end = t for the rest (there the loss is plain flow matching). The first round(end_share·k) of those
+    end at the data instead, t_end = 1: the intervals that the one-jump sampler's (0, 1) belongs to, which two
+    sorted draws almost never give. Fixed counts keep shapes fixed."""
     times = torch.sigmoid(mu + sigma * torch.randn(2, n, device=device))
     t, t_end = times.min(0).values, times.max(0).values
     k = round(share * n)
-    return t, torch.cat([t_end[:k], t[k:]])
+    j = round(end_share * k)
+    return t, torch.cat([torch.ones_like(t[:j]), t_end[j:k], t[k:]])
 
 
 def total_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, y: torch.Tensor | None,
@@ -115,6 +118,7 @@ def mean_flow_loss(
     guidance: float = 1.0,
     tangent: str = "conditional",
     derivative: str = "difference",
+    end_share: float = 0.0,
 ) -> torch.Tensor:
     """MeanFlow loss (Geng et al. 2025, Eq. 9 and 10) for data x1: (B, C, H, W) in [-1, 1]:
     ||u(x_t, t, t_end) - sg(v + (t_end - t)·du/dt)||², weighted by sg(1 / (||Δ||² + c)^p) per image (p = 0: MSE).
@@ -136,7 +140,7 @@ def mean_flow_loss(
                          f"{', '.join(MF_TANGENTS)} and a derivative from {', '.join(MF_DERIVATIVES)}")
     plain = net if plain is None else plain
     x0 = torch.randn_like(x1) if x0 is None else x0
-    t, t_end = mean_flow_times(x1.shape[0], share, mu, sigma, x1.device)
+    t, t_end = mean_flow_times(x1.shape[0], share, mu, sigma, x1.device, end_share)
     if y is not None and label_dropout > 0:
         y = drop_labels(y, label_dropout, null_class=num_classes)
     xt = interpolate(x0, x1, t)

@@ -64,6 +64,7 @@ class TrainConfig:
     mf_guidance: float = 1.0  # meanflow: guidance scale folded into the training target, so one pass samples guided; 1 = none
     mf_tangent: str = "conditional"  # meanflow: direction of du/dt: conditional (x1 - x0, the paper) | predicted (u(x, t, t), improved MeanFlow)
     mf_derivative: str = "difference"  # meanflow: du/dt by difference (central, fp32: two forwards) | jvp (forward-mode AD, ~6 forwards)
+    mf_end_share: float = 0.0  # meanflow: share of the t_end > t items whose interval ends at the data (t_end = 1), as one jump's does
     t_grid: int = 0  # 0 = continuous t; k = t in {0, 1/k, ..., (k-1)/k}: trains a k-step Euler map (distillation)
     hflip: bool = False  # random horizontal flips (not for digits)
     seed: int = 0  # seeds data order, noise, times and dropout
@@ -138,7 +139,7 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
             raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
-    for name in ("ema_decay", "label_dropout", "mf_share"):
+    for name in ("ema_decay", "label_dropout", "mf_share", "mf_end_share"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
     if not (cfg.mf_sigma > 0 and cfg.mf_weight_power >= 0 and cfg.mf_guidance >= 0):
@@ -214,7 +215,7 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
         if cfg.objective == "meanflow":  # du/dt runs on the plain module (parts.model), the loss through parts.net
             loss = mean_flow_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, x0, parts.model,
                                   cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, cfg.mf_weight_power, cfg.mf_guidance,
-                                  cfg.mf_tangent, cfg.mf_derivative)
+                                  cfg.mf_tangent, cfg.mf_derivative, cfg.mf_end_share)
         else:
             loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout,
                                       cfg.t_schedule, x0, cfg.t_grid)

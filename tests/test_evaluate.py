@@ -67,6 +67,28 @@ def test_classifier_trains_and_metrics_behave(classifier):
     assert frechet_distance(noise, feats) > 20 * floor
 
 
+def test_the_second_reader_trains_on_shifted_digits_and_loads_as_its_arch(classifier, tmp_path):
+    _, _, root = classifier
+    path = tmp_path / "bn.pth"
+    accuracy = train_classifier(str(root), epochs=1, subset=3000, out=str(path), arch="bn-cnn")
+    model, stored = load_classifier(path)
+    assert isinstance(model, evaluate.MnistBNClassifier) and not model.training and stored == accuracy > 0.90
+    x, y = tensors(load_mnist(root, train=False, download=False), 500)
+    preds, feats = predict(model, x)
+    assert feats.shape == (500, 128) and (preds == y).float().mean().item() == pytest.approx(accuracy, abs=0.05)
+    with pytest.raises(ValueError, match="unknown classifier arch 'vit'"):
+        train_classifier(str(root), out=None, arch="vit")
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_within_the_limit():
+    x = torch.full((200, 1, 9, 9), -1.0)
+    x[:, 0, 4, 4] = 1.0  # one bright pixel in the centre
+    torch.manual_seed(0)
+    where = (evaluate.random_shift(x, 2) == 1).nonzero()[:, 2:] - 4
+    assert len(where) == 200 and where.abs().max() == 2  # every pixel kept, moved at most 2 each way
+    assert len({tuple(w) for w in where.tolist()}) == 25  # all 5 x 5 offsets occur across the batch
+
+
 def test_missing_classifier_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="run `python evaluate.py train-classifier` first"):
         load_classifier(tmp_path / "none.pth")

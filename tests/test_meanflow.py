@@ -130,6 +130,13 @@ def test_where_t_end_equals_t_the_loss_is_flow_matching(monkeypatch):
     assert mf.item() == pytest.approx(fm.item(), rel=1e-6)
 
 
+def test_interval_times_are_sorted_and_a_share_of_them_ends_at_the_data():
+    t, t_end = flow.mean_flow_times(1000, share=0.4, mu=-0.4, sigma=1.0, end_share=0.25)
+    assert t.shape == t_end.shape == (1000,) and bool((t_end >= t).all()) and bool((t >= 0).all())
+    assert bool((t_end[:100] == 1).all()) and bool((t_end[100:400] < 1).all())  # 25% of the 400 intervals end at 1
+    assert bool((t_end[100:400] > t[100:400]).all()) and torch.equal(t_end[400:], t[400:])  # the rest: flow matching
+
+
 def test_folded_guidance_mixes_the_unconditional_velocity_into_the_target(monkeypatch):
     """Target for labelled items: w·v + (1 - w)·u(x_t, t, t | null); dropped labels keep v (Eq. 13-14)."""
     seen = {}
@@ -217,6 +224,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
 @pytest.mark.parametrize("flags, message", [
     (dict(objective="meanflow", t_grid=2), "--t-grid"),
     (dict(objective="meanflow", mf_share=1.5), "--mf-share must lie in"),
+    (dict(objective="meanflow", mf_end_share=-0.1), "--mf-end-share must lie in"),
     (dict(objective="meanflow", mf_sigma=0.0), "--mf-sigma must be > 0"),
     (dict(objective="mean"), "unknown --objective 'mean'"),
     (dict(objective="meanflow", mf_tangent="noise"), "unknown --mf-tangent 'noise'"),
