@@ -63,7 +63,8 @@ def test_the_jvp_runs_where_a_fused_attention_kernel_would_be_picked():
         plain = total_derivative(model, x, t, t_end, y, v)[1]
         model = model.to(memory_format=torch.channels_last)
         last = total_derivative(model, x.contiguous(memory_format=torch.channels_last), t, t_end, y, v)[1]
-    assert torch.allclose(plain, last, atol=1e-4)
+    # the derivative runs to ~1e2 on this untrained net: the layouts' different fp32 sums differ by ~1e-6 of that
+    assert (plain - last).abs().max() <= 1e-5 * plain.abs().max()
 
 
 class LinearODE(torch.nn.Module):
