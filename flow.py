@@ -133,7 +133,7 @@ def mean_flow_loss(
     classifier-free guidance into the target (the paper's Eq. 13-14): v becomes w·v + (1 - w)·u(x_t, t, t | no
     label) for the items that kept their label, so one network evaluation samples guided. mu, sigma: logit-normal
     times in this repo's direction (the paper's lognorm(-0.4, 1.0) is mu = 0.4 here; -0.4, nearer the noise, measured
-    better on MNIST).
+    better on MNIST). end_share: the share of the t_end > t items that end at the data, t_end = 1 (mean_flow_times).
     """
     if tangent not in MF_TANGENTS or derivative not in MF_DERIVATIVES:
         raise ValueError(f"unknown meanflow tangent {tangent!r} or derivative {derivative!r}: choose a tangent from "
