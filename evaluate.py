@@ -12,6 +12,7 @@ Inception FID and must not be compared with published FIDs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from solvers import SOLVERS, Velocity, solve
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
 BN_CLASSIFIER_PATH = "checkpoints/mnist_classifier_bn.pth"  # the second reader: --arch bn-cnn
+OWN_PATH = ""  # train_classifier's out: the arch's own path (CLASSIFIERS); None saves nothing
 # The Fréchet reference and floor sets: class-balanced random subsets of the whole MNIST test split, which
 # no model trains on or is selected by (mnist_train.py validates on held-out training digits). The split's halves
 # come from different writers (NIST SD-3, SD-1), so contiguous index ranges would measure that shift instead.
@@ -44,14 +46,8 @@ REFERENCE_SEED = 0
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 
-class MnistClassifier(nn.Module):
-    """Two conv layers and two linear ones; input (B, 1, 28, 28) in [-1, 1]."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * 12 * 12, 128), nn.ReLU())
-        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(128, 10))
+class Reader(nn.Module):
+    """An MNIST classifier: self.conv maps (B, 1, 28, 28) in [-1, 1] to 128-d features, self.head those to 10 logits."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (B, 128): the space the Fréchet distance is measured in."""
@@ -61,7 +57,17 @@ class MnistClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-class MnistBNClassifier(nn.Module):
+class MnistClassifier(Reader):
+    """Two conv layers and two linear ones; input (B, 1, 28, 28) in [-1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * 12 * 12, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(128, 10))
+
+
+class MnistBNClassifier(Reader):
     """A second reader sharing nothing with MnistClassifier but the task: four 3x3 conv layers with BatchNorm and two
     linear ones, trained on digits shifted by up to 2 pixels; input (B, 1, 28, 28) in [-1, 1]."""
 
@@ -76,16 +82,9 @@ class MnistBNClassifier(nn.Module):
                                   nn.BatchNorm1d(128), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (B, 128): the space the Fréchet distance is measured in."""
-        return self.conv(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-# arch -> (network, epochs, largest random shift in pixels during training)
-CLASSIFIERS = {"cnn": (MnistClassifier, 5, 0), "bn-cnn": (MnistBNClassifier, 3, 2)}
+# arch -> (network, epochs, largest random shift in pixels during training, default file)
+CLASSIFIERS = {"cnn": (MnistClassifier, 5, 0, CLASSIFIER_PATH), "bn-cnn": (MnistBNClassifier, 3, 2, BN_CLASSIFIER_PATH)}
 
 
 def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -98,7 +97,7 @@ def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(classifier: Reader, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted digits (N,), features (N, 128)) for images (N, 1, 28, 28) in [-1, 1]."""
     classifier.eval()
     device = next(classifier.parameters()).device
@@ -117,13 +116,14 @@ def tensors(data: TensorImages, n: int | None = None, start: int = 0) -> tuple[t
 
 
 def train_classifier(data_root: str, epochs: int | None = None, subset: int = 0, seed: int = 0,
-                     out: str | None = CLASSIFIER_PATH, device: torch.device | str = "cpu", arch: str = "cnn") -> float:
+                     out: str | None = OWN_PATH, device: torch.device | str = "cpu", arch: str = "cnn") -> float:
     """Train a reader (CLASSIFIERS; epochs None = its own) on the MNIST training set only; save it with its arch and
-    test accuracy; return that accuracy."""
+    test accuracy to out (OWN_PATH: the arch's file); return that accuracy."""
     if arch not in CLASSIFIERS:
         raise ValueError(f"unknown classifier arch {arch!r}: choose one of {', '.join(CLASSIFIERS)}")
-    network, default_epochs, shift = CLASSIFIERS[arch]
-    epochs = epochs or default_epochs
+    network, default_epochs, shift, own_path = CLASSIFIERS[arch]
+    epochs = default_epochs if epochs is None else epochs
+    out = own_path if out == OWN_PATH else out
     torch.manual_seed(seed)
     train_set = load_mnist(data_root, train=True, download=False)
     if subset:
@@ -163,18 +163,22 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: torch.de
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches below
     model.train()
-    for i, (x, _) in zip(range(batches), loader):
+    for x, _ in itertools.islice(loader, batches):
         model(x.to(device))
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, float]:
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Reader, float]:
     """The saved classifier (either arch) and its test accuracy; a clear error when it has not been trained yet."""
     if not Path(path).is_file():
         raise CheckpointError(f"classifier {path} not found: run `python evaluate.py train-classifier` first")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("kind") != "mnist-classifier":
         raise CheckpointError(f"{path} is not an MNIST classifier written by evaluate.py")
-    model = CLASSIFIERS[state.get("arch", "cnn")][0]()  # files from before the arch key hold the first CNN
+    arch = state.get("arch", "cnn")  # files from before the arch key hold the first CNN
+    if arch not in CLASSIFIERS:
+        raise CheckpointError(f"{path} holds a classifier of arch {arch!r}, which this evaluate.py does not know "
+                              f"({', '.join(CLASSIFIERS)}): retrain it with `python evaluate.py train-classifier`")
+    model = CLASSIFIERS[arch][0]()
     model.load_state_dict(state["model_state"])
     return model.to(device).eval(), state["test_accuracy"]
 
@@ -192,7 +196,7 @@ def reference_sets(labels: torch.Tensor, n: int, seed: int = REFERENCE_SEED) -> 
     return torch.cat(reference), torch.cat(floor)
 
 
-def mnist_quality(model: nn.Module, classifier: nn.Module, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
+def mnist_quality(model: nn.Module, classifier: Reader, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500,
                   rtol: float = 1e-3, atol: float = 1e-3) -> dict:
     """Conditional accuracy and Fréchet distance of n generated digits (n/10 per digit) against a reference of n real
@@ -459,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.command == "train-classifier":
         start = time.perf_counter()
-        args.out = args.out or (CLASSIFIER_PATH if args.arch == "cnn" else BN_CLASSIFIER_PATH)
+        args.out = args.out or CLASSIFIERS[args.arch][3]
         accuracy = train_classifier(args.data_root, args.epochs, out=args.out, arch=args.arch)
         result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": args.out}
         print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {args.out}")

@@ -92,6 +92,9 @@ def test_random_shift_moves_each_image_by_its_own_offset_within_the_limit():
 def test_missing_classifier_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="run `python evaluate.py train-classifier` first"):
         load_classifier(tmp_path / "none.pth")
+    torch.save({"kind": "mnist-classifier", "arch": "vit", "model_state": {}, "test_accuracy": 0.9}, tmp_path / "vit.pth")
+    with pytest.raises(CheckpointError, match="arch 'vit', which this evaluate.py does not know"):
+        load_classifier(tmp_path / "vit.pth")
 
 
 @pytest.fixture(scope="module")
