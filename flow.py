@@ -12,6 +12,8 @@ d/dt u = v·∂_x u + ∂_t u along the path (t_end held fixed).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,9 @@ OBJECTIVES = ("flow-matching", "meanflow")
 MF_TANGENTS = ("conditional", "predicted")  # meanflow: the direction of the total derivative (mean_flow_loss)
 MF_DERIVATIVES = ("difference", "jvp")  # meanflow: how the total derivative is taken
 ADAPTIVE_WEIGHT_EPS = 1e-3  # c in the adaptive loss weight 1 / (||Δ||² + c)^p (the paper's value)
+# α-Flow's sigmoid curriculum (Zhang et al. 2025, arXiv 2510.20771; their released configs): steepness 25, and α
+# snaps to 0 (MeanFlow) below 0.005 and to 1 (flow matching) above 0.995
+ALPHA_STEEPNESS, ALPHA_SNAP = 25.0, 0.005
 
 
 def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cpu", grid: int = 0) -> torch.Tensor:
@@ -84,6 +89,15 @@ def mean_flow_times(n: int, share: float, mu: float, sigma: float, device: torch
     return t, torch.cat([torch.ones_like(t[:j]), t_end[j:k], t[k:]])
 
 
+def curriculum_alpha(progress: float, span: float) -> float:
+    """α at a training progress in [0, 1] (step / last step): 1 at the start, down a sigmoid centred at span / 2 to 0
+    (exactly 0 from ~0.71·span on); span 0 gives 0 throughout, plain MeanFlow."""
+    if span <= 0:
+        return 0.0
+    alpha = 1 - 1 / (1 + math.exp(-ALPHA_STEEPNESS * (progress / span - 0.5)))
+    return 0.0 if alpha < ALPHA_SNAP else 1.0 if alpha > 1 - ALPHA_SNAP else alpha
+
+
 def total_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, y: torch.Tensor | None,
                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, du/dt) at x (B, C, H, W), t, t_end (B,): u = model(x, t, y, t_end) and its derivative along dx/dt = v with
@@ -103,6 +117,27 @@ def difference_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_
     return (up - down) / (2 * h)
 
 
+@torch.no_grad()
+def interval_target(plain: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, y: torch.Tensor | None,
+                    v: torch.Tensor, tangent: str = "conditional", derivative: str = "difference", alpha: float = 0.0
+                    ) -> torch.Tensor:
+    """Target (B, C, H, W) of u(x, t, t_end), in v's dtype, for x on the path at t < t_end (B,) with velocity v (B, C, H, W).
+
+    alpha 0: MeanFlow's v + (t_end - t)·du/dt (mean_flow_loss says how du/dt is taken). alpha in (0, 1]: α-Flow's
+    α·v + (1 - α)·u(x_s, s, t_end) at s = t + α·(t_end - t), x_s = x + α·(t_end - t)·v (Zhang et al. 2025,
+    arXiv 2510.20771): a step of α of the interval along v, then the model's own average velocity over the rest,
+    one forward under the caller's autocast. For small α it is u + α·(MeanFlow's target - u) + O(α²)."""
+    if alpha > 0:
+        step = alpha * (t_end - t)
+        rest = plain(x + step.view(-1, 1, 1, 1) * v, t + step, y, t_end).float() if alpha < 1 else 0
+        return alpha * v + (1 - alpha) * rest
+    direction = v if tangent == "conditional" else plain(x, t, y, t).float()
+    with torch.autocast(x.device.type, enabled=False):  # forward-mode AD refuses autocast's mixed dtypes
+        args = (plain, x.float(), t, t_end, y, direction)
+        du_dt = total_derivative(*args)[1] if derivative == "jvp" else difference_derivative(*args)
+    return v + (t_end - t).view(-1, 1, 1, 1) * du_dt.float()
+
+
 def mean_flow_loss(
     net: nn.Module,
     x1: torch.Tensor,
@@ -119,6 +154,7 @@ def mean_flow_loss(
     tangent: str = "conditional",
     derivative: str = "difference",
     end_share: float = 0.0,
+    alpha: float = 0.0,
 ) -> torch.Tensor:
     """MeanFlow loss (Geng et al. 2025, Eq. 9 and 10) for data x1: (B, C, H, W) in [-1, 1]:
     ||u(x_t, t, t_end) - sg(v + (t_end - t)·du/dt)||², weighted by sg(1 / (||Δ||² + c)^p) per image (p = 0: MSE).
@@ -134,6 +170,11 @@ def mean_flow_loss(
     label) for the items that kept their label, so one network evaluation samples guided. mu, sigma: logit-normal
     times in this repo's direction (the paper's lognorm(-0.4, 1.0) is mu = 0.4 here; -0.4, nearer the noise, measured
     better on MNIST). end_share: the share of the t_end > t items that end at the data, t_end = 1 (mean_flow_times).
+
+    alpha in (0, 1] swaps the derivative for α-Flow's finite step (interval_target), and those items' weight is
+    multiplied by α, as α-Flow's released code does: the error shrinks like α, so under the adaptive weight (p = 1)
+    the gradient stays at MeanFlow's scale. α = 1 trains every interval on v (trajectory flow matching); α -> 0 is
+    MeanFlow; curriculum_alpha anneals from one to the other.
     """
     if tangent not in MF_TANGENTS or derivative not in MF_DERIVATIVES:
         raise ValueError(f"unknown meanflow tangent {tangent!r} or derivative {derivative!r}: choose a tangent from "
@@ -154,13 +195,11 @@ def mean_flow_loss(
             v = torch.where(kept, guidance * v + (1 - guidance) * v_uncond, v)
         target = v.clone()
         if k:
-            direction = v[:k] if tangent == "conditional" else plain(xt[:k], t[:k], yk, t[:k]).float()
-            with torch.autocast(x1.device.type, enabled=False):  # forward-mode AD refuses autocast's mixed dtypes
-                args = (plain, xt[:k].float(), t[:k], t_end[:k], yk, direction)
-                du_dt = total_derivative(*args)[1] if derivative == "jvp" else difference_derivative(*args)
-            target[:k] += (t_end[:k] - t[:k]).view(-1, 1, 1, 1) * du_dt.float()
+            target[:k] = interval_target(plain, xt[:k], t[:k], t_end[:k], yk, v[:k], tangent, derivative, alpha)
     error = (net(xt, t, y, t_end).float() - target).square().flatten(1).mean(1)  # per image
     weight = 1 / (error.detach() + ADAPTIVE_WEIGHT_EPS) ** weight_power
+    if alpha > 0:
+        weight = torch.cat([alpha * weight[:k], weight[k:]])
     return (weight * error).mean()
 
 

@@ -30,7 +30,8 @@ from data import ShardedSampler
 from device import (Runtime, configure_backends, keep_freed_memory, launched_ranks, resolve_amp, resolve_channels_last,
                     resolve_compile, setup_runtime)
 from ema import EMA
-from flow import MF_DERIVATIVES, MF_TANGENTS, OBJECTIVES, T_SCHEDULES, flow_matching_loss, interpolate, mean_flow_loss
+from flow import (MF_DERIVATIVES, MF_TANGENTS, OBJECTIVES, T_SCHEDULES, curriculum_alpha, flow_matching_loss, interpolate,
+                  mean_flow_loss)
 from runlog import LOGGERS, RunLog
 from sampling import can_guide, make_noise, recommended_sampler, sample_model, save_grid
 from solvers import NFE_PER_STEP
@@ -65,6 +66,7 @@ class TrainConfig:
     mf_tangent: str = "conditional"  # meanflow: direction of du/dt: conditional (x1 - x0, the paper) | predicted (u(x, t, t), improved MeanFlow)
     mf_derivative: str = "difference"  # meanflow: du/dt by difference (central, fp32: two forwards) | jvp (forward-mode AD, ~6 forwards)
     mf_end_share: float = 0.0  # meanflow: share of the t_end > t items whose interval ends at the data (t_end = 1), as one jump's does
+    mf_curriculum: float = 0.0  # meanflow: α-Flow curriculum over this share of training, the interval target annealed from flow matching to MeanFlow's; 0 = off
     t_grid: int = 0  # 0 = continuous t; k = t in {0, 1/k, ..., (k-1)/k}: trains a k-step Euler map (distillation)
     hflip: bool = False  # random horizontal flips (not for digits)
     seed: int = 0  # seeds data order, noise, times and dropout
@@ -139,7 +141,7 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
             raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
-    for name in ("ema_decay", "label_dropout", "mf_share", "mf_end_share"):
+    for name in ("ema_decay", "label_dropout", "mf_share", "mf_end_share", "mf_curriculum"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
     if not (cfg.mf_sigma > 0 and cfg.mf_weight_power >= 0 and cfg.mf_guidance >= 0):
@@ -200,10 +202,10 @@ def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
 
 
 def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None, step: int, rank: int = 0,
-               lr: float | None = None, x0: torch.Tensor | None = None) -> torch.Tensor:
+               lr: float | None = None, x0: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
     """One optimizer step on a batch already on the device (x: (B, C, H, W) in [-1, 1]); returns the loss.
 
-    x0: the noise of reflow pairs (x0, x), or None for fresh noise."""
+    x0: the noise of reflow pairs (x0, x), or None for fresh noise; alpha: meanflow's α-Flow step (mean_flow_loss)."""
     torch.manual_seed(step_seed(cfg.seed, rank, step))
     if parts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -215,7 +217,7 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
         if cfg.objective == "meanflow":  # du/dt runs on the plain module (parts.model), the loss through parts.net
             loss = mean_flow_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, x0, parts.model,
                                   cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, cfg.mf_weight_power, cfg.mf_guidance,
-                                  cfg.mf_tangent, cfg.mf_derivative, cfg.mf_end_share)
+                                  cfg.mf_tangent, cfg.mf_derivative, cfg.mf_end_share, alpha)
         else:
             loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout,
                                       cfg.t_schedule, x0, cfg.t_grid)
@@ -550,7 +552,8 @@ class Trainer:
             y = y.to(rt.device, non_blocking=True) if self.conditional else None
             x0 = pair[0].to(rt.device, non_blocking=True) if pair else None
             lr = learning_rate(cfg, self.step, self.schedule_steps)
-            loss = train_step(parts, cfg, x, y, self.step, rt.rank, lr, x0)
+            alpha = curriculum_alpha(self.step / self.schedule_steps, cfg.mf_curriculum)
+            loss = train_step(parts, cfg, x, y, self.step, rt.rank, lr, x0, alpha)
             first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, self.step + 1)
             loss_sum += loss
             self.step += 1
@@ -560,7 +563,8 @@ class Trainer:
                 mean, window_start, window_sum = (total - window_sum) / (self.step - window_start), self.step, total
                 bar.set_postfix(loss=f"{mean:.4f}")
                 if log:
-                    log.write({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr})
+                    log.write({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr,
+                               **({"mf_alpha": alpha} if cfg.mf_curriculum else {})})
             at_epoch_end = self.step % self.sampler.batches == 0  # (then the budget is refitted after that end, counting it)
             fit_now = not at_epoch_end and (not self.fitted or self.step % cfg.log_every == 0)
             if self.budget and self.budget.step_done() and fit_now:

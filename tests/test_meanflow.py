@@ -1,5 +1,6 @@
 """MeanFlow: the JVP's total derivative, the average-velocity identity on a closed-form field, the loss's
 limits, one-step sampling from the checkpoint alone, DDP, exact resume and the stop on a non-finite loss."""
+import json
 import math
 import os
 import signal
@@ -11,7 +12,7 @@ import torch
 import flow
 import trainer
 from checkpoint import load_checkpoint
-from flow import difference_derivative, flow_matching_loss, mean_flow_loss, total_derivative
+from flow import curriculum_alpha, difference_derivative, flow_matching_loss, interval_target, mean_flow_loss, total_derivative
 from helpers import TINY, assert_same_weights, blobs, tiny_config
 from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_from_checkpoint, sample_model
 from test_trainer import run_ddp_worker
@@ -138,6 +139,45 @@ def test_interval_times_are_sorted_and_a_share_of_them_ends_at_the_data():
     assert bool((t_end[100:400] > t[100:400]).all()) and torch.equal(t_end[400:], t[400:])  # the rest: flow matching
 
 
+def test_the_alpha_flow_target_is_v_at_one_and_meanflows_to_first_order():
+    """α·v + (1 - α)·u(x + α·Δ·v, t + α·Δ, t_end) = u + α·(v + Δ·du/dt - u) + O(α²), Δ = t_end - t: at α = 1 the
+    target is v (trajectory flow matching), and (target - u) / α converges to MeanFlow's target - u as α."""
+    model = mf_model()
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t, t_end, y = torch.tensor([0.1, 0.2, 0.4, 0.6], dtype=torch.float64), torch.tensor([0.3, 0.9, 1.0, 0.7], dtype=torch.float64), torch.arange(4) % 3
+    assert torch.equal(interval_target(model, x, t, t_end, y, v, alpha=1.0), v)
+    with torch.no_grad():
+        u, du_dt = total_derivative(model, x, t, t_end, y, v)
+    meanflow = v + (t_end - t).view(-1, 1, 1, 1) * du_dt - u
+    assert meanflow.abs().max() > 0.1  # u is far from its target: the comparison is not trivial
+
+    def error(alpha: float) -> float:
+        step = (interval_target(model, x, t, t_end, y, v, alpha=alpha) - u) / alpha
+        return ((step - meanflow).norm() / meanflow.norm()).item()
+
+    # first order: the error falls tenfold per decade of α (the random time embedding's high frequencies need small α)
+    assert error(1e-5) < 5e-3
+    assert error(1e-4) / error(1e-5) == pytest.approx(10, rel=0.2)
+
+
+def test_the_curriculum_anneals_alpha_from_flow_matching_to_meanflow():
+    assert [curriculum_alpha(p, 1.0) for p in (0.0, 0.5, 0.75, 1.0)] == [1.0, 0.5, 0.0, 0.0]
+    assert curriculum_alpha(0.3, 0.5) == pytest.approx(1 - 1 / (1 + math.exp(-25 * 0.1)))  # centred at span / 2
+    alphas = [curriculum_alpha(i / 100, 0.8) for i in range(101)]
+    assert all(a >= b for a, b in zip(alphas, alphas[1:])) and alphas[0] == 1.0 and alphas[57] == 0.0
+    assert curriculum_alpha(0.0, 0.0) == curriculum_alpha(0.9, 0.0) == 0.0  # no curriculum: MeanFlow throughout
+
+
+def test_a_curriculum_run_logs_alpha_falling_from_one_to_zero(tmp_path):
+    cfg = tiny_config(tmp_path, objective="meanflow", mf_curriculum=1.0, mf_guidance=1.5)
+    train(cfg, TINY, blobs(), None)
+    records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    alphas = [r["mf_alpha"] for r in records if r["kind"] == "step"]
+    assert len(alphas) == 6 and alphas[0] == 1.0 and alphas[-1] == 0.0  # steps 2, 4, ..., 12 of 12
+    assert all(a >= b for a, b in zip(alphas, alphas[1:])) and any(0 < a < 1 for a in alphas)
+
+
 def test_folded_guidance_mixes_the_unconditional_velocity_into_the_target(monkeypatch):
     """Target for labelled items: w·v + (1 - w)·u(x_t, t, t | null); dropped labels keep v (Eq. 13-14)."""
     seen = {}
@@ -177,8 +217,10 @@ def test_a_meanflow_run_records_its_one_step_sampler_and_samples_in_one_evaluati
         ConditionalUNet(TINY)(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1))
 
 
-def test_meanflow_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    make = lambda name, **kw: tiny_config(tmp_path / name, objective="meanflow", mf_guidance=2.0, **kw)  # noqa: E731
+@pytest.mark.parametrize("curriculum", [0.0, 1.0])
+def test_meanflow_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, curriculum):
+    make = lambda name, **kw: tiny_config(tmp_path / name, objective="meanflow", mf_guidance=2.0,  # noqa: E731
+                                          mf_curriculum=curriculum, **kw)
     train(make("straight"), TINY, blobs(), None)
     original, calls = trainer.EMA.update, []
 
@@ -226,6 +268,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
     (dict(objective="meanflow", t_grid=2), "--t-grid"),
     (dict(objective="meanflow", mf_share=1.5), "--mf-share must lie in"),
     (dict(objective="meanflow", mf_end_share=-0.1), "--mf-end-share must lie in"),
+    (dict(objective="meanflow", mf_curriculum=2.0), "--mf-curriculum must lie in"),
     (dict(objective="meanflow", mf_sigma=0.0), "--mf-sigma must be > 0"),
     (dict(objective="mean"), "unknown --objective 'mean'"),
     (dict(objective="meanflow", mf_tangent="noise"), "unknown --mf-tangent 'noise'"),
