@@ -66,7 +66,7 @@ class TrainConfig:
     mf_tangent: str = "conditional"  # meanflow: direction of du/dt: conditional (x1 - x0, the paper) | predicted (u(x, t, t), improved MeanFlow)
     mf_derivative: str = "difference"  # meanflow: du/dt by difference (central, fp32: two forwards) | jvp (forward-mode AD, ~6 forwards)
     mf_end_share: float = 0.0  # meanflow: share of the t_end > t items whose interval ends at the data (t_end = 1), as one jump's does
-    mf_curriculum: float = 0.0  # meanflow: α-Flow curriculum over this share of training, the interval target annealed from flow matching to MeanFlow's; 0 = off
+    mf_curriculum: float = 1.0  # meanflow: α-Flow curriculum over this share of training, the interval target annealed from flow matching to MeanFlow's; 0 = MeanFlow throughout
     t_grid: int = 0  # 0 = continuous t; k = t in {0, 1/k, ..., (k-1)/k}: trains a k-step Euler map (distillation)
     hflip: bool = False  # random horizontal flips (not for digits)
     seed: int = 0  # seeds data order, noise, times and dropout

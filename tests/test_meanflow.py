@@ -284,8 +284,11 @@ def test_folded_guidance_needs_the_null_label(tmp_path):
         train(tiny_config(tmp_path, objective="meanflow", mf_guidance=2.0, label_dropout=0.0), TINY, blobs(), None)
 
 
-def test_meanflow_trains_under_bf16_autocast(tmp_path):
-    """The JVP leaves autocast (forward-mode AD refuses its mixed dtypes) and runs in fp32; the loss pass is bf16."""
-    summary = train(tiny_config(tmp_path, objective="meanflow", amp="bf16", epochs=1), TINY, blobs(), None)
+@pytest.mark.parametrize("curriculum", [0.0, 1.0])
+def test_meanflow_trains_under_bf16_autocast(tmp_path, curriculum):
+    """The derivative leaves autocast (forward-mode AD refuses its mixed dtypes) and runs in fp32; the loss pass and
+    α-Flow's target pass are bf16."""
+    cfg = tiny_config(tmp_path, objective="meanflow", amp="bf16", epochs=1, mf_curriculum=curriculum)
+    summary = train(cfg, TINY, blobs(), None)
     ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
     assert math.isfinite(summary["loss"]) and ckpt["train_config"]["amp"] == "bf16" and ckpt["step"] == 6
