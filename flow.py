@@ -199,7 +199,7 @@ def mean_flow_loss(
     error = (net(xt, t, y, t_end).float() - target).square().flatten(1).mean(1)  # per image
     weight = 1 / (error.detach() + ADAPTIVE_WEIGHT_EPS) ** weight_power
     if alpha > 0:
-        weight = torch.cat([alpha * weight[:k], weight[k:]])
+        weight[:k] *= alpha
     return (weight * error).mean()
 
 

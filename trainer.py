@@ -547,12 +547,13 @@ class Trainer:
         if self.budget:
             self.budget.epoch_started()
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.planned}", disable=not rt.main, leave=False, dynamic_ncols=True)
+        curriculum = cfg.mf_curriculum if cfg.objective == "meanflow" else 0.0  # flow matching has no α
         for x, y, *pair in bar:
             x = x.to(rt.device, non_blocking=True)
             y = y.to(rt.device, non_blocking=True) if self.conditional else None
             x0 = pair[0].to(rt.device, non_blocking=True) if pair else None
             lr = learning_rate(cfg, self.step, self.schedule_steps)
-            alpha = curriculum_alpha(self.step / self.schedule_steps, cfg.mf_curriculum)
+            alpha = curriculum_alpha(self.step / self.schedule_steps, curriculum)
             loss = train_step(parts, cfg, x, y, self.step, rt.rank, lr, x0, alpha)
             first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, self.step + 1)
             loss_sum += loss
@@ -564,7 +565,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean:.4f}")
                 if log:
                     log.write({"kind": "step", "step": self.step, "epoch": epoch, "loss": mean, "lr": lr,
-                               **({"mf_alpha": alpha} if cfg.mf_curriculum else {})})
+                               **({"mf_alpha": alpha} if curriculum else {})})
             at_epoch_end = self.step % self.sampler.batches == 0  # (then the budget is refitted after that end, counting it)
             fit_now = not at_epoch_end and (not self.fitted or self.step % cfg.log_every == 0)
             if self.budget and self.budget.step_done() and fit_now:

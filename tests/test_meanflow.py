@@ -176,6 +176,8 @@ def test_a_curriculum_run_logs_alpha_falling_from_one_to_zero(tmp_path):
     alphas = [r["mf_alpha"] for r in records if r["kind"] == "step"]
     assert len(alphas) == 6 and alphas[0] == 1.0 and alphas[-1] == 0.0  # steps 2, 4, ..., 12 of 12
     assert all(a >= b for a, b in zip(alphas, alphas[1:])) and any(0 < a < 1 for a in alphas)
+    train(tiny_config(tmp_path / "fm"), TINY, blobs(), None)  # flow matching: the default curriculum has no α to log
+    assert "mf_alpha" not in (tmp_path / "fm" / "ck" / "log.jsonl").read_text()
 
 
 def test_folded_guidance_mixes_the_unconditional_velocity_into_the_target(monkeypatch):
