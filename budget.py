@@ -1,4 +1,5 @@
-"""--time-budget / --time-limit: fit the training run's last step (the LR schedule's horizon) to a wall-clock budget.
+"""Where a training run ends and how its learning rate gets there: the LR schedule, and --time-budget / --time-limit,
+which fit the run's last step (the schedule's horizon) to a wall-clock budget.
 
 The run times its own steps and epoch ends (validation, checkpoint, sample grid), then picks the last
 step so that the steps and every epoch end still to come fit in what is left of the budget. It fits
@@ -11,11 +12,14 @@ from __future__ import annotations
 import math
 import time
 
+from device import Runtime, global_max
+
 SKIP_STEPS = 3  # the run's first steps allocate memory and pick kernels: not timed while later ones exist
 CALIBRATION_STEPS = 20  # timed steps before the first fit
 CALIBRATION_SHARE = 0.25  # ... or fewer, once the steps have taken this share of the budget (if fit_early)
 FORWARD_SHARE = 1 / 3  # an image's forward pass costs about a third of its training step (forward + backward)
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
 clock = time.perf_counter  # a module attribute, so that tests can run the budget on a fake clock
 
 
@@ -35,6 +39,17 @@ def fit_horizon(step: int, elapsed_s: float, step_s: float, end_s: float, steps_
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+def learning_rate(cfg, step: int, total_steps: int) -> float:
+    """LR of optimizer step `step` (0-based) under cfg (a TrainConfig): linear warm-up, then constant or decaying
+    to 0 at total_steps, the horizon."""
+    if step < cfg.warmup_steps or cfg.lr_schedule == "constant":
+        return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    progress = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
 
 
 class Budget:
@@ -64,7 +79,8 @@ class Budget:
         self.steps, self.step_time = self.steps + 1, self.step_time + seconds
         if self.steps > SKIP_STEPS:
             self.timed, self.timed_time = self.timed + 1, self.timed_time + seconds
-        return self.timed >= CALIBRATION_STEPS or (self.fit_early and self.step_time >= CALIBRATION_SHARE * self.seconds)
+        early = self.fit_early and self.step_time >= CALIBRATION_SHARE * self.seconds
+        return self.timed >= CALIBRATION_STEPS or early
 
     def end_done(self) -> None:
         """Record an epoch end: the time since the epoch's last step."""
@@ -77,3 +93,63 @@ class Budget:
         end_s = (self.end_time / self.ends if self.ends
                  else self.end_forwards * FORWARD_SHARE * step_s / self.images_per_step)
         return clock() - self.started, step_s, end_s
+
+
+class Horizon:
+    """Where the run ends: `schedule`, the step at which the LR schedule reaches its end, and `total`, the step
+    training stops at (earlier under --max-steps). Without minutes it is the planned epochs; with them
+    (--time-budget, or --time-limit as a cap on the epochs) it is refitted to the time left as the run goes."""
+
+    def __init__(self, planned: int, steps_per_epoch: int, max_steps: int, budget_minutes: float, limit_minutes: float):
+        self.steps_per_epoch, self.max_steps, self.planned = steps_per_epoch, max_steps, planned
+        self.minutes = min((m for m in (budget_minutes, limit_minutes) if m), default=0.0)
+        self.replaces_epochs = bool(budget_minutes)  # --time-budget sets the end; --time-limit only caps the epochs
+        self.clock: Budget | None = None  # started with the run, while the end is not fitted yet
+        self.fitted, self.reported = False, 0  # whether the end was fitted to the minutes; the last end printed
+        self.set(planned)
+
+    def set(self, steps: int) -> None:
+        """The LR schedule decays to 0 at `steps`, where the run ends (or earlier, at --max-steps)."""
+        self.schedule = steps
+        self.total = min(steps, self.max_steps) if self.max_steps else steps
+
+    def start(self, end_forwards: int, images_per_step: int, fit_early: bool) -> None:
+        """Start the clock (with minutes, unless a resumed run kept its fitted end)."""
+        if self.minutes and not self.fitted:
+            self.clock = Budget(self.minutes, end_forwards, images_per_step, fit_early=fit_early)
+
+    def epochs(self) -> str:
+        """Epochs the run will train, for progress lines: "?" until a --time-budget is fitted."""
+        return "?" if self.replaces_epochs and not self.fitted else str(math.ceil(self.schedule / self.steps_per_epoch))
+
+    def refit(self, step: int, rt: Runtime, say) -> None:
+        """Move the end to the last step that the time left allows, as the slowest rank measures it (every rank
+        must call this at the same step); under --time-limit alone, never past the planned epochs."""
+        elapsed, step_s, end_s = global_max(list(self.clock.measures()), rt)
+        horizon = fit_horizon(step, elapsed, step_s, end_s, self.steps_per_epoch, self.clock.seconds)
+        if not self.replaces_epochs:
+            horizon = min(horizon, self.planned)
+        if self.fitted and horizon == step < self.schedule:  # e.g. an epoch end that ran long
+            say(f"time budget spent at step {step}, before the planned end at {self.schedule}: stopping")
+        elif not self.fitted or abs(horizon - self.reported) > 0.02 * self.reported:
+            self.reported = horizon
+            say(f"time budget {self.minutes:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
+                f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "
+                f"({horizon / self.steps_per_epoch:.2f} epochs)")
+            if not self.fitted and end_s > 0.25 * self.clock.seconds:
+                say(f"each epoch end (validation, checkpoint, sample grid) takes ~{end_s:.0f} s, over a quarter of "
+                    "the budget: a lower --val-size or --val-t-points leaves more of it to training")
+        self.set(horizon)
+        self.fitted = True
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run ends where this one planned to."""
+        return {"schedule_steps": self.schedule, "horizon_fitted": self.fitted}
+
+    def restore(self, ckpt: dict) -> bool:
+        """Keep a resumed budget run's fitted end instead of fitting a new budget; True if it did."""
+        if not (self.minutes and ckpt.get("horizon_fitted")):
+            return False
+        self.set(ckpt["schedule_steps"])
+        self.fitted = True
+        return True

@@ -1,4 +1,5 @@
-"""Checkpoint files: one dict that is enough to resume training and to sample.
+"""Reading models: checkpoint files (one dict that is enough to resume training and to sample) and the folders
+that pretrained.py exports, both into that dict; writing checkpoints atomically; the checks of a resume.
 
 Keys: the seed's `epoch`, `model_state`, `ema_state`, `optimizer_state`, `loss`, plus `format`,
 `format_version`, `step`, `model_config`, `train_config`, `scaler_state`, `val_loss`,
@@ -7,11 +8,12 @@ Keys: the seed's `epoch`, `model_state`, `ema_state`, `optimizer_state`, `loss`,
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -21,6 +23,10 @@ from unet import ConditionalUNet, UNetConfig
 FORMAT = "flow-image-generator"
 FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"  # an exported folder's files
+# the committed models: what a fresh clone samples before it has trained anything (pretrained/*/README.md)
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+MNIST_TRAINED = "checkpoints/flow_matching_mnist.pth"  # where make train / mnist_train.py put theirs
 
 
 class CheckpointError(Exception):
@@ -95,8 +101,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     with a readable reason otherwise."""
     path = Path(path)
     if path.is_dir():
-        from pretrained import load_folder  # here: pretrained builds on this module
-
         return load_folder(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: train one first or pass --checkpoint PATH")
@@ -104,9 +108,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # garbage, or a pickle naming objects that weights-only loading refuses
         if "Unsupported global" not in str(e):
-            raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint (UnpicklingError)") from e
-        raise CheckpointError(f"{path} holds pickled Python objects, not only tensors, so it was not written by this repo; "
-                              "nothing in it was run (weights-only loading refuses them)") from e
+            raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
+                                  "(UnpicklingError)") from e
+        raise CheckpointError(f"{path} holds pickled Python objects, not only tensors, so it was not written by this "
+                              "repo; nothing in it was run (weights-only loading refuses them)") from e
     except Exception as e:  # truncated zip, garbage: all mean "not readable"
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or "model_state" not in ckpt:
@@ -117,7 +122,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "ConditionalUNet(...) with its original arguments and load ckpt['model_state'] yourself"
         )
     if ckpt.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {ckpt['format_version']}; this code reads <= {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} has format version {ckpt['format_version']}; this code reads "
+                              f"<= {FORMAT_VERSION}")
     return ckpt
 
 
@@ -151,3 +157,97 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> ConditionalUNet:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not match its model_config: {str(e).splitlines()[0]}") from e
     return model.eval()
+
+
+def load_folder(folder: str | Path) -> dict:
+    """An exported folder as the dict load_checkpoint gives (model config, weights, sampler, kind, class names),
+    read without pickle; CheckpointError with the reason when a file is missing, truncated or not ours."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} is not an exported model folder: {name} is missing "
+                                  "(make one with `python pretrained.py export`)")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{folder / CONFIG} is not valid JSON ({e})") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "model_config" not in config:
+        raise CheckpointError(f"{folder / CONFIG} is not a Flow Image Generator model config (no format "
+                              f"{FORMAT!r} and model_config)")
+    if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder} has format version {config['format_version']}; this code reads "
+                              f"<= {FORMAT_VERSION}")
+    try:
+        state = load_file(folder / WEIGHTS)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder / WEIGHTS} is truncated or not a safetensors file ({e})") from e
+    ckpt = {k: config.get(k) for k in ("model_config", "class_names", "kind", "lineage")}
+    ckpt.update({k: v for k, v in config["training"].items() if k != "train_config"})
+    ckpt["train_config"] = {"label_dropout": config.get("label_dropout")}
+    if config.get("sampler"):
+        ckpt["sampler"] = config["sampler"]
+    weights = config.get("weights", "ema")
+    ckpt["ema_state" if weights == "ema" else "model_state"] = {"weights": state} if weights == "ema" else state
+    ckpt["exported"] = weights
+    return ckpt
+
+
+def mnist_checkpoint(path: str | Path | None = None, root: Path = Path(".")) -> tuple[Path, str | None]:
+    """(checkpoint, note): path when given; else the one make train writes under root, or the committed pretrained
+    model while there is none, with a note that says so."""
+    if path is not None:
+        return Path(path), None
+    if (root / MNIST_TRAINED).is_file():
+        return root / MNIST_TRAINED, None
+    return PRETRAINED / "mnist-1rf", (f"no {root / MNIST_TRAINED} yet (make train writes it): using the committed "
+                                      f"model {PRETRAINED / 'mnist-1rf'}")
+
+
+def check_same_model(ckpt: dict, model_cfg: UNetConfig, path: str) -> None:
+    """The checkpoint must hold the model we are about to train."""
+    stored = model_config_from(ckpt)
+    if stored != model_cfg:
+        diff = [f"{k}: {v} vs {getattr(model_cfg, k)}" for k, v in asdict(stored).items() if getattr(model_cfg, k) != v]
+        raise CheckpointError(f"{path} was trained with another model config ({', '.join(diff)}); "
+                              "pass the same model flags/preset as that run, or start a new --out-dir")
+
+
+def check_resume(ckpt: dict, model_cfg: UNetConfig, batch_size: int, steps_per_epoch: int, world: int,
+                 path: str) -> None:
+    """The checkpoint must hold the model we are about to train, and the same steps per epoch.
+
+    Another batch size, number of processes or training set changes how steps map to epochs and
+    data, so the resumed run would silently train on other batches: refused.
+    """
+    check_same_model(ckpt, model_cfg, path)
+    was = {"--batch-size": ckpt.get("train_config", {}).get("batch_size"), "processes": ckpt.get("world_size", 1),
+           "steps per epoch": ckpt.get("steps_per_epoch")}
+    now = {"--batch-size": batch_size, "processes": world, "steps per epoch": steps_per_epoch}
+    diff = [f"{k} {was[k]} then, {now[k]} now" for k in was if was[k] is not None and was[k] != now[k]]
+    if diff:
+        raise CheckpointError(f"cannot resume {path} exactly: {'; '.join(diff)}. Resume with the same batch size, "
+                              "number of processes and data, or start a new --out-dir (with --init-from to keep "
+                              "the weights)")
+
+
+def restore(ckpt: dict, model: torch.nn.Module, ema, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler) -> None:
+    """Weights, EMA, optimizer and (when both runs use one) the fp16 grad scaler from a checkpoint."""
+    model.load_state_dict(clean_state_dict(ckpt["model_state"]))
+    ema.load_state_dict({**ckpt["ema_state"], "weights": clean_state_dict(ckpt["ema_state"]["weights"])})
+    optimizer.load_state_dict(ckpt["optimizer_state"])
+    if ckpt.get("scaler_state"):  # empty when the run was not fp16: then start with a fresh scaler
+        scaler.load_state_dict(ckpt["scaler_state"])
+
+
+def load_ema_weights(path: str | Path, model_cfg: UNetConfig, models: list[torch.nn.Module],
+                     device: torch.device) -> None:
+    """Load the EMA weights of the checkpoint at path (which must hold model_cfg's model) into each of models."""
+    ckpt = load_checkpoint(path, map_location=device)
+    check_same_model(ckpt, model_cfg, str(path))
+    weights = clean_state_dict(ema_weights(ckpt))
+    for model in models:
+        model.load_state_dict(weights)

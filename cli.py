@@ -13,33 +13,53 @@ from dataclasses import fields, is_dataclass, replace
 from typing import Any, Sequence
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a config field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
 def _parser_for(tp: Any):
-    """argparse `type` for an annotation: int, float, str, bool, tuples of ints, Optional[...]."""
+    """argparse `type` for an annotation: int, float, str, tuples of ints, Optional[...]; its __name__ is what the
+    flag takes, so that argparse says "invalid comma-separated integers value: 'x'"."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        inner = next(a for a in typing.get_args(tp) if a is not type(None))
-        parse_inner = _parser_for(inner)
-        return lambda s: None if s.lower() == "none" else parse_inner(s)
+        inner = _parser_for(next(a for a in typing.get_args(tp) if a is not type(None)))
+        parse = lambda s: None if s.lower() == "none" else inner(s)
+        parse.__name__ = f"{inner.__name__} (or none)"
+        return parse
     if origin is tuple:
         item = typing.get_args(tp)[0]
-        return lambda s: tuple(item(v) for v in s.split(",") if v.strip())
+        parse = lambda s: tuple(item(v) for v in s.split(",") if v.strip())
+        parse.__name__ = f"comma-separated {item.__name__}s (e.g. 1,2,4)".replace("ints", "integers")
+        return parse
     return tp
 
 
-def add_flags(parser: argparse.ArgumentParser, config: Any) -> None:
-    """One --kebab-case flag per field of the dataclass instance `config`; unset flags stay absent from the namespace."""
-    hints = typing.get_type_hints(type(config))
-    help_text = field_comments(type(config))
+def add_flags(parser: argparse.ArgumentParser, config: Any, exclude: Sequence[str] = ()) -> None:
+    """One --kebab-case flag per field of the dataclass instance `config` (but those in exclude), in a group named by
+    its docstring; unset flags stay absent from the namespace."""
+    hints, help_text = typing.get_type_hints(type(config)), field_comments(type(config))
+    group = parser.add_argument_group((type(config).__doc__ or type(config).__name__).splitlines()[0].rstrip("."))
     for f in fields(config):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name in exclude:
+            continue
         default = getattr(config, f.name)
         doc = help_text.get(f.name, "")
+        text = doc if "default" in doc else f"{doc} (default: {default})"
         if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{doc} (default: {default}, unless a preset sets it)")
-            continue
-        parser.add_argument(flag, type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
-                            metavar=f.name.upper(), help=f"{doc} (default: {default}, unless a preset sets it)")
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=text)
+        else:
+            group.add_argument(flag(f.name), type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=text)
+
+
+def config_from(args: argparse.Namespace | dict, config: Any, exclude: Sequence[str] = ()) -> Any:
+    """A copy of the dataclass instance config with the fields that args sets (but those in exclude: flags of the
+    same name that add_flags left to the script)."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else args
+    names = {f.name for f in fields(config)} - set(exclude)
+    return replace(config, **{name: values[name] for name in names if name in values})
 
 
 def field_comments(config_cls: type) -> dict[str, str]:
@@ -52,19 +72,16 @@ def field_comments(config_cls: type) -> dict[str, str]:
     return comments
 
 
-def parse_configs(
-    configs: Sequence[Any],
-    presets: dict[str, dict[str, Any]] | None = None,
-    default_preset: str | None = None,
-    argv: Sequence[str] | None = None,
-    description: str = "",
-) -> tuple[list[Any], str | None]:
+def parse_configs(configs: Sequence[Any], presets: dict[str, dict[str, Any]] | None = None,
+                  default_preset: str | None = None, argv: Sequence[str] | None = None,
+                  description: str = "") -> tuple[list[Any], str | None]:
     """Parse argv into copies of `configs` (dataclass instances holding the defaults).
 
     Returns the filled configs and the preset name used. A preset's keys may belong to any of the
     configs; a key that belongs to none is a programming error and raises.
     """
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help=f"named set of defaults (default: {default_preset}, chosen from the device)")
@@ -76,10 +93,7 @@ def parse_configs(
     overrides = dict(presets[preset]) if presets and preset else {}
     overrides.update(args)
 
-    filled = []
-    for cfg in configs:
-        names = {f.name for f in fields(cfg)}
-        filled.append(replace(cfg, **{k: v for k, v in overrides.items() if k in names}))
+    filled = [config_from(overrides, cfg) for cfg in configs]
     claimed = set().union(*({f.name for f in fields(c)} for c in configs))
     stray = set(overrides) - claimed
     if stray:

@@ -103,7 +103,8 @@ def find_images(root: str | Path) -> list[Path]:
     """Image files under root, searched recursively, sorted by relative path; errors if none."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist: pass --data-root DIR (a folder of images, e.g. img_align_celeba)")
+        raise DataError(f"data folder {root} does not exist: pass --data-root DIR (a folder of images, e.g. "
+                        "img_align_celeba)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")

@@ -7,7 +7,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import signal
 import sys
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +23,7 @@ def keep_freed_memory() -> None:
     """Let glibc keep freed tensors for reuse instead of returning them to the OS (Linux; elsewhere nothing).
 
     glibc serves blocks over 32 MB with mmap and unmaps them on free, so every batch of a large sampling,
-    training or Inception pass would page-fault its activations in afresh, spending up to half its CPU time
+    training or Inception pass would page-fault its activations in afresh, spending much of its CPU time
     in the kernel (docs/cpu-performance.md). Process-wide and idempotent: sampling, training and the
     Inception call it themselves, so a notebook gets it as the scripts do. Memory stays at its peak instead.
     """
@@ -57,7 +60,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 ...)")
     elif device.type == "mps" and not mps_available():
-        raise ValueError(f"--device {name} asked for, but Apple's MPS is not available here: use --device cpu (or auto)")
+        raise ValueError(f"--device {name} asked for, but Apple's MPS is not available here: use --device cpu "
+                         "(or auto)")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
@@ -79,7 +83,7 @@ def cpu_has_amx() -> bool:
 def cpu_native_bf16() -> bool:
     """bf16 arithmetic in hardware, uncapped: AMX, or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later).
 
-    There bf16 autocast is faster than fp32; elsewhere it is emulated, ~18x slower on an AVX2 EPYC.
+    There bf16 autocast is faster than fp32; elsewhere it is emulated, and far slower (docs/cpu-performance.md).
     """
     return cpu_has_amx() or (not isa_caps() and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
@@ -106,7 +110,7 @@ def cpu_name() -> str:
 
 
 def cuda_native_bf16(device: torch.device) -> bool:
-    """bf16 tensor cores (compute capability >= 8.0, Ampere on). T4 and V100 only emulate bf16: slow or failing convs."""
+    """bf16 tensor cores (compute capability >= 8.0, Ampere on); T4 and V100 only emulate bf16 (slow or failing)."""
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -137,10 +141,9 @@ def resolve_compile(compile_: bool, device: torch.device) -> bool:
 def resolve_channels_last(channels_last: str, device: torch.device, amp: str) -> bool:
     """Whether --channels-last gives NHWC here.
 
-    auto = on for GPUs and for fp32 on AVX-512 CPUs (155 vs 127 img/s on the cpu preset); off with
-    bf16 on the CPU, where GroupNorm is ~4x slower in NHWC, on AVX2 CPUs, where NHWC convolution
-    backward and GroupNorm are slower (cpu preset: 99-105 vs 92-96 img/s), and on MPS, where NHWC
-    convolutions have been slower and less tested than NCHW.
+    auto = on for GPUs and for fp32 on AVX-512 CPUs; off with bf16 on the CPU (GroupNorm is much slower in
+    NHWC there), on AVX2 CPUs (NHWC convolution backward and GroupNorm are slower) and on MPS (NHWC
+    convolutions less tested). The measurements: docs/cpu-performance.md.
     """
     if channels_last != "auto":
         return channels_last == "on"
@@ -151,22 +154,32 @@ def resolve_channels_last(channels_last: str, device: torch.device, amp: str) ->
 
 @dataclass
 class Runtime:
-    """Where this process runs: device, rank and world size."""
+    """Where this process runs and how: device, rank and world size, and the speed settings resolved for it."""
 
     device: torch.device
     rank: int = 0
     world: int = 1
     ddp: bool = False
+    amp: str = "none"  # none | bf16 | fp16, as resolved for the device
+    channels_last: bool = False  # NHWC inputs and weights
+    compile: bool = False  # torch.compile the model
 
     @property
     def main(self) -> bool:
         """Only the main process prints and writes files."""
         return self.rank == 0
 
+    def autocast(self):
+        """The bf16/fp16 autocast context of this run, or a no-op."""
+        if self.amp == "none":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
 
 def launched_ranks() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) under plain python."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    return tuple(int(os.environ.get(name, default)) for name, default in
+                 (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
 
 
 def rank_device(device: torch.device, local_rank: int) -> torch.device:
@@ -174,23 +187,28 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
-def setup_runtime(device_name: str, parallel: str) -> Runtime:
-    """Resolve the device; join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def setup_runtime(device_name: str = "auto", parallel: str = "auto", amp: str = "none", channels_last: str = "auto",
+                  compile_: bool = False, deterministic: bool = False) -> Runtime:
+    """The one set-up of a run: resolve the device, join the process group under torchrun (WORLD_SIZE > 1), set the
+    backends, and resolve autocast, memory format and compile for that device."""
     rank, world, local_rank = launched_ranks()
     if world > 1 and parallel != "auto":
         # none would make every process rank 0 on one device, all writing the same files; dp is not DDP.
         raise ValueError(f"--parallel {parallel} cannot run under torchrun ({world} processes): "
                          "use --parallel auto (DDP), or launch with plain python for --parallel none/dp")
-    device = resolve_device(device_name)
-    if world == 1:
-        return Runtime(device)
-    device = rank_device(device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    elif device.type == "mps":
-        raise ValueError("DDP on Apple MPS is not supported: train with plain python (one process)")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world, ddp=True)
+    device = rank_device(resolve_device(device_name), local_rank)
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        elif device.type == "mps":
+            raise ValueError("DDP on Apple MPS is not supported: train with plain python (one process)")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    configure_backends(deterministic)
+    resolved = resolve_amp(amp, device)
+    if amp == "fp16" and resolved == "none" and rank == 0:
+        print("--amp fp16: the CPU has no fast fp16 autocast (slower than fp32), so this run trains in fp32")
+    return Runtime(device, rank, world, world > 1, resolved, resolve_channels_last(channels_last, device, resolved),
+                   resolve_compile(compile_, device))
 
 
 def configure_backends(deterministic: bool) -> None:
@@ -201,3 +219,56 @@ def configure_backends(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def global_mean(value: torch.Tensor, rt: Runtime) -> float:
+    """Mean of a per-rank scalar over all ranks."""
+    if rt.ddp:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= rt.world
+    return value.item()
+
+
+def global_max(values: list[float], rt: Runtime) -> list[float]:
+    """Element-wise maximum of per-rank values over all ranks (the slowest rank's timings)."""
+    if not rt.ddp:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+class StopRequest:
+    """Ctrl-C as a flag checked between steps, so a checkpoint never holds a half-applied step.
+
+    A second Ctrl-C interrupts at once. Outside the main thread (where signals cannot be caught) it is a no-op.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to quit without saving)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def agreed(self, rt: Runtime) -> bool:
+        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
+        return bool(global_max([float(self.requested)], rt)[0])
+
+
+def ignore_sigint(_worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the main process, which stops cleanly between steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

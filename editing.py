@@ -24,12 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 from torch import nn
 
-from checkpoint import CheckpointError
+from checkpoint import MNIST_TRAINED, CheckpointError
+from cli import add_flags, config_from
 from data import DataError, ImageFolder, find_images, load_mnist, readable
-from flow import generate, invert
-from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Loaded, check_guidance, check_labels,
-                      check_request, load_for_sampling, save_grid)
-from solvers import SOLVERS
+from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, Loaded, SampleConfig, check_guidance, check_labels, check_request,
+                      flow_batches, load_for_sampling, save_grid)
 
 
 @dataclass
@@ -64,20 +63,15 @@ def inversion_sampler(loaded: Loaded, solver: str | None, steps: int | None) -> 
     return loaded.solver if solver is None else solver, loaded.steps if steps is None else steps
 
 
-@torch.no_grad()
 def invert_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
                  solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, guidance: float = 1.0,
                  batch_size: int = 256, rtol: float = 1e-3, atol: float = 1e-3) -> Inverted:
     """Noise (B, C, H, W) of images (B, C, H, W) in [0, 1] under their labels (conditional models), in batches."""
-    check_request(len(images), batch_size, solver, steps)
+    check_request(len(images), batch_size, solver, steps, guidance)
     check_images(images, labels, model)
-    device, start, noise, nfes = next(model.parameters()).device, time.perf_counter(), [], []
-    for i in range(0, len(images), batch_size):
-        y = labels[i:i + batch_size].to(device) if labels is not None else None
-        x, nfe = invert(model, images[i:i + batch_size].to(device) * 2 - 1, y, solver, steps, guidance, rtol, atol)
-        noise.append(x.cpu())
-        nfes.append(nfe)
-    return Inverted(torch.cat(noise), labels, round(sum(nfes) / len(nfes)), time.perf_counter() - start)
+    start = time.perf_counter()
+    noise, nfe = flow_batches(model, images * 2 - 1, labels, solver, steps, guidance, True, batch_size, rtol, atol)
+    return Inverted(noise, labels, nfe, time.perf_counter() - start)
 
 
 def invert_from_checkpoint(checkpoint: str | Path | dict, images: torch.Tensor, labels: torch.Tensor | None = None,
@@ -95,16 +89,10 @@ def invert_from_checkpoint(checkpoint: str | Path | dict, images: torch.Tensor, 
     return invert_model(loaded.model, images, labels, solver, steps, loaded.guidance, batch_size).noise
 
 
-@torch.no_grad()
 def regenerate(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None, solver: str, steps: int,
                guidance: float, batch_size: int = 256, rtol: float = 1e-3, atol: float = 1e-3) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1] from given noise (B, C, H, W): the forward half of an edit."""
-    device, out = next(model.parameters()).device, []
-    for i in range(0, len(noise), batch_size):
-        y = labels[i:i + batch_size].to(device) if labels is not None else None
-        x, _ = generate(model, noise[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol)
-        out.append(((x + 1) / 2).cpu())
-    return torch.cat(out)
+    return (flow_batches(model, noise, labels, solver, steps, guidance, False, batch_size, rtol, atol)[0] + 1) / 2
 
 
 def class_swap(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
@@ -211,68 +199,47 @@ def real_images(loaded: Loaded, data_root: str | None, image_dir: str | None, in
     return (torch.stack(images) + 1) / 2, labels
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """editing.py's flags: per command, the images, SampleConfig's sampling flags and the command's own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, helptext in (("invert", "images -> noise, and how well the noise regenerates them (PSNR)"),
                            ("swap", "redraw images as every class (one grid row per image)"),
                            ("interpolate", "frames between pairs of images through their noises (a row per pair)")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--checkpoint", default="checkpoints/flow_matching_mnist.pth")
+        s.add_argument("--checkpoint", default=MNIST_TRAINED)
         s.add_argument("--data-root", default=None, help="folder holding MNIST/raw: MNIST test digits")
         s.add_argument("--image-dir", default=None, help="folder of images (class sub-folders for conditional models)")
-        s.add_argument("--solver", default=None, choices=SOLVERS,
-                       help="ODE solver both ways (default: the checkpoint's recorded sampler; a meanflow jump "
-                            f"becomes {DEFAULT_SOLVER})")
-        s.add_argument("--steps", type=int, default=None, help="solver steps, ignored by dopri5 (default: as --solver)")
-        s.add_argument("--device", default="auto", help=DEVICE_HELP)
         s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
         s.add_argument("--out", default=f"samples/{name}.png" if name != "invert" else "samples/noise.pt")
-    for name in ("invert", "swap"):
-        sub.choices[name].add_argument("--indices", type=parse_indices, default=parse_indices("0-7"),
-                                       help="which images, e.g. 0-7 or 0,5,9")
-    sub.choices["invert"].add_argument("--guidance", type=float, default=None,
-                                       help="guidance scale w both ways (default: the recorded sampler's)")
-    sub.choices["swap"].add_argument("--guidance", type=float, default=1.0, help="guidance scale w of the redraw")
+        # a meanflow jump (forwards only) inverts with the default ODE solver; interpolation picks its own guidance
+        add_flags(s, SampleConfig(), exclude=("seed", "guidance") if name == "interpolate" else ("seed",))
+        if name != "interpolate":
+            s.add_argument("--indices", type=parse_indices, default=parse_indices("0-7"),
+                           help="which images, e.g. 0-7 or 0,5,9")
     sub.choices["swap"].add_argument("--to", type=parse_indices, default=None, help="target classes (default: all)")
     sub.choices["interpolate"].add_argument("--pairs", default="0:1", help="index pairs, e.g. 0:1,2:3")
     sub.choices["interpolate"].add_argument("--frames", type=int, default=8)
-    args = p.parse_args(argv)
+    return p
 
-    guidance = getattr(args, "guidance", None) if args.command == "invert" else None
-    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, guidance, args.device, not args.raw_weights)
-    model, names = loaded.model, loaded.ckpt.get("class_names")
-    solver, steps = inversion_sampler(loaded, args.solver, args.steps)
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    sample = config_from(args, SampleConfig())
+    sample.check()
+    # invert runs both ways at the recorded guidance; swap inverts at w = 1 and redraws at the recorded guidance
+    loaded = load_for_sampling(args.checkpoint, sample.solver, sample.steps, sample.guidance, sample.device,
+                               not args.raw_weights)
+    solver, steps = inversion_sampler(loaded, sample.solver, sample.steps)
     if args.command == "interpolate":
-        try:
-            pairs = [tuple(int(i) for i in pair.split(":")) for pair in args.pairs.split(",")]
-            assert all(len(pair) == 2 for pair in pairs)
-        except (ValueError, AssertionError):
-            raise ValueError(f"--pairs looks like 0:1,2:3 (got {args.pairs!r})")
-        rows = []
-        for pair in pairs:
-            images, labels = real_images(loaded, args.data_root, args.image_dir, list(pair))
-            if labels is not None and labels[0] != labels[1]:
-                check_guidance(loaded.ckpt, 0.0)  # two classes meet under the null label
-            rows.append(torch.cat([images[:1], interpolate(model, images, labels, args.frames, solver, steps),
-                                   images[1:]]))
-        save_grid(torch.cat(rows), args.out, ncol=args.frames + 2)
-        print(f"wrote {args.out}: {len(pairs)} pair(s), {args.frames} frames each between the two real images "
-              f"(first and last columns), {solver} {steps} steps")
-        return {"out": args.out, "pairs": pairs}
+        return interpolate_pairs(loaded, args.data_root, args.image_dir, args.pairs, args.frames, solver, steps,
+                                 args.out)
     images, labels = real_images(loaded, args.data_root, args.image_dir, args.indices)
     if args.command == "swap":
-        if model.config.num_classes is None:
-            raise ValueError("swap needs a class-conditional model: this one is unconditional")
-        targets = torch.tensor(args.to) if args.to is not None else torch.arange(model.config.num_classes)
-        swapped = class_swap(model, images, labels, targets, solver, steps, args.guidance)
-        save_grid(torch.cat([images[:, None], swapped], 1).flatten(0, 1), args.out, ncol=len(targets) + 1)
-        print(f"wrote {args.out}: a row per image (the real one first), then it redrawn as class(es) "
-              f"{', '.join(names[i] if names else str(i) for i in targets.tolist())}; {solver} {steps} steps, "
-              f"guidance {args.guidance}")
-        return {"out": args.out}
-    inverted = invert_model(model, images, labels, solver, steps, loaded.guidance)
-    back = regenerate(model, inverted.noise, labels, solver, steps, loaded.guidance)
+        return swap_classes(loaded, images, labels, args.to, solver, steps, args.out)
+    model = loaded.model
+    inverted = invert_model(model, images, labels, solver, steps, loaded.guidance, sample.batch_size)
+    back = regenerate(model, inverted.noise, labels, solver, steps, loaded.guidance, sample.batch_size)
     quality = psnr(back, images)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"noise": inverted.noise, "labels": labels, "indices": args.indices, "solver": solver, "steps": steps,
@@ -282,6 +249,42 @@ def main(argv: list[str] | None = None) -> dict:
           f"{inverted.seconds:.2f} s); regenerated from it: PSNR {quality.mean():.2f} dB (min {quality.min():.2f}); "
           f"noise std per image {std.mean():.3f} (N(0, I): 1)")
     return {"out": args.out, "psnr": quality.tolist(), "nfe": inverted.nfe, "noise_std": std.tolist()}
+
+
+def swap_classes(loaded: Loaded, images: torch.Tensor, labels: torch.Tensor | None, to: list[int] | None, solver: str,
+                 steps: int, out: str) -> dict:
+    """editing.py swap: each image, then it redrawn as each target class, a grid row per image."""
+    model, names = loaded.model, loaded.ckpt.get("class_names")
+    if model.config.num_classes is None:
+        raise ValueError("swap needs a class-conditional model: this one is unconditional")
+    targets = torch.tensor(to) if to is not None else torch.arange(model.config.num_classes)
+    swapped = class_swap(model, images, labels, targets, solver, steps, loaded.guidance)
+    save_grid(torch.cat([images[:, None], swapped], 1).flatten(0, 1), out, ncol=len(targets) + 1)
+    print(f"wrote {out}: a row per image (the real one first), then it redrawn as class(es) "
+          f"{', '.join(names[i] if names else str(i) for i in targets.tolist())}; {solver} {steps} steps, "
+          f"guidance {loaded.guidance}")
+    return {"out": out}
+
+
+def interpolate_pairs(loaded: Loaded, data_root: str | None, image_dir: str | None, pairs_text: str, frames: int,
+                      solver: str, steps: int, out: str) -> dict:
+    """editing.py interpolate: a grid row per pair, the two real images at its ends."""
+    try:
+        pairs = [tuple(int(i) for i in pair.split(":")) for pair in pairs_text.split(",")]
+        assert all(len(pair) == 2 for pair in pairs)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--pairs looks like 0:1,2:3 (got {pairs_text!r})")
+    rows = []
+    for pair in pairs:
+        images, labels = real_images(loaded, data_root, image_dir, list(pair))
+        if labels is not None and labels[0] != labels[1]:
+            check_guidance(loaded.ckpt, 0.0)  # two classes meet under the null label
+        rows.append(torch.cat([images[:1], interpolate(loaded.model, images, labels, frames, solver, steps),
+                               images[1:]]))
+    save_grid(torch.cat(rows), out, ncol=frames + 2)
+    print(f"wrote {out}: {len(pairs)} pair(s), {frames} frames each between the two real images "
+          f"(first and last columns), {solver} {steps} steps")
+    return {"out": out, "pairs": pairs}
 
 
 if __name__ == "__main__":

@@ -26,15 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, save_checkpoint
+from cli import add_flags, config_from
 from data import DataError, ImageFolder, TensorImages, load_mnist
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
                  inception_features, real_files, real_stats, to_uint8)
 from flow import guided_velocity
-from likelihood import DIVERGENCES, image_bits_per_dim
-from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, DEVICE_HELP, Samples, check_guidance,
+from likelihood import LikelihoodConfig, image_bits_per_dim
+from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, SampleConfig, Samples, check_guidance,
                       load_for_sampling, make_noise, sample_model)
-from solvers import SOLVERS, Velocity, solve
+from solvers import Velocity, solve
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
 BN_CLASSIFIER_PATH = "checkpoints/mnist_classifier_bn.pth"  # the second reader: --arch bn-cnn
@@ -43,7 +44,6 @@ OWN_PATH = ""  # train_classifier's out: the arch's own path (CLASSIFIERS); None
 # no model trains on or is selected by (mnist_train.py validates on held-out training digits). The split's halves
 # come from different writers (NIST SD-3, SD-1), so contiguous index ranges would measure that shift instead.
 REFERENCE_SEED = 0
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 
 class Reader(nn.Module):
@@ -145,8 +145,6 @@ def train_classifier(data_root: str, epochs: int | None = None, subset: int = 0,
     recalibrate_batchnorm(model, loader, device)
     accuracy = (predict(model, test_x)[0] == test_y).float().mean().item()
     if out:
-        from checkpoint import save_checkpoint
-
         save_checkpoint(out, {"model_state": model.state_dict(), "test_accuracy": accuracy, "kind": "mnist-classifier",
                                "arch": arch})
     return accuracy
@@ -240,37 +238,11 @@ def straightness(v: Velocity, noise: torch.Tensor, steps: int = 64, few: tuple[i
 
 
 def straightness_of(model: nn.Module, n: int, guidance: float = 1.0, seed: int = 0) -> dict:
-    """`evaluate.py straightness`: n class-balanced seeded noises through the (guided) velocity the model samples with."""
+    """`evaluate.py straightness`: n class-balanced seeded noises through the (guided) velocity it samples with."""
     cfg, device = model.config, next(model.parameters()).device
     labels = balanced_labels(n, cfg.num_classes).to(device) if cfg.num_classes is not None else None
     noise = make_noise(n, (cfg.in_channels, cfg.image_size, cfg.image_size), seed, device)
     return {**straightness(guided_velocity(model, labels, guidance), noise), "guidance": guidance, "seed": seed}
-
-
-def inception_scores(fake: torch.Tensor, real: torch.Tensor, weights: str | None = None, batch_size: int = 100) -> dict:
-    """Inception FID (and KID) through torchmetrics between image sets (N, 3, H, W) in [0, 1]."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-    except ImportError as e:
-        raise ValueError("the Inception FID needs `pip install torchmetrics torch-fidelity`") from e
-    try:
-        fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
-    except Exception as e:  # no weights file and no network: torch-fidelity's download fails
-        raise CheckpointError(
-            f"could not load the Inception weights ({type(e).__name__}: {str(e).splitlines()[0][:120]}); offline, "
-            f"download {INCEPTION_URL} elsewhere and pass --inception-weights PATH, or leave the flag out to use the "
-            "built-in Inception of fid.py") from e
-    kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(len(fake), len(real), 1000), normalize=True)
-    if fake.shape[1] == 1:  # grayscale checkpoints: Inception wants RGB (real folder images are loaded as RGB)
-        fake = fake.expand(-1, 3, -1, -1)
-    for metric in (fid, kid):
-        for i in range(0, len(real), batch_size):
-            metric.update(real[i:i + batch_size], real=True)
-        for i in range(0, len(fake), batch_size):
-            metric.update(fake[i:i + batch_size], real=False)
-    kid_mean, kid_std = kid.compute()
-    return {"fid": fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item()}
 
 
 def real_images(folder: str, image_size: int, n: int) -> torch.Tensor:
@@ -306,36 +278,23 @@ def fid_quality(model: nn.Module, real: RealStats, n: int, solver: str = DEFAULT
             "steps": steps, "nfe": samples.nfe, "guidance": guidance, "seed": seed, "seconds": samples.seconds}
 
 
-def inception_fid(model: nn.Module, real_dir: str, n: int, solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS,
-                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500, n_real: int | None = None,
-                  stats_cache: str | None = None, inception_weights: str | None = None) -> dict:
-    """`evaluate.py fid`: the score of n generated images against n_real (default n) of real_dir, and its protocol.
-
-    The real side comes first, so that a bad folder fails before minutes of sampling and a cached
-    one costs nothing; class-conditional models draw the same number of images of every class.
-    inception_weights: torch-fidelity's file, scored through torchmetrics (FID and KID, nothing cached).
-    """
+def inception_fid(model: nn.Module, real_dir: str, n: int, sampler: tuple[str, int, float], seed: int = 0,
+                  batch_size: int = 256, n_real: int | None = None, stats_cache: str | None = None) -> dict:
+    """`evaluate.py fid`: the score of n images drawn with sampler (solver, steps, guidance) against n_real (default
+    n) of real_dir, and its protocol. The real side comes first, so that a bad folder fails before minutes of sampling
+    and a cached one costs nothing; class-conditional models draw the same number of images of every class."""
     cfg, n_real = model.config, n_real or n
-    device = next(model.parameters()).device
     if n < 2:
         raise ValueError(f"--n {n}: the FID fits a covariance to the generated images, so it needs at least 2")
-    # n must split evenly over the classes: refused here, before the real side's minutes of Inception
-    labels = balanced_labels(n, cfg.num_classes) if cfg.num_classes is not None else None
-    if inception_weights:
-        real = real_images(real_dir, cfg.image_size, n_real)
-        samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size)
-        result = {**inception_scores(samples.images, real, inception_weights), "nfe": samples.nfe,
-                  "seconds": samples.seconds,
-                  "feature_extractor": f"torchmetrics FrechetInceptionDistance, weights {inception_weights}"}
-    else:
-        stats = real_stats(real_dir, cfg.image_size, n_real, stats_cache or STATS_DIR, device)
-        result = {**fid_quality(model, stats, n, solver, steps, guidance, seed, batch_size),
-                  "feature_extractor": EXTRACTOR, "real_key": stats.key, "real_stats": str(stats.cache_file),
-                  "real_stats_cached": stats.cached}
+    if cfg.num_classes is not None:
+        balanced_labels(n, cfg.num_classes)  # n must split evenly over the classes: refused before the real side
+    stats = real_stats(real_dir, cfg.image_size, n_real, stats_cache or STATS_DIR, next(model.parameters()).device)
+    solver, steps, guidance = sampler
+    result = fid_quality(model, stats, n, solver, steps, guidance, seed, batch_size)
     per_class = n // cfg.num_classes if cfg.num_classes is not None else None
-    return {**result, "n": n, "real_dir": str(Path(real_dir).resolve()), "n_real": n_real,
-            "image_size": cfg.image_size, "solver": solver, "steps": steps, "guidance": guidance,
-            "seed": seed, "num_classes": cfg.num_classes, "per_class": per_class}
+    return {**result, "feature_extractor": EXTRACTOR, "real_key": stats.key, "real_stats": str(stats.cache_file),
+            "real_stats_cached": stats.cached, "n": n, "real_dir": str(Path(real_dir).resolve()), "n_real": n_real,
+            "image_size": cfg.image_size, "num_classes": cfg.num_classes, "per_class": per_class}
 
 
 def test_digits(data_root: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,139 +306,127 @@ def test_digits(data_root: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return real.images[index], real.labels[index]
 
 
-def likelihood(args: argparse.Namespace) -> dict:
-    """evaluate.py likelihood: bits/dim of n held-out images (MNIST test digits or a folder) under a checkpoint."""
-    loaded = load_for_sampling(args.checkpoint, "euler", 1, 1.0, args.device, use_ema=args.weights == "ema")
+def checkpoint_likelihood(checkpoint: str, like: LikelihoodConfig, sample: SampleConfig, n: int,
+                          data_root: str | None = None, real_dir: str | None = None, use_ema: bool = True) -> dict:
+    """`evaluate.py likelihood`: bits/dim of n held-out images (MNIST test digits or a folder's) under a checkpoint."""
+    loaded = load_for_sampling(checkpoint, "euler", 1, 1.0, sample.device, use_ema)
     model, cfg = loaded.model, loaded.model.config
-    if (args.data_root is None) == (args.real_dir is None):
+    if (data_root is None) == (real_dir is None):
         raise ValueError("give the images: --data-root DIR (MNIST test digits) or --real-dir DIR (a folder)")
-    if args.data_root is not None:
+    if data_root is not None:
         if cfg.image_size != 28 or cfg.in_channels != 1:
             raise ValueError(f"this checkpoint draws {cfg.in_channels}x{cfg.image_size} px images: MNIST likelihoods "
                              "need 1x28 px (give --real-dir for an image-folder checkpoint)")
-        pixels, labels = test_digits(args.data_root, args.n)
+        pixels, labels = test_digits(data_root, n)
         source = "MNIST test digits (class-balanced random)"
     else:
-        pixels, labels = to_uint8(real_images(args.real_dir, cfg.image_size, args.n)), None
-        source = f"images of {args.real_dir}"
-    marginal = cfg.num_classes is not None and (args.marginal or labels is None)
+        pixels, labels = to_uint8(real_images(real_dir, cfg.image_size, n)), None
+        source = f"images of {real_dir}"
+    marginal = cfg.num_classes is not None and (like.marginal or labels is None)
     if cfg.num_classes is None:
         labels = None
     elif marginal:
         check_guidance(loaded.ckpt, 0.0)  # the null label's velocity is what log p(x) integrates
         labels = torch.full((len(pixels),), cfg.num_classes)
-    result = image_bits_per_dim(model, pixels, labels, 1.0, args.solver, args.steps, args.tolerance, args.tolerance,
-                                args.divergence, args.probes, args.seed, args.batch_size)
-    return {**result, "source": source, "checkpoint": str(args.checkpoint), "weights": args.weights,
+    result = image_bits_per_dim(model, pixels, labels, solver=like.solver, steps=like.steps, rtol=like.tolerance,
+                                atol=like.tolerance, divergence=like.divergence, probes=like.probes, seed=sample.seed,
+                                batch_size=sample.batch_size)
+    print(f"N={result['n']} {source}: {result['bpd']:.4f} ± {result['bpd_se']:.4f} bits/dim "
+          f"({'log p(x)' if marginal else 'log p(x | y)'}, {like.divergence} divergence"
+          f"{f', {like.probes} probe(s)' if like.divergence == 'hutchinson' else ''}, {like.solver}"
+          f"{f' tol {like.tolerance:g}' if like.solver == 'dopri5' else f' {like.steps} steps'}, NFE "
+          f"{result['nfe']} per image, {result['seconds']:.0f} s)")
+    return {**result, "source": source, "checkpoint": str(checkpoint), "weights": "ema" if use_ema else "raw",
             "marginal": marginal}
 
 
-def sampled_metrics(args: argparse.Namespace) -> dict:
-    """evaluate.py mnist | straightness | fid: sample the checkpoint and measure, printing one line."""
-    # a one-step model is measured in one step unless asked otherwise
-    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, args.device,
-                               use_ema=args.weights == "ema")
-    model, device, args.solver, args.steps, args.guidance = (loaded.model, next(loaded.model.parameters()).device,
-                                                             loaded.solver, loaded.steps, loaded.guidance)
-    if args.command == "mnist":
-        classifier, accuracy = load_classifier(args.classifier, device)
-        real = load_mnist(args.data_root, train=False, download=False)
-        result = {**mnist_quality(model, classifier, real, args.n, args.solver, args.steps, args.guidance, args.seed,
-                                  args.batch_size), "weights": args.weights, "classifier_accuracy": accuracy}
-        print(f"N={result['n']}  solver {args.solver}  steps {args.steps}  NFE {result['nfe']} per image  "
-              f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
-              f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  excess {result['excess']:.3f}  "
-              f"classifier accuracy {accuracy:.2%}")
-    elif args.command == "straightness":
-        result = {**straightness_of(model, args.n, args.guidance, args.seed), "weights": args.weights,
-                  "checkpoint": str(args.checkpoint)}
-        print(f"N={args.n}  guidance {args.guidance}  straightness {result['straightness']:.4f} along "
+def sampled_metrics(command: str, checkpoint: str, sample: SampleConfig, n: int, use_ema: bool = True,
+                    data_root: str = "data", classifier: str = CLASSIFIER_PATH, real_dir: str | None = None,
+                    n_real: int | None = None, stats_cache: str | None = None) -> dict:
+    """evaluate.py mnist | straightness | fid: sample the checkpoint (its recorded sampler unless told) and measure,
+    printing one line."""
+    loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, sample.device, use_ema)
+    model, sampler, weights = loaded.model, (loaded.solver, loaded.steps, loaded.guidance), "ema" if use_ema else "raw"
+    solver, steps, guidance = sampler
+    if command == "straightness":
+        result = {**straightness_of(model, n, guidance, sample.seed), "weights": weights, "checkpoint": str(checkpoint)}
+        print(f"N={n}  guidance {guidance}  straightness {result['straightness']:.4f} along "
               f"{result['reference_steps']}-step Euler paths; RMS distance of k-step samples from them: "
               + ", ".join(f"k={k}: {d:.4f}" for k, d in result["distance"].items()))
-    else:
-        result = {**inception_fid(model, args.real_dir, args.n, args.solver, args.steps, args.guidance, args.seed,
-                                  args.batch_size, args.n_real, args.stats_cache, args.inception_weights),
-                  "checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights}
-        kid = f"  KID {result['kid']:.4f} ± {result['kid_std']:.4f}" if "kid" in result else ""
-        print(f"N={args.n} generated ({args.weights} weights, {args.solver}, {args.steps} steps, NFE {result['nfe']} "
-              f"per image, guidance {args.guidance}, seed {args.seed}) vs {result['n_real']} real images of "
-              f"{args.real_dir}  Inception FID {result['fid']:.2f}{kid}")
+        return result
+    if command == "fid":
+        result = {**inception_fid(model, real_dir, n, sampler, sample.seed, sample.batch_size, n_real, stats_cache),
+                  "checkpoint": str(Path(checkpoint).resolve()), "weights": weights}
+        print(f"N={n} generated ({weights} weights, {solver}, {steps} steps, NFE {result['nfe']} per image, guidance "
+              f"{guidance}, seed {sample.seed}) vs {result['n_real']} real images of {real_dir}  Inception FID "
+              f"{result['fid']:.2f}")
+        return result
+    reader, accuracy = load_classifier(classifier, next(model.parameters()).device)
+    real = load_mnist(data_root, train=False, download=False)
+    result = {**mnist_quality(model, reader, real, n, solver, steps, guidance, sample.seed, sample.batch_size),
+              "weights": weights, "classifier_accuracy": accuracy}
+    print(f"N={result['n']}  solver {solver}  steps {steps}  NFE {result['nfe']} per image  conditional accuracy "
+          f"{result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) {result['frechet']:.3f}  real-vs-real "
+          f"floor {result['floor']:.3f}  excess {result['excess']:.3f}  classifier accuracy {accuracy:.2%}")
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
+# SampleConfig fields a command does not take: straightness follows Euler paths, likelihood has its own ODE
+NOT_SAMPLED = {"straightness": ("solver", "steps", "batch_size"), "likelihood": ("solver", "steps", "guidance")}
+
+
+def parser() -> argparse.ArgumentParser:
+    """evaluate.py's flags: per command its inputs, SampleConfig's sampling flags and its own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-classifier", help="train an MNIST CNN that the metrics read with (training set only)")
     t.add_argument("--data-root", default="data", help="folder holding MNIST/raw")
     t.add_argument("--arch", choices=CLASSIFIERS, default="cnn",
-                   help=f"cnn: the metrics' default reader; bn-cnn: a second, independent one (--out {BN_CLASSIFIER_PATH})")
+                   help=f"cnn: the metrics' default reader; bn-cnn: a second, independent one "
+                        f"(--out {BN_CLASSIFIER_PATH})")
     t.add_argument("--epochs", type=int, default=None, help="default: 5 (cnn), 3 (bn-cnn)")
     t.add_argument("--out", default=None, help=f"default: {CLASSIFIER_PATH} (cnn), {BN_CLASSIFIER_PATH} (bn-cnn)")
     for name, helptext in (("mnist", "accuracy + Fréchet distance of a class-conditional MNIST checkpoint"),
-                           ("fid", "Inception FID/KID of an image-folder checkpoint against real images"),
-                           ("straightness", "how straight a checkpoint's sampling paths are (reflow's measure)")):
+                           ("fid", "Inception FID of an image-folder checkpoint against real images"),
+                           ("straightness", "how straight a checkpoint's sampling paths are (reflow's measure)"),
+                           ("likelihood", "bits/dim of held-out real images (change of variables)")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--checkpoint", required=True)
-        s.add_argument("--n", type=int, default=1000 if name != "straightness" else 200,
-                       help="generated (and real) images" if name != "straightness" else "noise samples")
-        s.add_argument("--solver", default=None, choices=SOLVERS,
-                       help=f"default: the checkpoint's recommended sampler, else {DEFAULT_SOLVER}")
-        s.add_argument("--steps", type=int, default=None, help=f"default: as --solver, else {DEFAULT_STEPS}")
-        s.add_argument("--guidance", type=float, default=None,
-                       help=f"guidance scale w, 1 = none (default: as --solver, else {DEFAULT_GUIDANCE})")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--n", type=int, default=200 if name == "straightness" else 1000,
+                       help="noise samples" if name == "straightness" else "generated (and real) images")
         s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="sample with the EMA or raw weights")
-        s.add_argument("--batch-size", type=int, default=500)
-        s.add_argument("--device", default="auto", help=DEVICE_HELP)
         s.add_argument("--json", default=None, help="also write the result here")
+        add_flags(s, SampleConfig(), NOT_SAMPLED.get(name, ()))
     sub.choices["mnist"].add_argument("--data-root", default="data", help="folder holding MNIST/raw (real test digits)")
-    like = sub.add_parser("likelihood", help="bits/dim of held-out real images (change of variables)")
-    like.add_argument("--checkpoint", required=True)
-    like.add_argument("--data-root", default=None, help="folder holding MNIST/raw: class-balanced random test digits")
-    like.add_argument("--real-dir", default=None, help="or a folder of images (image-folder checkpoints)")
-    like.add_argument("--n", type=int, default=1000, help="images (a multiple of 10 for MNIST)")
-    like.add_argument("--divergence", choices=DIVERGENCES, default="hutchinson",
-                      help="exact (a backward pass per dimension: slow beyond small subsets) or Hutchinson's estimate")
-    like.add_argument("--probes", type=int, default=1, help="Rademacher probes per image (hutchinson)")
-    like.add_argument("--solver", default="dopri5", choices=[s for s in SOLVERS if s != "meanflow"])
-    like.add_argument("--steps", type=int, default=32, help="fixed-step solvers only")
-    like.add_argument("--tolerance", type=float, default=1e-5, help="dopri5 rtol = atol")
-    like.add_argument("--marginal", action="store_true",
-                      help="log p(x) under the unconditional velocity (null label) instead of log p(x | y)")
-    for name, value in (("--seed", 0), ("--batch-size", 100)):
-        like.add_argument(name, type=int, default=value)
-    like.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    like.add_argument("--device", default="auto", help=DEVICE_HELP)
-    like.add_argument("--json", default=None, help="also write the result here")
     sub.choices["mnist"].add_argument("--classifier", default=CLASSIFIER_PATH)
     f = sub.choices["fid"]
     f.add_argument("--real-dir", required=True, help="folder of real images")
     f.add_argument("--n-real", type=int, default=None, help="real images, spread over the folder (default: --n)")
     f.add_argument("--stats-cache", default=None, help=f"folder of cached real statistics (default {STATS_DIR})")
-    f.add_argument("--inception-weights", default=None,
-                   help="torch-fidelity's Inception weights file: score through torchmetrics (FID and KID) instead")
-    args = p.parse_args(argv)
+    like = sub.choices["likelihood"]
+    like.add_argument("--data-root", default=None, help="folder holding MNIST/raw: class-balanced random test digits")
+    like.add_argument("--real-dir", default=None, help="or a folder of images (image-folder checkpoints)")
+    add_flags(like, LikelihoodConfig())
+    return p
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     if args.command == "train-classifier":
-        start = time.perf_counter()
-        args.out = args.out or CLASSIFIERS[args.arch][3]
-        accuracy = train_classifier(args.data_root, args.epochs, out=args.out, arch=args.arch)
-        result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": args.out}
-        print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {args.out}")
+        start, out = time.perf_counter(), args.out or CLASSIFIERS[args.arch][3]
+        accuracy = train_classifier(args.data_root, args.epochs, out=out, arch=args.arch)
+        result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": out}
+        print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {out}")
         return result
-    if args.command == "fid" and args.inception_weights and args.stats_cache:
-        raise ValueError("--stats-cache belongs to the built-in Inception; torchmetrics (--inception-weights) "
-                         "caches nothing: drop one of the two")
+    sample, use_ema = config_from(args, SampleConfig(), NOT_SAMPLED.get(args.command, ())), args.weights == "ema"
+    sample.check()
     if args.command == "likelihood":
-        result = likelihood(args)
-        print(f"N={result['n']} {result['source']}: {result['bpd']:.4f} ± {result['bpd_se']:.4f} bits/dim "
-              f"({'log p(x)' if args.marginal else 'log p(x | y)'}, {args.divergence} divergence"
-              f"{f', {args.probes} probe(s)' if args.divergence == 'hutchinson' else ''}, {args.solver}"
-              f"{f' tol {args.tolerance:g}' if args.solver == 'dopri5' else f' {args.steps} steps'}, NFE "
-              f"{result['nfe']} per image, {result['seconds']:.0f} s)")
+        result = checkpoint_likelihood(args.checkpoint, config_from(args, LikelihoodConfig()), sample, args.n,
+                                       args.data_root, args.real_dir, use_ema)
     else:
-        result = sampled_metrics(args)
+        extra = {k: getattr(args, k) for k in ("data_root", "classifier", "real_dir", "n_real", "stats_cache")
+                 if hasattr(args, k)}
+        result = sampled_metrics(args.command, args.checkpoint, sample, args.n, use_ema, **extra)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

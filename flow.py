@@ -13,6 +13,7 @@ d/dt u = v·∂_x u + ∂_t u along the path (t_end held fixed).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,50 @@ from solvers import solve
 
 T_SCHEDULES = ("uniform", "logit-normal")
 OBJECTIVES = ("flow-matching", "meanflow")
-MF_TANGENTS = ("conditional", "predicted")  # meanflow: the direction of the total derivative (mean_flow_loss)
-MF_DERIVATIVES = ("difference", "jvp")  # meanflow: how the total derivative is taken
+FOLDED_GUIDANCE = 1.5  # meanflow's default folded guidance where the model learns the null label (docs/meanflow.md)
 ADAPTIVE_WEIGHT_EPS = 1e-3  # c in the adaptive loss weight 1 / (||Δ||² + c)^p (the paper's value)
 # α-Flow's sigmoid curriculum (Zhang et al. 2025, arXiv 2510.20771; their released configs): steepness 25, and α
 # snaps to 0 (MeanFlow) below 0.005 and to 1 (flow matching) above 0.995
 ALPHA_STEEPNESS, ALPHA_SNAP = 25.0, 0.005
+
+
+def noise_seed(seed: int, i: int) -> int:
+    """Generator seed of sample i under `seed`.
+
+    torch's CPU generator keeps 32 bits of a seed. Multiplying by 2^32 / golden ratio spreads nearby seeds far
+    apart there: seeds within 1,000 of each other share none of their first 1.9 million samples (with seed + i,
+    seed 1 would redraw seed 0's samples shifted by one).
+    """
+    return (seed * 0x9E3779B1 + i) % 2**32
+
+
+def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device | str, start: int = 0) -> torch.Tensor:
+    """Noise (n, *shape) for samples start .. start + n - 1; sample i depends only on (seed, i), not on the batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i)))
+                        for i in range(start, start + n)]).to(device)
+
+
+@torch.no_grad()
+def validation_sums(model: nn.Module, data, start: int, stop: int, batch_size: int, t_points: int, conditional: bool,
+                    device: torch.device, noise_start: int) -> torch.Tensor:
+    """(summed squared error, element count) in fp64 of the flow-matching loss on items start..stop-1 of data, items
+    (x1, y) or reflow pairs (x1, y, x0), at a fixed grid of t_points times; item i's noise is sample noise_start + i
+    of seed 0 (pairs bring their own), so the sums depend neither on the batch size nor on how items are split."""
+    from torch.utils.data import default_collate
+
+    ts = (torch.arange(t_points) + 0.5) / t_points
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for first in range(start, stop, batch_size):
+        idx = range(first, min(first + batch_size, stop))
+        x, y, *pair = default_collate([data[i] for i in idx])
+        x, y = x.to(device), y.to(device) if conditional else None
+        noise = None if pair else make_noise(len(idx), (t_points, *x.shape[1:]), 0, device, start=noise_start + first)
+        for k, t in enumerate(ts):
+            x0 = pair[0].to(device) if pair else noise[:, k]
+            tb = t.expand(len(x)).to(device)
+            sums[0] += F.mse_loss(model(interpolate(x0, x, tb), tb, y), x - x0, reduction="sum").double()
+            sums[1] += x.numel()
+    return sums
 
 
 def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cpu", grid: int = 0) -> torch.Tensor:
@@ -54,16 +93,9 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
     return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_class), y)
 
 
-def flow_matching_loss(
-    model: nn.Module,
-    x1: torch.Tensor,
-    y: torch.Tensor | None = None,
-    num_classes: int | None = None,
-    label_dropout: float = 0.1,
-    t_schedule: str = "uniform",
-    x0: torch.Tensor | None = None,
-    t_grid: int = 0,
-) -> torch.Tensor:
+def flow_matching_loss(model: nn.Module, x1: torch.Tensor, y: torch.Tensor | None = None,
+                       num_classes: int | None = None, label_dropout: float = 0.1, t_schedule: str = "uniform",
+                       x0: torch.Tensor | None = None, t_grid: int = 0) -> torch.Tensor:
     """MSE between model(x_t, t, y) and x1 - x0 for data x1: (B, C, H, W) in [-1, 1].
 
     x0 is fresh noise, or the noise a reflow pair was drawn from (then x1 is that pair's image).
@@ -76,17 +108,45 @@ def flow_matching_loss(
     return F.mse_loss(v.float(), (x1 - x0).float())
 
 
-def mean_flow_times(n: int, share: float, mu: float, sigma: float, device: torch.device | str = "cpu",
-                    end_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow (--objective meanflow): how intervals are drawn and trained."""
+
+    mf_share: float = 0.25  # share of each batch with t_end > t; the rest trains u(x, t, t) = v as flow matching
+    mf_mu: float = -0.4  # logit-normal mean of the two times (the paper's lognorm(-0.4, 1) is +0.4 in this direction)
+    mf_sigma: float = 1.0  # logit-normal standard deviation of the two times
+    mf_weight_power: float = 1.0  # adaptive loss weight 1 / (||error||^2 + 1e-3)^p per image; 0 = plain MSE
+    mf_guidance: float | None = None  # guidance w folded in (default: 1.5 with classes and label dropout, else 1)
+    mf_curriculum: float = 1.0  # share of training over which α-Flow's curriculum anneals flow matching into MeanFlow
+
+    def check(self, can_guide: bool) -> None:
+        """Raise ValueError for a setting that cannot train (can_guide: the model learns the null label)."""
+        for name in ("mf_share", "mf_curriculum"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(self, name)}")
+        if not (self.mf_sigma > 0 and self.mf_weight_power >= 0 and (self.mf_guidance or 0) >= 0):
+            raise ValueError(f"--mf-sigma must be > 0, --mf-weight-power and --mf-guidance >= 0 (got {self.mf_sigma}, "
+                             f"{self.mf_weight_power}, {self.mf_guidance})")
+        self.guidance(can_guide)
+
+    def guidance(self, can_guide: bool) -> float:
+        """The folded guidance scale: as given, else 1.5 where the model learned the null label (the docs' runs)."""
+        if self.mf_guidance is None:
+            return FOLDED_GUIDANCE if can_guide else 1.0
+        if self.mf_guidance != 1 and not can_guide:
+            raise ValueError(f"--mf-guidance {self.mf_guidance} folds classifier-free guidance into training: it "
+                             "needs classes and --label-dropout > 0 (the unconditional velocity it guides against)")
+        return self.mf_guidance
+
+
+def mean_flow_times(n: int, share: float, mu: float, sigma: float, device: torch.device | str = "cpu"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, t_end), each (n,): two logit-normal(mu, sigma) times sorted, t <= t_end, for the first k = round(share·n)
-    items; t_end = t for the rest (there the loss is plain flow matching). The first round(end_share·k) of those
-    end at the data instead, t_end = 1: the intervals that the one-jump sampler's (0, 1) belongs to, which two
-    sorted draws almost never give. Fixed counts keep shapes fixed."""
+    items; t_end = t for the rest (there the loss is plain flow matching). Fixed counts keep shapes fixed."""
     times = torch.sigmoid(mu + sigma * torch.randn(2, n, device=device))
     t, t_end = times.min(0).values, times.max(0).values
     k = round(share * n)
-    j = round(end_share * k)
-    return t, torch.cat([torch.ones_like(t[:j]), t_end[j:k], t[k:]])
+    return t, torch.cat([t_end[:k], t[k:]])
 
 
 def curriculum_alpha(progress: float, span: float) -> float:
@@ -101,7 +161,8 @@ def curriculum_alpha(progress: float, span: float) -> float:
 def total_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, y: torch.Tensor | None,
                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, du/dt) at x (B, C, H, W), t, t_end (B,): u = model(x, t, y, t_end) and its derivative along dx/dt = v with
-    t_end fixed, d/dt u = v·∂_x u + ∂_t u, by one forward-mode JVP with tangent (v, 1) in (x, t)."""
+    t_end fixed, d/dt u = v·∂_x u + ∂_t u, by one forward-mode JVP with tangent (v, 1) in (x, t): the paper's
+    derivative, and the oracle that tests check difference_derivative against."""
     with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels (CPU flash, CUDA) have no forward-mode AD
         return torch.func.jvp(lambda x, t: model(x, t, y, t_end), (x, t), (v, torch.ones_like(t)))
 
@@ -110,84 +171,52 @@ def difference_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_
                           y: torch.Tensor | None, v: torch.Tensor, h: float = 1e-4) -> torch.Tensor:
     """du/dt as total_derivative's, (B, C, H, W), by a central difference along (v, 1) in one fp32 pass of 2B items.
 
-    Its error is O(h²) plus fp32 rounding / h: on the trained MNIST U-Net 10% at h = 1e-3 and 0.1% at h = 1e-4,
-    where rounding takes over. It costs two forward passes, against the JVP's ~6 on a CPU."""
+    Its error is O(h²) plus fp32 rounding / h, smallest near h = 1e-4 on a trained U-Net; it costs two forward passes
+    where the JVP costs several (docs/meanflow.md)."""
     y2 = torch.cat([y, y]) if y is not None else None
-    up, down = model(torch.cat([x + h * v, x - h * v]), torch.cat([t + h, t - h]), y2, torch.cat([t_end, t_end])).chunk(2)
+    x2, t2, end2 = torch.cat([x + h * v, x - h * v]), torch.cat([t + h, t - h]), torch.cat([t_end, t_end])
+    up, down = model(x2, t2, y2, end2).chunk(2)
     return (up - down) / (2 * h)
 
 
 @torch.no_grad()
 def interval_target(plain: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, y: torch.Tensor | None,
-                    v: torch.Tensor, tangent: str = "conditional", derivative: str = "difference", alpha: float = 0.0
-                    ) -> torch.Tensor:
-    """Target (B, C, H, W) of u(x, t, t_end), in v's dtype, for x on the path at t < t_end (B,) with velocity v (B, C, H, W).
+                    v: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+    """Target (B, C, H, W) of u(x, t, t_end), in v's dtype, for x on the path at t < t_end (B,) with velocity v.
 
-    alpha 0: MeanFlow's v + (t_end - t)·du/dt (mean_flow_loss says how du/dt is taken). alpha in (0, 1]: α-Flow's
-    α·v + (1 - α)·u(x_s, s, t_end) at s = t + α·(t_end - t), x_s = x + α·(t_end - t)·v (Zhang et al. 2025,
-    arXiv 2510.20771): a step of α of the interval along v, then the model's own average velocity over the rest,
-    one forward under the caller's autocast. For small α it is u + α·(MeanFlow's target - u) + O(α²)."""
+    alpha 0: MeanFlow's v + (t_end - t)·du/dt (Geng et al. 2025, Eq. 10), du/dt by central difference in fp32.
+    alpha in (0, 1]: α-Flow's α·v + (1 - α)·u(x_s, s, t_end) at s = t + α·(t_end - t), x_s = x + α·(t_end - t)·v
+    (Zhang et al. 2025, arXiv 2510.20771): a step of α of the interval along v, then the model's own average velocity
+    over the rest, one forward under the caller's autocast. For small α it is u + α·(MeanFlow's target - u) + O(α²)."""
     if alpha > 0:
         step = alpha * (t_end - t)
         rest = plain(x + step.view(-1, 1, 1, 1) * v, t + step, y, t_end).float() if alpha < 1 else 0
         return alpha * v + (1 - alpha) * rest
-    direction = v if tangent == "conditional" else plain(x, t, y, t).float()
-    with torch.autocast(x.device.type, enabled=False):  # forward-mode AD refuses autocast's mixed dtypes
-        args = (plain, x.float(), t, t_end, y, direction)
-        du_dt = total_derivative(*args)[1] if derivative == "jvp" else difference_derivative(*args)
+    with torch.autocast(x.device.type, enabled=False):  # the difference needs fp32 (rounding / h)
+        du_dt = difference_derivative(plain, x.float(), t, t_end, y, v)
     return v + (t_end - t).view(-1, 1, 1, 1) * du_dt.float()
 
 
-def mean_flow_loss(
-    net: nn.Module,
-    x1: torch.Tensor,
-    y: torch.Tensor | None = None,
-    num_classes: int | None = None,
-    label_dropout: float = 0.1,
-    x0: torch.Tensor | None = None,
-    plain: nn.Module | None = None,
-    share: float = 0.25,
-    mu: float = -0.4,
-    sigma: float = 1.0,
-    weight_power: float = 1.0,
-    guidance: float = 1.0,
-    tangent: str = "conditional",
-    derivative: str = "difference",
-    end_share: float = 0.0,
-    alpha: float = 0.0,
-) -> torch.Tensor:
-    """MeanFlow loss (Geng et al. 2025, Eq. 9 and 10) for data x1: (B, C, H, W) in [-1, 1]:
-    ||u(x_t, t, t_end) - sg(v + (t_end - t)·du/dt)||², weighted by sg(1 / (||Δ||² + c)^p) per image (p = 0: MSE).
+def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg: MeanFlowConfig, *,
+                   num_classes: int | None, label_dropout: float, guidance: float = 1.0, x0: torch.Tensor | None = None,
+                   plain: nn.Module | None = None, alpha: float = 0.0) -> torch.Tensor:
+    """MeanFlow loss (Geng et al. 2025, Eq. 9-10) for data x1 (B, C, H, W) in [-1, 1]: ||u(x_t, t, t_end) -
+    sg(target)||² per image, weighted by sg(1 / (||error||² + c)^p) (p = cfg.mf_weight_power; 0 is the MSE).
 
-    The total derivative du/dt runs without autograd on plain (the unwrapped module: torch.func cannot go through
-    DDP or compile wrappers, and the target is stop-gradient anyway), in fp32, for the items with t_end > t only:
-    derivative "jvp" is one forward-mode JVP with tangent (v, 1) in (x, t), "difference" a central difference
-    (difference_derivative). tangent "conditional" moves x along the straight path's v = x1 - x0 (the paper);
-    "predicted" along the model's own velocity u(x_t, t, t), as improved MeanFlow does (Geng et al. 2025b,
-    arXiv 2512.02012, Sec. 4.1): the same field in expectation, without the pair's noise. net (the wrapped model,
-    under the caller's autocast) gives the prediction that gradients flow through. guidance w != 1 folds
-    classifier-free guidance into the target (the paper's Eq. 13-14): v becomes w·v + (1 - w)·u(x_t, t, t | no
-    label) for the items that kept their label, so one network evaluation samples guided. mu, sigma: logit-normal
-    times in this repo's direction (the paper's lognorm(-0.4, 1.0) is mu = 0.4 here; -0.4, nearer the noise, measured
-    better on MNIST). end_share: the share of the t_end > t items that end at the data, t_end = 1 (mean_flow_times).
-
-    alpha in (0, 1] swaps the derivative for α-Flow's finite step (interval_target), and those items' weight is
-    multiplied by α, as α-Flow's released code does: the error shrinks like α, so under the adaptive weight (p = 1)
-    the gradient stays at MeanFlow's scale. α = 1 trains every interval on v (trajectory flow matching); α -> 0 is
-    MeanFlow; curriculum_alpha anneals from one to the other.
+    The first round(share·B) items get an interval t < t_end (interval_target), the rest t_end = t, where the target is
+    v = x1 - x0. guidance w != 1 folds classifier-free guidance into the target (the paper's Eq. 13-14): v becomes
+    w·v + (1 - w)·u(x_t, t, t | no label) for the items that kept their label, so one evaluation samples guided. The
+    target runs without autograd on plain (the unwrapped module; net, under the caller's autocast, is what gradients
+    flow through). alpha > 0 scales the interval items' weight by α, as α-Flow's released code does, so that under
+    the adaptive weight the gradient keeps MeanFlow's scale while the error shrinks like α.
     """
-    if tangent not in MF_TANGENTS or derivative not in MF_DERIVATIVES:
-        raise ValueError(f"unknown meanflow tangent {tangent!r} or derivative {derivative!r}: choose a tangent from "
-                         f"{', '.join(MF_TANGENTS)} and a derivative from {', '.join(MF_DERIVATIVES)}")
     plain = net if plain is None else plain
     x0 = torch.randn_like(x1) if x0 is None else x0
-    t, t_end = mean_flow_times(x1.shape[0], share, mu, sigma, x1.device, end_share)
+    t, t_end = mean_flow_times(x1.shape[0], cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, x1.device)
     if y is not None and label_dropout > 0:
         y = drop_labels(y, label_dropout, null_class=num_classes)
-    xt = interpolate(x0, x1, t)
-    v = (x1 - x0).float()
-    k = round(share * x1.shape[0])  # the items with t_end > t come first (mean_flow_times)
-    yk = y[:k] if y is not None else None
+    xt, v = interpolate(x0, x1, t), (x1 - x0).float()
+    k = round(cfg.mf_share * x1.shape[0])  # the items with t_end > t come first (mean_flow_times)
     with torch.no_grad():  # the target: velocities under the caller's autocast, the derivative in fp32
         if guidance != 1.0 and y is not None:
             kept = (y != num_classes).view(-1, 1, 1, 1)
@@ -195,9 +224,10 @@ def mean_flow_loss(
             v = torch.where(kept, guidance * v + (1 - guidance) * v_uncond, v)
         target = v.clone()
         if k:
-            target[:k] = interval_target(plain, xt[:k], t[:k], t_end[:k], yk, v[:k], tangent, derivative, alpha)
+            yk = y[:k] if y is not None else None
+            target[:k] = interval_target(plain, xt[:k], t[:k], t_end[:k], yk, v[:k], alpha)
     error = (net(xt, t, y, t_end).float() - target).square().flatten(1).mean(1)  # per image
-    weight = 1 / (error.detach() + ADAPTIVE_WEIGHT_EPS) ** weight_power
+    weight = 1 / (error.detach() + ADAPTIVE_WEIGHT_EPS) ** cfg.mf_weight_power
     if alpha > 0:
         weight[:k] *= alpha
     return (weight * error).mean()
@@ -206,6 +236,12 @@ def mean_flow_loss(
 def is_guided(y: torch.Tensor | None, guidance: float) -> bool:
     """Whether sampling runs the unconditional pass too: labels given and w != 1."""
     return y is not None and guidance != 1.0
+
+
+def nfe_per_image(calls: int, y: torch.Tensor | None, guidance: float) -> int:
+    """The NFE rule: network evaluations per image of `calls` velocity calls; a guided call runs the conditional and
+    the unconditional pass (batched as one) and counts 2."""
+    return calls * (2 if is_guided(y, guidance) else 1)
 
 
 def guided_velocity(model: nn.Module, y: torch.Tensor | None, guidance: float = 1.0):
@@ -230,53 +266,19 @@ def guided_velocity(model: nn.Module, y: torch.Tensor | None, guidance: float = 
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module,
-    noise: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    solver: str = "midpoint",
-    steps: int = 10,
-    guidance: float = 1.0,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-) -> tuple[torch.Tensor, int]:
-    """Integrate noise (B, C, H, W) at t=0 to images at t=1 in [-1, 1]; returns (images, NFE).
-
-    NFE counts network evaluations per image: a guided velocity is two (cond + uncond), though batched as one call.
-    """
-    if solver == "meanflow" and not getattr(model.config, "average_velocity", False):
-        raise ValueError("solver meanflow jumps along average velocities: this model predicts the velocity only "
-                         "(train with --objective meanflow, or sample with euler, midpoint, heun, rk4 or dopri5)")
-    x, nfe = integrate(model, noise, labels, solver, steps, guidance, rtol, atol)
-    return x.clamp(-1, 1), nfe
-
-
-@torch.no_grad()
-def invert(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    solver: str = "midpoint",
-    steps: int = 10,
-    guidance: float = 1.0,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-) -> tuple[torch.Tensor, int]:
-    """Integrate images (B, C, H, W) in [-1, 1] at t=1 back to their noise at t=0; returns (noise, NFE).
-
-    The ODE that generate solves, run backwards: generate(invert(x)) returns x up to both solvers' errors.
-    """
-    if solver == "meanflow":
+def integrate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None, solver: str = "midpoint",
+              steps: int = 10, guidance: float = 1.0, rtol: float = 1e-3, atol: float = 1e-3,
+              backwards: bool = False) -> tuple[torch.Tensor, int]:
+    """The guided ODE: noise x (B, C, H, W) at t = 0 to images in [-1, 1] at t = 1, or with backwards images at t = 1
+    to their noise at t = 0 (the same ODE run backwards, so one direction undoes the other up to both solvers'
+    errors); returns (the result, NFE per image)."""
+    if solver == "meanflow" and backwards:
         raise ValueError("solver meanflow jumps forwards only (average velocities were trained for t_end >= t): "
                          "invert with euler, midpoint, heun, rk4 or dopri5 (a meanflow model's u(x, t, t) is its "
                          "velocity)")
-    return integrate(model, images, labels, solver, steps, guidance, rtol, atol, span=(1.0, 0.0))
-
-
-def integrate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, solver: str, steps: int,
-              guidance: float, rtol: float, atol: float, span: tuple[float, float] = (0.0, 1.0)
-              ) -> tuple[torch.Tensor, int]:
-    """The guided ODE from span[0] to span[1] for x (B, C, H, W); returns (x at span[1], NFE per image): a guided
-    velocity counts two (cond + uncond), though batched as one call."""
+    if solver == "meanflow" and not getattr(model.config, "average_velocity", False):
+        raise ValueError("solver meanflow jumps along average velocities: this model predicts the velocity only "
+                         "(train with --objective meanflow, or sample with euler, midpoint, heun, rk4 or dopri5)")
+    span = (1.0, 0.0) if backwards else (0.0, 1.0)
     x, calls = solve(guided_velocity(model, labels, guidance), x, solver, steps, rtol, atol, span)
-    return x, calls * (2 if is_guided(labels, guidance) else 1)
+    return x if backwards else x.clamp(-1, 1), nfe_per_image(calls, labels, guidance)

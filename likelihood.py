@@ -15,17 +15,30 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flow import guided_velocity, is_guided
+from flow import guided_velocity, nfe_per_image
 from sampling import check_labels, check_request
 from solvers import Velocity, solve
 
 DIVERGENCES = ("exact", "hutchinson")
 BINS = 256  # 8-bit pixels
 EXACT_CHUNK = 64  # dimensions per batched backward pass of the exact divergence (memory grows with it)
+
+
+@dataclass
+class LikelihoodConfig:
+    """How the log-likelihood is integrated."""
+
+    solver: str = "dopri5"  # ODE solver of the augmented flow: an accurate one, since bits/dim depend on it
+    steps: int = 32  # fixed-step solvers only
+    tolerance: float = 1e-5  # dopri5 rtol = atol
+    divergence: str = "hutchinson"  # exact (a backward pass per dimension: small images only) | hutchinson
+    probes: int = 1  # Rademacher probes per image (hutchinson)
+    marginal: bool = False  # log p(x) under the unconditional velocity (null label) instead of log p(x | y)
 
 
 def divergence(f, x: torch.Tensor, probes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +130,7 @@ def image_bits_per_dim(model: nn.Module, pixels: torch.Tensor, labels: torch.Ten
         eps = rademacher(probes, tuple(x.shape), seed + i, device) if divergence == "hutchinson" else None
         log_p, _, nfe = log_likelihood(guided_velocity(model, y, guidance), x, solver, steps, rtol, atol, eps)
         bpd.append(bits_per_dim(log_p, x[0].numel()).cpu())
-        nfes.append(nfe * (2 if is_guided(y, guidance) else 1))
+        nfes.append(nfe_per_image(nfe, y, guidance))
     bpd = torch.cat(bpd)
     return {"bpd": bpd.mean().item(), "bpd_se": (bpd.std() / len(bpd) ** 0.5).item() if len(bpd) > 1 else float("nan"),
             "per_image": bpd.tolist(), "nfe": round(sum(nfes) / len(nfes)), "seconds": time.perf_counter() - start,

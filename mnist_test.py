@@ -14,10 +14,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 import torch
 
-from checkpoint import CheckpointError
-from pretrained import MNIST_TRAINED, mnist_checkpoint
-from sampling import DEVICE_HELP, load_for_sampling, sample_model, save_grid
-from solvers import SOLVERS
+from checkpoint import MNIST_TRAINED, CheckpointError, mnist_checkpoint
+from cli import add_flags, config_from
+from sampling import SampleConfig, load_for_sampling, sample_model, save_grid
 
 
 def parse_digits(text: str) -> list[int]:
@@ -37,29 +36,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", default=None,
                    help=f"a checkpoint of mnist_train.py, or an exported folder (default: {MNIST_TRAINED}, or "
                         "pretrained/mnist-1rf until there is one)")
-    p.add_argument("--solver", default=None, choices=SOLVERS,
-                   help="ODE solver (default: the checkpoint's recommended sampler, else midpoint)")
-    p.add_argument("--steps", type=int, default=None, help="solver steps, ignored by dopri5 (default: as --solver)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale w, 1 = none (default: the checkpoint's recorded sampler; "
-                        "1.5 draws the digit asked for ~99.6%% of the time, at some cost in diversity)")
     p.add_argument("--digits", type=parse_digits, default=list(range(10)), help="digits to draw, e.g. 0,3,7")
     p.add_argument("--per-digit", type=int, default=8, help="samples per digit (one grid row each)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="samples/mnist_test.png", help="grid PNG to write")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
+    add_flags(p, SampleConfig())
     args = p.parse_args(argv)
-    if (args.steps is not None and args.steps < 1) or args.per_digit < 1:
-        p.error("--steps and --per-digit must be >= 1")
+    sample = config_from(args, SampleConfig())
+    sample.check()
+    if args.per_digit < 1:
+        p.error("--per-digit must be >= 1")
     labels = torch.tensor(args.digits).repeat_interleave(args.per_digit)
     checkpoint, note = mnist_checkpoint(args.checkpoint)
     if note:
         print(note)
-    loaded = load_for_sampling(checkpoint, args.solver, args.steps, args.guidance, args.device,
+    loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, sample.device,
                                use_ema=not args.raw_weights)
-    samples = sample_model(loaded.model, len(labels), labels, loaded.solver, loaded.steps, loaded.guidance, args.seed,
-                           batch_size=256)
+    samples = sample_model(loaded.model, len(labels), labels, loaded.solver, loaded.steps, loaded.guidance, sample.seed,
+                           sample.batch_size)
     save_grid(samples.images, args.out, samples.labels, loaded.ckpt.get("class_names"))
     print(f"wrote {args.out}: {len(labels)} digits, solver {samples.solver}, steps {samples.steps}, "
           f"NFE {samples.nfe} per image, guidance {samples.guidance}, {samples.seconds:.2f} s")

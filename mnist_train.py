@@ -18,7 +18,9 @@ from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, load_mnist
 from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MEANFLOW_SAMPLER, can_guide, sample_model
-from trainer import TrainConfig, check_train_config, run_kind, train
+from config import TrainConfig, check_train_config, run_kind
+from flow import MeanFlowConfig
+from trainer import train
 from unet import UNetConfig, check_config
 
 
@@ -29,7 +31,7 @@ class MNISTData:
     data_root: str = "data"  # folder holding MNIST/raw (e.g. ../shared/data)
     download: bool = True  # download MNIST when it is not under DATA_ROOT (needs internet)
     subset: int = 0  # train on the first N images only; 0 = all 60,000
-    val_size: int = 2000  # last N training digits, held out from training for the validation loss (evaluate.py reads the test split)
+    val_size: int = 2000  # last N training digits, held out for the validation loss (evaluate.py reads the test split)
 
 
 DEFAULTS = [
@@ -37,48 +39,39 @@ DEFAULTS = [
                 checkpoint="checkpoints/flow_matching_mnist.pth"),  # the seed's published file name
     UNetConfig(image_size=28, in_channels=1, num_classes=10),
     MNISTData(),
+    MeanFlowConfig(),
 ]
 
 PRESETS = {
-    # ~0.68M parameters, narrow at 28x28 and wide at 7x7, 2 epochs with the LR decaying to 0: of the sizes, batches
-    # and schedules tried, the one that reaches 95% class accuracy within ~15 minutes on 2 AVX2 cores (README).
-    # Logit-normal t: +0.7% accuracy and ~20% lower Fréchet distance than uniform t, over two seeds each.
-    # No conv after upsampling: 20% fewer FLOPs, ~10% faster on AVX2, for 0.2% less accuracy at the recorded w = 1.1.
+    # narrow at 28x28 and wide at 7x7, 2 epochs with the LR decaying to 0, logit-normal t, no conv after upsampling:
+    # the best of the sizes, batches and schedules tried on 2 CPU cores (how each was chosen: docs/results-mnist.md)
     "cpu": dict(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0,
                 upsample_conv=False, epochs=2, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine",
                 t_schedule="logit-normal", val_t_points=4, amp="auto"),
-    # ~7.3M parameters, bf16 autocast where the GPU has it: a few minutes per epoch on one modern GPU.
+    # ~7.3M parameters, bf16 autocast where the GPU has it
     "gpu": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(14, 7), dropout=0.1,
                 epochs=20, batch_size=128, lr=2e-4, warmup_steps=500, amp="auto", num_workers=2),
 }
 
 
 def mnist_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> dict:
-    """The sampler MNIST checkpoints record: midpoint, 4 steps, w = 1.1 where guidance exists (else 1).
-
-    Mild guidance measured better than none on both metrics, on five CPU-preset checkpoints at N = 4,000
-    (README, Guidance): class accuracy 97.2-97.6% vs 95.4-96.2%, Fréchet distance 15.6-20.7 vs 18.3-24.6.
-    """
+    """The sampler MNIST checkpoints record: midpoint, 4 steps, w = 1.1 where guidance exists (else 1); mild guidance
+    measured better than none on both metrics (docs/sampling.md)."""
     if cfg.objective == "meanflow":
         return dict(MEANFLOW_SAMPLER)
     guided = can_guide(model_cfg.num_classes, cfg.label_dropout)
     return {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "guidance": 1.1 if guided else 1.0}
 
 
-def generate_sample(
-    model: torch.nn.Module,
-    img_size: tuple[int, int, int] = (1, 28, 28),
-    steps: int = DEFAULT_STEPS,
-    labels: list[int] | torch.Tensor | None = None,
-    num_samples: int = 1,
-    solver: str = DEFAULT_SOLVER,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int | None = None,
-) -> torch.Tensor:
+def generate_sample(model: torch.nn.Module, img_size: tuple[int, int, int] = (1, 28, 28), steps: int = DEFAULT_STEPS,
+                    labels: list[int] | torch.Tensor | None = None, num_samples: int = 1,
+                    solver: str = DEFAULT_SOLVER, guidance: float = DEFAULT_GUIDANCE,
+                    seed: int | None = None) -> torch.Tensor:
     """Images (B, *img_size) in [0, 1] from a ConditionalUNet; B = len(labels) or num_samples (the seed's helper)."""
     cfg = model.config
     if tuple(img_size) != (cfg.in_channels, cfg.image_size, cfg.image_size):
-        raise ValueError(f"img_size {tuple(img_size)} does not match the model's {(cfg.in_channels, cfg.image_size, cfg.image_size)}")
+        want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        raise ValueError(f"img_size {tuple(img_size)} does not match the model's {want}")
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     n = len(labels) if labels is not None else num_samples
@@ -93,7 +86,7 @@ def default_preset() -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, load MNIST, run the shared training loop."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
+    (cfg, model_cfg, data_cfg, meanflow), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     print(f"preset: {preset}")
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
@@ -109,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_set = torch.utils.data.Subset(digits, range(min(data_cfg.subset, cut) if data_cfg.subset else cut))
     val_set = torch.utils.data.Subset(digits, range(cut, len(digits)))
     summary = train(cfg, model_cfg, train_set, val_set, class_names=[str(d) for d in range(10)],
-                    extra={"kind": run_kind(cfg), "dataset": "mnist", "preset": preset, "sampler": mnist_sampler(model_cfg, cfg)})
+                    extra={"kind": run_kind(cfg), "dataset": "mnist", "preset": preset,
+                           "sampler": mnist_sampler(model_cfg, cfg)}, meanflow=meanflow)
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary

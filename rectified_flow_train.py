@@ -23,8 +23,11 @@ import torch
 from checkpoint import CheckpointError
 from cli import parse_configs
 from data import DataError, image_folder_splits, load_celeba
-from sampling import MEANFLOW_SAMPLER, can_guide, sample_from_checkpoint  # sample_from_checkpoint: re-exported, the seed's import path
-from trainer import TrainConfig, check_train_config, run_kind, train
+# sample_from_checkpoint: re-exported, the seed's import path
+from sampling import MEANFLOW_SAMPLER, can_guide, sample_from_checkpoint
+from config import TrainConfig, check_train_config, run_kind
+from flow import MeanFlowConfig
+from trainer import train
 from unet import UNetConfig, check_config
 
 __all__ = ["sample_from_checkpoint", "main"]
@@ -47,22 +50,24 @@ DEFAULTS = [
     UNetConfig(image_size=128, in_channels=3, base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                attention_resolutions=(16,), dropout=0.1, num_classes=None),
     FolderData(),
+    MeanFlowConfig(),
 ]
 
 PRESETS = {
     "celeba128": {},  # the seed's setting: 128 px
     "celeba64": dict(image_size=64, attention_resolutions=(16, 8), batch_size=128, lr=1e-4),
-    # try-it-out size for CPUs / CIFAR-like folders: 10,000 photos x 20 epochs = 44 min on 2 AVX-512 cores (README)
-    "small32": dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
-                    dropout=0.0, epochs=20, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200,
-                    num_workers=2, amp="auto"),
+    # try-it-out size for CPUs and CIFAR-like folders (docs/results-cifar.md)
+    "small32": dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                    attention_resolutions=(8,), dropout=0.0, epochs=20, batch_size=64, lr=1e-3, lr_schedule="cosine",
+                    warmup_steps=200, num_workers=2, amp="auto"),
 }
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, build the data sets, run the shared training loop."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    (cfg, model_cfg, data_cfg), preset = parse_configs(DEFAULTS, PRESETS, None, argv, __doc__)  # no preset: the seed's 128 px
+    # no preset: the seed's 128 px
+    (cfg, model_cfg, data_cfg, meanflow), preset = parse_configs(DEFAULTS, PRESETS, None, argv, __doc__)
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
     check_data_flags(data_cfg, model_cfg)
@@ -76,19 +81,16 @@ def main(argv: list[str] | None = None) -> dict:
     if val_set is not None and len(val_set) > data_cfg.val_size:
         val_set = torch.utils.data.Subset(val_set, range(data_cfg.val_size))
     summary = train(cfg, model_cfg, train_set, val_set, class_names,
-                    extra={"kind": run_kind(cfg), "dataset": data_cfg.dataset, "data_root": data_cfg.data_root, "preset": preset,
-                           "sampler": folder_sampler(model_cfg, cfg)})
+                    extra={"kind": run_kind(cfg), "dataset": data_cfg.dataset, "data_root": data_cfg.data_root,
+                           "preset": preset, "sampler": folder_sampler(model_cfg, cfg)}, meanflow=meanflow)
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary
 
 
 def folder_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> dict:
-    """The sampler photo checkpoints record: Euler, 8 steps, w = 2 where guidance exists (else 1).
-
-    Chosen by Inception FID on CIFAR-10 (README, Colour photos): Euler 8 gave 69.4 unguided against
-    70.8 for midpoint 4 at the same 8 NFE, and more accurate solvers score worse; w = 2 gave 65.4.
-    """
+    """The sampler photo checkpoints record: Euler, 8 steps, w = 2 where guidance exists (else 1), chosen by
+    Inception FID on CIFAR-10 (docs/results-cifar.md)."""
     if cfg.objective == "meanflow":
         return dict(MEANFLOW_SAMPLER)
     guided = can_guide(model_cfg.num_classes, cfg.label_dropout)
@@ -103,7 +105,8 @@ def check_data_flags(data_cfg: FolderData, model_cfg: UNetConfig) -> None:
         raise ValueError("--num-classes is set by the data: use --class-from-folders (one class per sub-folder)")
     if model_cfg.in_channels != 3:
         raise ValueError("images are loaded as RGB: --in-channels must be 3")
-    if data_cfg.dataset == "celeba" and (data_cfg.class_from_folders or data_cfg.val_fraction != FolderData.val_fraction):
+    folder_only = data_cfg.class_from_folders or data_cfg.val_fraction != FolderData.val_fraction
+    if data_cfg.dataset == "celeba" and folder_only:
         raise ValueError("--class-from-folders and --val-fraction apply to --dataset folder; "
                          "CelebA has no classes here and its own validation split")
     if not 0 <= data_cfg.val_fraction < 1 or data_cfg.val_size < 1:

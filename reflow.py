@@ -28,14 +28,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 from torch.utils.data import Dataset
 
-from checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint
-from pretrained import CONFIG, WEIGHTS
-from cli import parse_configs
+from checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint, model_config_from, save_checkpoint
+from cli import add_flags, config_from, parse_configs
+from config import TrainConfig, check_train_config
 from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
-from flow import generate
-from sampling import DEVICE_HELP, check_request, load_for_sampling, make_noise
-from solvers import SOLVERS
-from trainer import TrainConfig, check_train_config, train
+from sampling import SampleConfig, check_request, flow_batches, load_for_sampling, make_noise
+from trainer import train
 
 MANIFEST = "manifest.json"
 PAIR_SETTINGS = ("parent_sha256", "solver", "steps", "guidance", "seed", "count", "shard_size", "use_ema")
@@ -85,48 +83,45 @@ def shard_path(out_dir: Path, index: int) -> Path:
 
 
 @torch.no_grad()
-def draw_pairs(args: argparse.Namespace) -> dict:
-    """Solve the parent's ODE from seeded noise; write shards of (noise, image, label), skipping finished ones."""
-    rank, world, local_rank = launched_ranks()  # under torchrun each rank draws its own shards; no process group
-    if args.count < 1 or args.shard_size < 1:
+def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000, shard_size: int = 5000,
+               sample: SampleConfig | None = None, use_ema: bool = True) -> dict:
+    """Solve the parent's ODE from seeded noise with sample's sampler; write shards of (noise, image, label) to out_dir,
+    skipping finished ones. Under torchrun each rank draws its own shards (no process group)."""
+    sample = sample or SampleConfig()
+    rank, world, local_rank = launched_ranks()
+    if count < 1 or shard_size < 1:
         raise ValueError("--count and --shard-size must be >= 1")
-    device = rank_device(resolve_device(args.device), local_rank)
-    # w = 1 pairs unless asked: the parent's recorded guidance is for its users, not for its pairs
-    loaded = load_for_sampling(args.checkpoint, args.solver, args.steps, args.guidance, device, not args.raw_weights)
-    ckpt, model, args.solver, args.steps = loaded.ckpt, loaded.model, loaded.solver, loaded.steps
-    check_request(args.count, args.batch_size, args.solver, args.steps)
-    order = rectified_order(ckpt.get("kind"))
-    keep_freed_memory()  # pairs are drawn by flow.generate, beside sample_model
-    cfg = model.config
-    out_dir = Path(args.out_dir)
-    manifest = {"parent": str(args.checkpoint), "parent_sha256": sha256(args.checkpoint), "parent_kind": f"{order}-rectified",
-                "solver": args.solver, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-                "count": args.count, "shard_size": args.shard_size, "use_ema": not args.raw_weights,
-                "model_config": asdict(cfg), "class_names": ckpt.get("class_names")}
+    device = rank_device(resolve_device(sample.device), local_rank)
+    loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, device, use_ema)
+    check_request(count, sample.batch_size, loaded.solver, loaded.steps, loaded.guidance)
+    order = rectified_order(loaded.ckpt.get("kind"))
+    keep_freed_memory()
+    cfg, out_dir = loaded.model.config, Path(out_dir)
+    manifest = {"parent": str(checkpoint), "parent_sha256": sha256(checkpoint), "parent_kind": f"{order}-rectified",
+                "solver": loaded.solver, "steps": loaded.steps, "guidance": loaded.guidance, "seed": sample.seed,
+                "count": count, "shard_size": shard_size, "use_ema": use_ema, "model_config": asdict(cfg),
+                "class_names": loaded.ckpt.get("class_names")}
     write_manifest(out_dir, manifest)
-    shards = range(rank, -(-args.count // args.shard_size), world)
     start_time, drawn, nfe = time.perf_counter(), 0, 0
-    for j in shards:
+    for j in range(rank, -(-count // shard_size), world):
         if shard_path(out_dir, j).is_file():
             continue  # written atomically, so an existing shard is complete
-        first, last = j * args.shard_size, min((j + 1) * args.shard_size, args.count)
-        noise = make_noise(last - first, (cfg.in_channels, cfg.image_size, cfg.image_size), args.seed, "cpu", start=first)
+        first, last = j * shard_size, min((j + 1) * shard_size, count)
+        noise = make_noise(last - first, (cfg.in_channels, cfg.image_size, cfg.image_size), sample.seed, "cpu",
+                           start=first)
         # class-balanced: pair i has label i mod num_classes
         labels = torch.arange(first, last) % cfg.num_classes if cfg.num_classes is not None else None
-        images = []
-        for i in range(0, last - first, args.batch_size):
-            y = labels[i:i + args.batch_size].to(device) if labels is not None else None
-            x, nfe = generate(model, noise[i:i + args.batch_size].to(device), y, args.solver, args.steps, args.guidance)
-            images.append(x.cpu())
-        x1 = ((torch.cat(images) + 1) * 127.5).round().to(torch.uint8)  # like the data: 8-bit pixels
+        images, nfe = flow_batches(loaded.model, noise, labels, loaded.solver, loaded.steps, loaded.guidance,
+                                   batch_size=sample.batch_size)
+        x1 = ((images + 1) * 127.5).round().to(torch.uint8)  # like the data: 8-bit pixels
         y = labels if labels is not None else torch.zeros(last - first, dtype=torch.long)
         save_checkpoint(shard_path(out_dir, j), {"first": first, "x0": noise.half(), "x1": x1, "y": y})
         drawn += last - first
         print(f"rank {rank}: shard {j} ({first}-{last - 1}) written", flush=True)
     seconds = time.perf_counter() - start_time
     if rank == 0:
-        print(f"pairs in {out_dir}: {drawn} drawn by this process in {seconds / 60:.1f} min "
-              f"({args.solver}, {args.steps} steps, NFE {nfe}, guidance {args.guidance})")
+        print(f"pairs in {out_dir}: {drawn} drawn by this process in {seconds / 60:.1f} min ({loaded.solver}, "
+              f"{loaded.steps} steps, NFE {nfe}, guidance {loaded.guidance})")
     return {"drawn": drawn, "seconds": seconds, "nfe": nfe, **manifest}
 
 
@@ -149,7 +144,8 @@ def load_pairs(folder: str | Path, val_size: int) -> tuple[Pairs, Pairs, dict]:
     """(train pairs, the last val_size pairs held out, manifest); every shard must be present."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
-        raise ValueError(f"no {MANIFEST} in {folder}: draw pairs first with `python reflow.py pairs --out-dir {folder}`")
+        raise ValueError(f"no {MANIFEST} in {folder}: draw pairs first with "
+                         f"`python reflow.py pairs --out-dir {folder}`")
     manifest = json.loads((folder / MANIFEST).read_text())
     n_shards = -(-manifest["count"] // manifest["shard_size"])
     missing = [j for j in range(n_shards) if not shard_path(folder, j).is_file()]
@@ -178,8 +174,8 @@ class PairData:
 
 
 DEFAULTS = [
-    # select_by last: distillation's held-out pair MSE rises after one epoch while its samples keep improving (README);
-    # reflow's loss fell every epoch, so its last epoch is also its lowest.
+    # select_by last: distillation's held-out pair MSE rises after one epoch while its samples keep improving
+    # (docs/few-step.md); reflow's loss fell every epoch, so its last epoch is also its lowest.
     TrainConfig(epochs=4, batch_size=64, lr=2e-4, lr_schedule="cosine", warmup_steps=100, out_dir="runs/reflow",
                 init_from="parent", select_by="last"),  # out_dir: runs/reflow/<kind> unless given
     PairData(),
@@ -188,7 +184,8 @@ DEFAULTS = [
 
 def stage(command: str, argv: list[str]) -> dict:
     """reflow.py train / distill: the shared training loop on fixed pairs, from the parent's weights."""
-    (cfg, data), _ = parse_configs(DEFAULTS, None, None, argv, f"reflow.py {command}: " + (__doc__ or "").splitlines()[0])
+    title = f"reflow.py {command}: " + (__doc__ or "").splitlines()[0]
+    (cfg, data), _ = parse_configs(DEFAULTS, None, None, argv, title)
     check_train_config(cfg)
     if cfg.t_grid:
         raise ValueError("--t-grid is set by `reflow.py distill --k`")
@@ -203,7 +200,8 @@ def stage(command: str, argv: list[str]) -> dict:
         raise ValueError("--init-from is empty: reflow stages start from trained weights (the default: parent)")
     source = load_checkpoint(init_from)
     model_cfg = model_config_from(source)
-    lineage = {"parent": init_from, "parent_sha256": sha256(init_from), "parent_kind": source.get("kind", "1-rectified"),
+    lineage = {"parent": init_from, "parent_sha256": sha256(init_from),
+               "parent_kind": source.get("kind", "1-rectified"),
                "pairs": {k: manifest[k] for k in ("parent", *PAIR_SETTINGS)}}
     # A stage's sampler is unguided, whatever its parent recommends: its point is few NFE, and a guided
     # step costs two. Guidance stays a choice at sampling time (--guidance).
@@ -237,17 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
     q.add_argument("--out-dir", default="runs/reflow/pairs", help="shards and manifest.json go here")
     q.add_argument("--count", type=int, default=20_000, help="pairs K to draw (class-balanced)")
     q.add_argument("--shard-size", type=int, default=5000, help="pairs per shard file (a crash loses at most one)")
-    q.add_argument("--solver", default=None, choices=SOLVERS,
-                   help="ODE solver for the parent's paths (default: the parent's recommended sampler)")
-    q.add_argument("--steps", type=int, default=None, help="solver steps (default: the parent's recommended sampler)")
-    # w = 1: measured better than guidance baked into the pairs (README "Few-step generation, measured")
-    q.add_argument("--guidance", type=float, default=1.0,
-                   help="guidance w baked into the pairs, then sampled at w = 1 (default 1: guide at sampling time)")
-    q.add_argument("--seed", type=int, default=0, help="pair i's noise depends only on (seed, i)")
-    q.add_argument("--batch-size", type=int, default=500)
-    q.add_argument("--device", default="auto", help=DEVICE_HELP)
     q.add_argument("--raw-weights", action="store_true", help="draw from the raw weights instead of the EMA")
-    return draw_pairs(p.parse_args(argv))
+    add_flags(q, SampleConfig())  # pair i's noise depends only on (seed, i); docs/few-step.md draws them at w = 1
+    args = p.parse_args(argv)
+    sample = config_from(args, SampleConfig())
+    sample.check()
+    return draw_pairs(args.checkpoint, args.out_dir, args.count, args.shard_size, sample, not args.raw_weights)
 
 
 if __name__ == "__main__":

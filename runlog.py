@@ -1,13 +1,17 @@
-"""The training log: OUT_DIR/log.jsonl always (the loss plot and resume read it), TensorBoard events on request.
+"""The training log: OUT_DIR/config.json and log.jsonl always (the loss plot and resume read it), TensorBoard events
+on request, and the stop on a non-finite loss.
 
     python mnist_train.py --logger tensorboard     # then: tensorboard --logdir checkpoints/mnist/tensorboard
 """
 from __future__ import annotations
 
 import json
+import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 LOGGERS = ("jsonl", "tensorboard")
@@ -35,12 +39,34 @@ def tensorboard_writer(folder: Path, resume_step: int | None):
     return SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step is not None else None)
 
 
-class RunLog:
-    """Where a training run's records go: JSON lines, and the same scalars plus the epoch grids as TensorBoard events."""
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint was saved (a ValueError, so the
+    scripts print it as one line)."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None, logger: str = "jsonl"):
+
+def check_finite(loss: float, first_bad: torch.Tensor, since: int, step: int, out_dir: str) -> None:
+    """Stop the run, saving nothing more, once a logged loss is NaN or infinite: the weights after it are lost.
+    first_bad: the first step whose loss was not finite on this rank, or -1 (then another rank's was)."""
+    if math.isfinite(loss):
+        return
+    bad = int(first_bad)
+    where = f"at step {bad}" if bad > 0 else f"on another process, between steps {since + 1} and {step}"
+    last = Path(out_dir) / "last.pth"
+    kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+    raise TrainingDiverged(f"the training loss became {loss} {where}: stopped, and {kept}. A lower --lr, "
+                           "--grad-clip or (meanflow) a lower --mf-share or --mf-weight-power may keep it finite")
+
+
+class RunLog:
+    """Where a training run's records go: OUT_DIR/config.json, JSON lines, and the same scalars and the epoch grids
+    as TensorBoard events."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None, logger: str = "jsonl", config: dict | None = None):
         if logger not in LOGGERS:
             raise ValueError(f"unknown --logger {logger!r}: choose one of {', '.join(LOGGERS)}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:  # the resolved configs of the run, beside its outputs
+            (out_dir / "config.json").write_text(json.dumps(config, indent=2))
         self.tensorboard = tensorboard_writer(out_dir / "tensorboard", resume_step) if logger == "tensorboard" else None
         self.jsonl = open_log(out_dir / "log.jsonl", resume_step)
 
@@ -64,3 +90,37 @@ class RunLog:
         self.jsonl.close()
         if self.tensorboard:
             self.tensorboard.close()
+
+
+@contextmanager
+def figure(path: Path, **subplots):
+    """A matplotlib figure (Agg: no display needed), written to path as a PNG when the block ends; yields
+    (figure, axes, pyplot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes, plt
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_losses(log_path: Path, png_path: Path) -> None:
+    """Loss curve PNG from log.jsonl: training loss per log interval, validation loss per epoch."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "step"]
+    val = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "epoch" and r.get("val_loss") is not None]
+    with figure(png_path, figsize=(6, 4)) as (_, ax, _):
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss (EMA)")
+        ax.set(xlabel="optimizer step", ylabel="flow-matching MSE", yscale="log")
+        if train or val:  # a run shorter than --log-every without validation has nothing to label
+            ax.legend()

@@ -17,8 +17,8 @@ from torch import nn
 
 from checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
 from device import keep_freed_memory, resolve_device
-from flow import generate
-from solvers import check_solver
+from flow import integrate, make_noise, noise_seed  # noqa: F401 (the noise of sample i: re-exported)
+from solvers import NFE_PER_STEP, check_solver
 from unet import ConditionalUNet
 
 # The one rule for the sampler: a checkpoint's recorded sampler (recommended_sampler), wherever it is sampled;
@@ -26,17 +26,32 @@ from unet import ConditionalUNet
 DEFAULT_SOLVER = "midpoint"
 DEFAULT_STEPS = 4  # midpoint: 2 NFE per step -> 8 network evaluations per image
 DEFAULT_GUIDANCE = 1.0  # no guidance
-DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 # what --objective meanflow checkpoints record: one jump along the average velocity from noise to data, 1 NFE
 # (guidance, where wanted, is folded into training by --mf-guidance; why: docs/meanflow.md)
 MEANFLOW_SAMPLER = {"solver": "meanflow", "steps": 1, "guidance": 1.0}
 
 
 @dataclass
+class SampleConfig:
+    """How to sample: the flags of every script that draws from a checkpoint."""
+
+    solver: str | None = None  # euler | midpoint | heun | rk4 | dopri5 | meanflow (default: the recorded sampler's)
+    steps: int | None = None  # solver steps, ignored by dopri5 (default: the checkpoint's recorded sampler's)
+    guidance: float | None = None  # classifier-free guidance w; 1 = none, 0 = unconditional (default: the recorded one)
+    seed: int = 0  # noise seed: image i depends only on (seed, i), not on the batch size
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    batch_size: int = 256  # images per network batch: memory and speed, not results
+
+    def check(self) -> None:
+        """Raise ValueError for a field no sampler can use, before any checkpoint is read."""
+        check_request(1, self.batch_size, *recommended_sampler({}, self.solver, self.steps, self.guidance))
+
+
+@dataclass
 class Samples:
     """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost.
 
-    nfe: network evaluations per image; a guided step's cond + uncond passes count 2 (flow.generate).
+    nfe: network evaluations per image; a guided step's cond + uncond passes count 2 (flow.nfe_per_image).
     """
 
     images: torch.Tensor
@@ -48,23 +63,7 @@ class Samples:
     guidance: float = DEFAULT_GUIDANCE
 
 
-def noise_seed(seed: int, i: int) -> int:
-    """Generator seed of sample i under `seed`.
-
-    torch's CPU generator keeps 32 bits of a seed. Multiplying by 2^32 / golden ratio spreads nearby seeds far
-    apart there: seeds within 1,000 of each other share none of their first 1.9 million samples (with seed + i,
-    seed 1 would redraw seed 0's samples shifted by one).
-    """
-    return (seed * 0x9E3779B1 + i) % 2**32
-
-
-def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device | str, start: int = 0) -> torch.Tensor:
-    """Noise (n, *shape) for samples start .. start + n - 1; sample i depends only on (seed, i), not on the batch size."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i)))
-                        for i in range(start, start + n)]).to(device)
-
-
-def check_request(n: int, batch_size: int, solver: str, steps: int) -> None:
+def check_request(n: int, batch_size: int, solver: str, steps: int, guidance: float = DEFAULT_GUIDANCE) -> None:
     """Raise ValueError for a request that cannot be drawn, before any checkpoint is read or noise drawn."""
     for name, value in (("batch_size", batch_size), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -73,6 +72,8 @@ def check_request(n: int, batch_size: int, solver: str, steps: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if n < 1:
         raise ValueError(f"nothing to draw: {n} images asked for (give at least one label, or n >= 1)")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number (1 = none, 0 = unconditional), got {guidance}")
     check_solver(solver, steps)
 
 
@@ -123,40 +124,38 @@ def check_labels(labels: torch.Tensor | None, num_classes: int | None, n: int | 
 
 
 @torch.no_grad()
-def sample_model(
-    model: nn.Module,
-    n: int,
-    labels: torch.Tensor | None = None,
-    solver: str = DEFAULT_SOLVER,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int | None = 0,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-) -> Samples:
-    """Draw n images in batches; conditional models without labels cycle through the classes; seed None is random.
+def flow_batches(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, solver: str, steps: int,
+                 guidance: float, backwards: bool = False, batch_size: int = 256, rtol: float = 1e-3,
+                 atol: float = 1e-3) -> tuple[torch.Tensor, int]:
+    """The one batched driver: noise x (N, C, H, W) to images in [-1, 1], or with backwards images to their noise
+    (flow.integrate), batch by batch on the model's device; returns (results on the CPU, NFE per image
+    averaged over batches: adaptive dopri5 varies, fixed-step solvers do not)."""
+    device, out, nfes = next(model.parameters()).device, [], []
+    for i in range(0, len(x), batch_size):
+        y = labels[i:i + batch_size].to(device) if labels is not None else None
+        result, nfe = integrate(model, x[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol,
+                                backwards)
+        out.append(result.cpu())
+        nfes.append(nfe)
+    return torch.cat(out), round(sum(nfes) / len(nfes))
 
-    The NFE reported is the mean over batches (adaptive dopri5 varies; fixed-step solvers do not)."""
-    check_request(n, batch_size, solver, steps)
+
+def sample_model(model: nn.Module, n: int, labels: torch.Tensor | None = None, solver: str = DEFAULT_SOLVER,
+                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int | None = 0,
+                 batch_size: int = 256, rtol: float = 1e-3, atol: float = 1e-3) -> Samples:
+    """Draw n images on the model's device; conditional models without labels cycle through the classes; seed None
+    is random."""
+    check_request(n, batch_size, solver, steps, guidance)
     keep_freed_memory()  # here, not only in the scripts: a notebook's sampling gets it too
     cfg = model.config
-    device = resolve_device(device) if device is not None else next(model.parameters()).device
     if labels is None and cfg.num_classes is not None:
         labels = torch.arange(n) % cfg.num_classes
     check_labels(labels, cfg.num_classes)
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
-    noise = make_noise(n, shape, seed, "cpu")
-    start, images, nfes = time.perf_counter(), [], []
-    for i in range(0, n, batch_size):
-        y = labels[i:i + batch_size].to(device) if labels is not None else None
-        x, nfe = generate(model, noise[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol)
-        images.append(((x + 1) / 2).cpu())
-        nfes.append(nfe)
-    return Samples(torch.cat(images), labels, round(sum(nfes) / len(nfes)), time.perf_counter() - start, solver, steps,
-                   guidance)
+    noise = make_noise(n, (cfg.in_channels, cfg.image_size, cfg.image_size), seed, "cpu")
+    start = time.perf_counter()
+    x, nfe = flow_batches(model, noise, labels, solver, steps, guidance, batch_size=batch_size, rtol=rtol, atol=atol)
+    return Samples((x + 1) / 2, labels, nfe, time.perf_counter() - start, solver, steps, guidance)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None,
@@ -194,6 +193,29 @@ def _label_rows(labels: torch.Tensor | None) -> list[int]:
     return values.tolist()
 
 
+def grid_request(num_classes: int | None) -> tuple[int, torch.Tensor | None]:
+    """(images, labels) of a training run's sample grid: 10 per class for up to 10 classes, or 64 without classes."""
+    if num_classes is None:
+        return 64, None
+    labels = torch.arange(min(num_classes, 10)).repeat_interleave(10)
+    return len(labels), labels
+
+
+def grid_forwards(num_classes: int | None, sampler: tuple[str, int, float]) -> int:
+    """Network evaluations of one sample grid drawn with sampler (solver, steps, guidance)."""
+    solver, steps, guidance = sampler
+    passes = 2 if num_classes is not None and guidance != 1 else 1  # guided: conditional + unconditional
+    return grid_request(num_classes)[0] * steps * NFE_PER_STEP.get(solver, 6) * passes  # dopri5: ~6 a step
+
+
+def draw_grid(model: ConditionalUNet, path: Path, sampler: tuple[str, int, float], class_names: list[str] | None
+              ) -> Path:
+    """A training run's sample grid at path: one row per class (up to 10), or 64 images, drawn with sampler."""
+    n, labels = grid_request(model.config.num_classes)
+    samples = sample_model(model, n, labels, *sampler, seed=0)
+    return save_grid(samples.images, path, samples.labels, class_names)
+
+
 @dataclass
 class Loaded:
     """A checkpoint made ready to sample: the model on its device, the dict it came from, and the sampler to use."""
@@ -216,7 +238,7 @@ def load_for_sampling(checkpoint: str | Path | dict, solver: str | None = None, 
     device = resolve_device(device)
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
     solver, steps, guidance = recommended_sampler(ckpt, solver, steps, guidance)
-    check_solver(solver, steps)
+    check_request(1, 1, solver, steps, guidance)
     check_guidance(ckpt, guidance)
     return Loaded(model_from_checkpoint(ckpt, use_ema).to(device), ckpt, solver, steps, guidance)
 
@@ -233,7 +255,8 @@ def label_tensor(labels: Sequence[int | str] | torch.Tensor, class_names: list[s
     for label in labels:
         if isinstance(label, str):
             if label not in names:
-                known = f"one of {', '.join(names)}" if names else "class indices: this checkpoint records no class names"
+                known = (f"one of {', '.join(names)}" if names else
+                         "class indices: this checkpoint records no class names")
                 raise ValueError(f"unknown label {label!r}: labels are {known}")
             indices.append(names[label])
         elif isinstance(label, numbers.Integral) or (isinstance(label, torch.Tensor) and label.dim() == 0):
@@ -243,19 +266,14 @@ def label_tensor(labels: Sequence[int | str] | torch.Tensor, class_names: list[s
     return torch.tensor(indices, dtype=torch.long)
 
 
-def sample_from_checkpoint(
-    checkpoint: str | Path | dict,
-    out_path: str | Path | None = None,
-    steps: int | None = None,
-    batch_size: int = 4,
-    solver: str | None = None,
-    guidance: float | None = None,
-    labels: Sequence[int | str] | torch.Tensor | None = None,
-    seed: int | None = None,
-    device: str | torch.device | None = None,
-    use_ema: bool = True,
-) -> torch.Tensor:
-    """Images (B, C, H, W) in [0, 1] from a checkpoint file alone (or its dict); writes a grid PNG when out_path is given.
+def sample_from_checkpoint(checkpoint_path: str | Path | dict, out_path: str | Path | None = None,
+                           steps: int | None = None, batch_size: int = 4, solver: str | None = None,
+                           guidance: float | None = None, labels: Sequence[int | str] | torch.Tensor | None = None,
+                           seed: int | None = None, device: str | torch.device | None = None,
+                           use_ema: bool = True) -> torch.Tensor:
+    """Images (B, C, H, W) in [0, 1] from a checkpoint file or exported folder alone (or its dict); writes a grid PNG
+    when out_path is given. The seed's call, `sample_from_checkpoint(checkpoint_path=..., out_path=..., steps=...,
+    batch_size=...)`, works as it writes it.
 
     B is len(labels) when labels are given (class indices, or class names where the checkpoint records them),
     else batch_size (class-conditional models then cycle through their classes). solver, steps and guidance
@@ -264,8 +282,8 @@ def sample_from_checkpoint(
     draw, use load_for_sampling and sample_model.
     """
     n = len(labels) if labels is not None else batch_size
-    check_request(n, batch_size, DEFAULT_SOLVER if solver is None else solver, DEFAULT_STEPS if steps is None else steps)
-    loaded = load_for_sampling(checkpoint, solver, steps, guidance, device, use_ema)
+    check_request(n, batch_size, *recommended_sampler({}, solver, steps, guidance))
+    loaded = load_for_sampling(checkpoint_path, solver, steps, guidance, device, use_ema)
     class_names = loaded.ckpt.get("class_names")
     if labels is not None:
         labels = label_tensor(labels, class_names)

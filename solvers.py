@@ -73,15 +73,8 @@ def check_solver(solver: str, steps: int) -> None:
         raise ValueError(f"steps must be >= 1 for {solver}, got {steps}")
 
 
-def solve(
-    v: Velocity,
-    x0: torch.Tensor,
-    solver: str = "midpoint",
-    steps: int = 10,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-    span: tuple[float, float] = (0.0, 1.0),
-) -> tuple[torch.Tensor, int]:
+def solve(v: Velocity, x0: torch.Tensor, solver: str = "midpoint", steps: int = 10, rtol: float = 1e-3,
+          atol: float = 1e-3, span: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, int]:
     """Integrate x0 at t = span[0] to t = span[1] with `solver`; returns (x at span[1], NFE).
 
     The default runs noise to data; span (1, 0) runs data back to noise, on the same grid reversed.

@@ -2,8 +2,10 @@
 MeanFlow average velocity u(x_t, t, t_end, y) over [t, t_end] (u(x_t, t, t, y) is the velocity v)."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,8 @@ class UNetConfig:
     dropout: float = 0.1  # dropout inside ResBlocks
     num_classes: int | None = 10  # None = unconditional; index num_classes is the "no label" token
     head_channels: int = 32  # channels per attention head
-    upsample_conv: bool = True  # a 3x3 conv after each nearest upsampling (off: the next ResBlock's conv does the mixing)
-    average_velocity: bool = False  # also embed the interval t_end - t: u(x_t, t, t_end) over [t, t_end] (MeanFlow; set by --objective)
+    upsample_conv: bool = True  # a 3x3 conv after each nearest upsampling (off: the next ResBlock's conv mixes)
+    average_velocity: bool = False  # also embed t_end - t: u(x_t, t, t_end) over [t, t_end] (--objective meanflow)
 
 
 class TimeEmbedding(nn.Module):
@@ -122,7 +124,8 @@ class ConditionalUNet(nn.Module):
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 out = cfg.base_channels * mult
-                self.down.append(Block(cur, out, emb_dim, cfg.dropout, res in cfg.attention_resolutions, cfg.head_channels))
+                attention = res in cfg.attention_resolutions
+                self.down.append(Block(cur, out, emb_dim, cfg.dropout, attention, cfg.head_channels))
                 skip_channels.append(out)
                 cur = out
             if level < len(cfg.channel_mult) - 1:
@@ -131,18 +134,21 @@ class ConditionalUNet(nn.Module):
                 res //= 2
 
         attn_mid = SelfAttentionBlock(cur, cfg.head_channels)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout), attn_mid, ResBlock(cur, cur, emb_dim, cfg.dropout)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout), attn_mid,
+                                  ResBlock(cur, cur, emb_dim, cfg.dropout)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
                 out = cfg.base_channels * mult
                 attention = res in cfg.attention_resolutions
-                self.up.append(Block(cur + skip_channels.pop(), out, emb_dim, cfg.dropout, attention, cfg.head_channels))
+                skip = skip_channels.pop()
+                self.up.append(Block(cur + skip, out, emb_dim, cfg.dropout, attention, cfg.head_channels))
                 cur = out
             if level > 0:
                 upsample = nn.Upsample(scale_factor=2, mode="nearest")
-                self.up.append(nn.Sequential(upsample, nn.Conv2d(cur, cur, 3, padding=1)) if cfg.upsample_conv else upsample)
+                conv = nn.Conv2d(cur, cur, 3, padding=1) if cfg.upsample_conv else None
+                self.up.append(nn.Sequential(upsample, conv) if conv is not None else upsample)
                 res *= 2
 
         self.out = nn.Sequential(nn.GroupNorm(GROUPS, cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
@@ -150,12 +156,28 @@ class ConditionalUNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     @classmethod
-    def from_pretrained(cls, folder_or_repo_id: str, use_ema: bool = True) -> "ConditionalUNet":
-        """The model of a folder that `pretrained.py export` wrote, or of a Hugging Face Hub repo id holding one."""
-        from checkpoint import model_from_checkpoint  # here: both modules build on this one
-        from pretrained import load_folder, resolve
+    def from_pretrained(cls, folder_or_repo_id: str | Path) -> ConditionalUNet:
+        """The model of an exported folder (config.json + model.safetensors, `pretrained.py export`), or of a Hugging
+        Face Hub repo id holding one (needs huggingface_hub). For its recorded sampler, load it with
+        `checkpoint.load_checkpoint` or sample it with `sample_from_checkpoint`."""
+        folder = Path(folder_or_repo_id)
+        if not folder.exists():
+            try:
+                from huggingface_hub import snapshot_download
+            except ImportError:
+                raise ValueError(f"{folder_or_repo_id} is not a local folder; to download it as a Hugging Face Hub "
+                                 "repo id, pip install huggingface_hub") from None
+            files = ["config.json", "model.safetensors"]
+            folder = Path(snapshot_download(str(folder_or_repo_id), allow_patterns=files))
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise ValueError(f"{folder} is not an exported model folder (config.json + model.safetensors)")
+        from safetensors.torch import load_file  # an optional dependency: only exported folders need it
 
-        return model_from_checkpoint(load_folder(resolve(folder_or_repo_id)), use_ema)
+        stored = json.loads((folder / "config.json").read_text())
+        stored = stored.get("model_config", stored)  # our folders nest it beside the sampler; the mixin's do not
+        model = cls(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}))
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        return model.eval()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 t_end: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo on sys.path, small threads, and the real data sets under DATA_ROOT (make test passes it)."""
+"""Shared fixtures: the repo on sys.path, small threads, the real data sets under DATA_ROOT (make test passes it)."""
 import os
 import sys
 from pathlib import Path

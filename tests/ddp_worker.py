@@ -1,7 +1,7 @@
 """Run under torchrun by test_trainer.py (gloo, CPU) and test_cuda.py (NCCL): train the tiny model with DDP,
 then save each rank's weights and logged loss so the test can check that the ranks stayed in step.
 
-    python -m torch.distributed.run --nproc_per_node=N tests/ddp_worker.py OUT_DIR [cpu|cuda [BUDGET_MINUTES [OBJECTIVE]]]
+    python -m torch.distributed.run --nproc_per_node=N tests/ddp_worker.py OUT_DIR [cpu|cuda [MINUTES [OBJECTIVE]]]
 """
 import sys
 from pathlib import Path
@@ -23,4 +23,5 @@ if __name__ == "__main__":
     objective = sys.argv[4] if len(sys.argv) > 4 else "flow-matching"
     cfg = tiny_config(tmp, epochs=2, batch_size=16, device=device, time_budget=budget, objective=objective)
     summary = train(cfg, TINY, blobs(), blobs(24, seed=1))
-    torch.save({"weights": summary["model"].state_dict(), "loss": summary["loss"]}, tmp / f"rank{os.environ['RANK']}.pt")
+    rank = os.environ["RANK"]
+    torch.save({"weights": summary["model"].state_dict(), "loss": summary["loss"]}, tmp / f"rank{rank}.pt")

@@ -7,7 +7,7 @@ import torch
 from checkpoint import save_checkpoint
 from data import TensorImages
 from ema import EMA
-from trainer import TrainConfig
+from config import TrainConfig
 from unet import ConditionalUNet, UNetConfig
 
 TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
@@ -27,7 +27,8 @@ def blobs(n: int = 96, seed: int = 0) -> TensorImages:
 
 def tiny_config(tmp: Path, **overrides) -> TrainConfig:
     """A TrainConfig writing everything under tmp."""
-    base = dict(epochs=2, batch_size=16, lr=2e-3, log_every=2, out_dir=str(tmp / "ck"), checkpoint=str(tmp / "best.pth"),
+    base = dict(epochs=2, batch_size=16, lr=2e-3, log_every=2, out_dir=str(tmp / "ck"),
+                checkpoint=str(tmp / "best.pth"),
                 sample_dir=str(tmp / "samples"), val_t_points=2, keep_last=0)
     return TrainConfig(**{**base, **overrides})
 

@@ -46,18 +46,18 @@ class FakeClock:
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(budget, "clock", fake)
-    step, end = trainer.train_step, trainer.Trainer.end_epoch
+    step, end = trainer.train_step, trainer.end_epoch
 
     def timed_step(*args, **kwargs):
         fake.now += fake.step_s
         return step(*args, **kwargs)
 
-    def timed_end(self, log):
-        fake.now += fake.slow_ends.get(self.step, 5.0)
-        end(self, log)
+    def timed_end(run, epoch, *args):
+        fake.now += fake.slow_ends.get(epoch.step, 5.0)
+        return end(run, epoch, *args)
 
     monkeypatch.setattr(trainer, "train_step", timed_step)
-    monkeypatch.setattr(trainer.Trainer, "end_epoch", timed_end)
+    monkeypatch.setattr(trainer, "end_epoch", timed_end)
     return fake
 
 

@@ -1,8 +1,9 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytest
 
 from cli import parse_configs
+from sampling import SampleConfig
 
 
 @dataclass
@@ -32,3 +33,18 @@ def test_unknown_flag_and_preset_exit(capsys):
     assert "invalid choice: 'huge'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_configs([A()], None, None, ["--epoch", "3", "--bogus"])
+
+
+def test_a_bad_value_says_what_the_flag_takes(capsys):
+    with pytest.raises(SystemExit):
+        parse_configs([B()], None, None, ["--mult", "x"])
+    assert "argument --mult: invalid comma-separated integers (e.g. 1,2,4) value: 'x'" in capsys.readouterr().err
+
+
+def test_help_shows_one_default_per_flag_and_groups_each_config(capsys):
+    with pytest.raises(SystemExit):
+        parse_configs([A(), SampleConfig()], None, None, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "passes (default: 20)" in text and "(default: the recorded one)" in text
+    assert text.count("default:") == len(fields(A)) + len(fields(SampleConfig))
+    assert "How to sample: the flags of every script that draws from a checkpoint:" in text

@@ -48,7 +48,8 @@ def test_channels_last_trains_and_computes_what_nchw_computes(tmp_path):
     from unet import ConditionalUNet
 
     model = ConditionalUNet(TINY).cuda().eval()
-    x, t, y = torch.randn(4, 1, 8, 8, device="cuda"), torch.rand(4, device="cuda"), torch.tensor([0, 1, 2, 0], device="cuda")
+    x, t = torch.randn(4, 1, 8, 8, device="cuda"), torch.rand(4, device="cuda")
+    y = torch.tensor([0, 1, 2, 0], device="cuda")
     with torch.no_grad():
         nchw = model(x, t, y)
         nhwc = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t, y)

@@ -129,7 +129,7 @@ def test_real_stats_are_cached_reused_and_invalidated(cifar, tmp_path, monkeypat
 
 @pytest.mark.parametrize("args,message", [
     (["--n", "3"], "--n 3 is not a multiple of the checkpoint's 2 classes"),
-    (["--inception-weights", "w.pth", "--stats-cache", "c"], "--stats-cache belongs to the built-in Inception"),
+    (["--guidance", "nan"], "guidance must be a finite number"),
 ])
 def test_fid_command_refuses_before_any_work(tmp_path, args, message):
     tiny_checkpoint(tmp_path / "c.pth", RGB_TINY)

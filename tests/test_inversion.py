@@ -5,7 +5,7 @@ import torch
 import editing
 from checkpoint import load_checkpoint, model_from_checkpoint
 from editing import class_swap, gaussianity, interpolate, invert_from_checkpoint, invert_model, psnr, regenerate, slerp
-from flow import invert
+from flow import integrate
 from helpers import TINY, TINY_MNIST, blobs, tiny_checkpoint, tiny_config
 from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, MEANFLOW_SAMPLER
 from trainer import train
@@ -112,7 +112,7 @@ def test_bad_input_gets_one_line(trained):
     with pytest.raises(ValueError, match="give labels"):
         invert_model(model, images, None)
     with pytest.raises(ValueError, match="forwards only"):
-        invert(model, images * 2 - 1, labels, "meanflow", 1)
+        integrate(model, images * 2 - 1, labels, "meanflow", 1, backwards=True)
     unconditional = ConditionalUNet(UNetConfig(**{**TINY.__dict__, "num_classes": None}))
     with pytest.raises(ValueError, match="unconditional"):
         invert_model(unconditional, images, labels)

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 import flow
+import runlog
 import trainer
 from checkpoint import load_checkpoint
-from flow import curriculum_alpha, difference_derivative, flow_matching_loss, interval_target, mean_flow_loss, total_derivative
+from flow import (MeanFlowConfig, curriculum_alpha, difference_derivative, flow_matching_loss, interval_target,
+                  mean_flow_loss, total_derivative)
 from helpers import TINY, assert_same_weights, blobs, tiny_config
 from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_from_checkpoint, sample_model
 from test_trainer import run_ddp_worker
+from config import run_kind
 from trainer import train
 from unet import ConditionalUNet
 
@@ -37,8 +40,9 @@ def test_the_jvp_is_the_total_derivative_along_the_path():
     --mf-derivative difference takes (fp64 here, so rounding stays out)."""
     model = mf_model()
     g = torch.Generator().manual_seed(1)
-    x, v = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
-    t, t_end, y = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64), torch.full((4,), 0.9, dtype=torch.float64), torch.arange(4) % 3
+    x, v = (torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t, t_end = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64), torch.full((4,), 0.9, dtype=torch.float64)
+    y = torch.arange(4) % 3
     with torch.no_grad():
         u, du_dt = total_derivative(model, x, t, t_end, y, v)
         assert torch.allclose(u, model(x, t, y, t_end))
@@ -56,7 +60,8 @@ def test_the_jvp_is_the_total_derivative_along_the_path():
 
 
 def test_the_jvp_runs_where_a_fused_attention_kernel_would_be_picked():
-    """channels_last fp32 on a CPU picks SDPA's flash kernel, which has no forward-mode AD: the JVP forces the math one."""
+    """channels_last fp32 on a CPU picks SDPA's flash kernel, which has no forward-mode AD: the JVP takes the math
+    kernel."""
     model = mf_model().float()
     x, v = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
     t, t_end, y = torch.tensor([0.2, 0.4]), torch.tensor([0.6, 0.9]), torch.tensor([0, 1])
@@ -111,13 +116,11 @@ class PointData(torch.nn.Module):
 def test_the_loss_is_zero_for_the_exact_average_velocity():
     """A wrong sign in the tangent or the identity would give du/dt != 0 here, and a positive loss."""
     c = torch.full((1, 1, 2, 2), 0.5)
-    loss = mean_flow_loss(PointData(c), c.expand(64, -1, -1, -1), share=1.0, weight_power=0, derivative="jvp")
-    assert loss < 1e-8
-    # the model's own velocity is exact here too, and the difference quotient is exact up to fp32 rounding / h
-    assert mean_flow_loss(PointData(c), c.expand(64, -1, -1, -1), share=1.0, weight_power=0, tangent="predicted",
-                          derivative="jvp") < 1e-8
-    assert mean_flow_loss(PointData(c), c.expand(64, -1, -1, -1), share=1.0, weight_power=0, derivative="difference") < 1e-4
-    assert mean_flow_loss(lambda x, t, y, e=None: torch.zeros_like(x), c.expand(64, -1, -1, -1), share=1.0) > 0.5
+    x1, every = c.expand(64, -1, -1, -1), dict(num_classes=None, label_dropout=0.0)
+    # the difference quotient is exact up to fp32 rounding / h
+    assert mean_flow_loss(PointData(c), x1, None, MeanFlowConfig(mf_share=1.0, mf_weight_power=0), **every) < 1e-4
+    zero = lambda x, t, y, e=None: torch.zeros_like(x)  # noqa: E731
+    assert mean_flow_loss(zero, x1, None, MeanFlowConfig(mf_share=1.0), **every) > 0.5
 
 
 def test_where_t_end_equals_t_the_loss_is_flow_matching(monkeypatch):
@@ -127,16 +130,16 @@ def test_where_t_end_equals_t_the_loss_is_flow_matching(monkeypatch):
     t = torch.linspace(0.05, 0.95, 8)
     monkeypatch.setattr(flow, "mean_flow_times", lambda n, *a, **k: (t, t))
     monkeypatch.setattr(flow, "sample_t", lambda n, *a, **k: t)
-    mf = mean_flow_loss(model, x1, y, 3, 0.0, x0, share=0.0, weight_power=0.0)
+    flow_matching_only = MeanFlowConfig(mf_share=0.0, mf_weight_power=0.0)
+    mf = mean_flow_loss(model, x1, y, flow_matching_only, num_classes=3, label_dropout=0.0, x0=x0)
     fm = flow_matching_loss(model, x1, y, 3, 0.0, x0=x0)
     assert mf.item() == pytest.approx(fm.item(), rel=1e-6)
 
 
-def test_interval_times_are_sorted_and_a_share_of_them_ends_at_the_data():
-    t, t_end = flow.mean_flow_times(1000, share=0.4, mu=-0.4, sigma=1.0, end_share=0.25)
+def test_interval_times_are_sorted_and_a_share_of_them_are_intervals():
+    t, t_end = flow.mean_flow_times(1000, share=0.4, mu=-0.4, sigma=1.0)
     assert t.shape == t_end.shape == (1000,) and bool((t_end >= t).all()) and bool((t >= 0).all())
-    assert bool((t_end[:100] == 1).all()) and bool((t_end[100:400] < 1).all())  # 25% of the 400 intervals end at 1
-    assert bool((t_end[100:400] > t[100:400]).all()) and torch.equal(t_end[400:], t[400:])  # the rest: flow matching
+    assert bool((t_end[:400] > t[:400]).all()) and torch.equal(t_end[400:], t[400:])  # the rest: flow matching
 
 
 def test_the_alpha_flow_target_is_v_at_one_and_meanflows_to_first_order():
@@ -144,8 +147,9 @@ def test_the_alpha_flow_target_is_v_at_one_and_meanflows_to_first_order():
     target is v (trajectory flow matching), and (target - u) / α converges to MeanFlow's target - u as α."""
     model = mf_model()
     g = torch.Generator().manual_seed(2)
-    x, v = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
-    t, t_end, y = torch.tensor([0.1, 0.2, 0.4, 0.6], dtype=torch.float64), torch.tensor([0.3, 0.9, 1.0, 0.7], dtype=torch.float64), torch.arange(4) % 3
+    x, v = (torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0.1, 0.2, 0.4, 0.6], dtype=torch.float64)
+    t_end, y = torch.tensor([0.3, 0.9, 1.0, 0.7], dtype=torch.float64), torch.arange(4) % 3
     assert torch.equal(interval_target(model, x, t, t_end, y, v, alpha=1.0), v)
     with torch.no_grad():
         u, du_dt = total_derivative(model, x, t, t_end, y, v)
@@ -170,8 +174,8 @@ def test_the_curriculum_anneals_alpha_from_flow_matching_to_meanflow():
 
 
 def test_a_curriculum_run_logs_alpha_falling_from_one_to_zero(tmp_path):
-    cfg = tiny_config(tmp_path, objective="meanflow", mf_curriculum=1.0, mf_guidance=1.5)
-    train(cfg, TINY, blobs(), None)
+    cfg = tiny_config(tmp_path, objective="meanflow")
+    train(cfg, TINY, blobs(), None, meanflow=MeanFlowConfig(mf_curriculum=1.0, mf_guidance=1.5))
     records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
     alphas = [r["mf_alpha"] for r in records if r["kind"] == "step"]
     assert len(alphas) == 6 and alphas[0] == 1.0 and alphas[-1] == 0.0  # steps 2, 4, ..., 12 of 12
@@ -194,15 +198,16 @@ def test_folded_guidance_mixes_the_unconditional_velocity_into_the_target(monkey
     x1, x0 = torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2)
     y = torch.tensor([0, 1, 2, 0])
     monkeypatch.setattr(flow, "drop_labels", lambda y, p, null_class: torch.tensor([0, 3, 2, 0]))
-    loss = mean_flow_loss(model, x1, y, 3, 0.5, x0, share=0.0, weight_power=0.0, guidance=3.0)
+    plain = MeanFlowConfig(mf_share=0.0, mf_weight_power=0.0)
+    loss = mean_flow_loss(model, x1, y, plain, num_classes=3, label_dropout=0.5, guidance=3.0, x0=x0)
     # v = 0; labelled items: target 3·0 + (1 - 3)·2 = -4 against a prediction of 0; the dropped one: 0 against 2
     assert loss.item() == pytest.approx((3 * 16 + 4) / 4)
 
 
 def test_a_meanflow_run_records_its_one_step_sampler_and_samples_in_one_evaluation(tmp_path):
-    cfg = tiny_config(tmp_path, objective="meanflow", mf_share=0.5)
-    summary = train(cfg, TINY, blobs(), blobs(24, seed=1), extra={"kind": trainer.run_kind(cfg),
-                                                                  "sampler": dict(MEANFLOW_SAMPLER)})
+    cfg = tiny_config(tmp_path, objective="meanflow")
+    extra = {"kind": run_kind(cfg), "sampler": dict(MEANFLOW_SAMPLER)}
+    summary = train(cfg, TINY, blobs(), blobs(24, seed=1), extra=extra, meanflow=MeanFlowConfig(mf_share=0.5))
     ckpt = load_checkpoint(summary["checkpoint"])
     assert ckpt["kind"] == "meanflow" and ckpt["model_config"]["average_velocity"]
     loaded = load_for_sampling(ckpt)
@@ -221,9 +226,9 @@ def test_a_meanflow_run_records_its_one_step_sampler_and_samples_in_one_evaluati
 
 @pytest.mark.parametrize("curriculum", [0.0, 1.0])
 def test_meanflow_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, curriculum):
-    make = lambda name, **kw: tiny_config(tmp_path / name, objective="meanflow", mf_guidance=2.0,  # noqa: E731
-                                          mf_curriculum=curriculum, **kw)
-    train(make("straight"), TINY, blobs(), None)
+    make = lambda name, **kw: tiny_config(tmp_path / name, objective="meanflow", **kw)  # noqa: E731
+    mf = MeanFlowConfig(mf_guidance=2.0, mf_curriculum=curriculum)
+    train(make("straight"), TINY, blobs(), None, meanflow=mf)
     original, calls = trainer.EMA.update, []
 
     def interrupted(self, model):
@@ -233,9 +238,9 @@ def test_meanflow_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, curr
         original(self, model)
 
     monkeypatch.setattr(trainer.EMA, "update", interrupted)
-    assert train(make("parts"), TINY, blobs(), None)["step"] == 5
+    assert train(make("parts"), TINY, blobs(), None, meanflow=mf)["step"] == 5
     monkeypatch.setattr(trainer.EMA, "update", original)
-    train(make("parts", resume="auto"), TINY, blobs(), None)
+    train(make("parts", resume="auto"), TINY, blobs(), None, meanflow=mf)
     assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"),
                         load_checkpoint(tmp_path / "parts" / "ck" / "last.pth"))
 
@@ -259,7 +264,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
 
     monkeypatch.setattr(trainer, "mean_flow_loss", failing)
     cfg = tiny_config(tmp_path, objective="meanflow", log_every=100)
-    with pytest.raises(trainer.TrainingDiverged, match=r"became nan at step 9: stopped, and the last good checkpoint is"):
+    message = r"became nan at step 9: stopped, and the last good checkpoint is"
+    with pytest.raises(runlog.TrainingDiverged, match=message):
         train(cfg, TINY, blobs(), None)
     last = load_checkpoint(tmp_path / "ck" / "last.pth")
     assert last["step"] == 6 and all(torch.isfinite(w).all() for w in last["model_state"].values())
@@ -267,30 +273,31 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(objective="meanflow", t_grid=2), "--t-grid"),
-    (dict(objective="meanflow", mf_share=1.5), "--mf-share must lie in"),
-    (dict(objective="meanflow", mf_end_share=-0.1), "--mf-end-share must lie in"),
-    (dict(objective="meanflow", mf_curriculum=2.0), "--mf-curriculum must lie in"),
-    (dict(objective="meanflow", mf_sigma=0.0), "--mf-sigma must be > 0"),
-    (dict(objective="mean"), "unknown --objective 'mean'"),
-    (dict(objective="meanflow", mf_tangent="noise"), "unknown --mf-tangent 'noise'"),
-    (dict(objective="meanflow", mf_derivative="fd"), "unknown --mf-derivative 'fd'"),
+    (dict(t_grid=2), "--t-grid"),
+    (dict(mf_share=1.5), "--mf-share must lie in"),
+    (dict(mf_curriculum=2.0), "--mf-curriculum must lie in"),
+    (dict(mf_sigma=0.0), "--mf-sigma must be > 0"),
+    (dict(mf_guidance=float("nan")), "--mf-guidance >= 0"),
 ])
 def test_impossible_meanflow_settings_are_refused(tmp_path, flags, message):
+    mf = {k: flags.pop(k) for k in list(flags) if k.startswith("mf_")}
     with pytest.raises(ValueError, match=message):
-        train(tiny_config(tmp_path, **flags), TINY, blobs(), None)
+        train(tiny_config(tmp_path, objective="meanflow", **flags), TINY, blobs(), None, meanflow=MeanFlowConfig(**mf))
+    with pytest.raises(ValueError, match="unknown --objective 'mean'"):
+        train(tiny_config(tmp_path, objective="mean"), TINY, blobs(), None)
 
 
 def test_folded_guidance_needs_the_null_label(tmp_path):
     with pytest.raises(ValueError, match="--mf-guidance 2.0 folds classifier-free guidance"):
-        train(tiny_config(tmp_path, objective="meanflow", mf_guidance=2.0, label_dropout=0.0), TINY, blobs(), None)
+        train(tiny_config(tmp_path, objective="meanflow", label_dropout=0.0), TINY, blobs(), None,
+              meanflow=MeanFlowConfig(mf_guidance=2.0))
 
 
 @pytest.mark.parametrize("curriculum", [0.0, 1.0])
 def test_meanflow_trains_under_bf16_autocast(tmp_path, curriculum):
     """The derivative leaves autocast (forward-mode AD refuses its mixed dtypes) and runs in fp32; the loss pass and
     α-Flow's target pass are bf16."""
-    cfg = tiny_config(tmp_path, objective="meanflow", amp="bf16", epochs=1, mf_curriculum=curriculum)
-    summary = train(cfg, TINY, blobs(), None)
+    cfg = tiny_config(tmp_path, objective="meanflow", amp="bf16", epochs=1)
+    summary = train(cfg, TINY, blobs(), None, meanflow=MeanFlowConfig(mf_curriculum=curriculum))
     ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
     assert math.isfinite(summary["loss"]) and ckpt["train_config"]["amp"] == "bf16" and ckpt["step"] == 6

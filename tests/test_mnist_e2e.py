@@ -22,7 +22,8 @@ TINY_FLAGS = ["--base-channels", "16", "--num-res-blocks", "1", "--attention-res
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +91,10 @@ def test_generate_sample_keeps_the_seed_signature(trained):
 
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "nowhere.pth"], "not found"),
-    (["--solver", "rk9"], "invalid choice: 'rk9'"),
-    (["--steps", "0"], "--steps and --per-digit must be >= 1"),
+    (["--solver", "rk9"], "unknown solver 'rk9'"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--per-digit", "0"], "--per-digit must be >= 1"),
+    (["--guidance", "nan"], "guidance must be a finite number"),
     (["--digits", "3,12"], "--digits must be between 0 and 9"),
 ])
 def test_mnist_test_cli_errors(trained, args, message):

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import checkpoint
 import mnist_test
 import pretrained
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -66,11 +67,14 @@ def test_loading_a_folder_unpickles_nothing(pth, tmp_path, monkeypatch):
 
 def test_scripts_take_a_folder(pth, tmp_path):
     folder = pretrained.export(pth, tmp_path / "export")
-    mnist_test.main(["--checkpoint", str(folder), "--digits", "0,2", "--per-digit", "2", "--out", str(tmp_path / "g.png")])
+    mnist_test.main(["--checkpoint", str(folder), "--digits", "0,2", "--per-digit", "2",
+                     "--out", str(tmp_path / "g.png")])
     assert (tmp_path / "g.png").stat().st_size > 100
     before = sha256(folder)
     assert before == sha256(pretrained.export(pth, tmp_path / "again"))  # the same content, the same name
-    pretrained.export(pth, folder, weights="raw")  # an exported folder is replaced as a whole
+    with pytest.raises(ValueError, match="pass --force to replace it"):
+        pretrained.export(pth, folder, weights="raw")  # a committed model is not replaced by accident
+    pretrained.export(pth, folder, weights="raw", force=True)  # an exported folder is replaced as a whole
     assert sha256(folder) != before and json.loads((folder / "config.json").read_text())["weights"] == "raw"
 
 
@@ -102,26 +106,27 @@ def test_bad_folders_get_one_line(pth, tmp_path):
     (folder / "config.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(folder)
-    with pytest.raises(CheckpointError, match="not a local folder|huggingface"):
+    with pytest.raises(ValueError, match="not a local folder|huggingface"):
         ConditionalUNet.from_pretrained(str(tmp_path / "no" / "such"))
 
 
 @pytest.mark.parametrize("name,nfe", [("mnist-1rf", 16), ("mnist-distilled-1", 1)])
 def test_committed_models_load_and_sample_with_their_recorded_sampler(name, nfe):
-    folder = pretrained.PRETRAINED / name
+    folder = checkpoint.PRETRAINED / name
     loaded = load_for_sampling(folder)
     samples = sample_model(loaded.model, 20, torch.arange(20) % 10, loaded.solver, loaded.steps, loaded.guidance)
     assert samples.images.shape == (20, 1, 28, 28) and samples.nfe == nfe
     config = json.loads((folder / "config.json").read_text())
-    assert config["metrics"]["n"] >= 4000 and f"{config['metrics']['accuracy']:.1%}" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert config["metrics"]["n"] >= 4000 and f"{config['metrics']['accuracy']:.1%}" in card
 
 
 def test_mnist_test_uses_the_committed_model_until_make_train_has_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no checkpoints/flow_matching_mnist.pth here
     mnist_test.main(["--digits", "3", "--per-digit", "2", "--solver", "euler", "--steps", "1", "--out", "g.png"])
     assert "using the committed model" in capsys.readouterr().out and (tmp_path / "g.png").is_file()
-    assert pretrained.mnist_checkpoint()[0] == pretrained.PRETRAINED / "mnist-1rf"
+    assert checkpoint.mnist_checkpoint()[0] == checkpoint.PRETRAINED / "mnist-1rf"
     (tmp_path / "checkpoints").mkdir()
-    tiny = tmp_path / pretrained.MNIST_TRAINED
+    tiny = tmp_path / checkpoint.MNIST_TRAINED
     tiny_checkpoint(tiny)
-    assert pretrained.mnist_checkpoint() == (tiny.relative_to(tmp_path), None)
+    assert checkpoint.mnist_checkpoint() == (tiny.relative_to(tmp_path), None)

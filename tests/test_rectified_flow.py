@@ -36,7 +36,8 @@ def photo_run(tmp_path_factory):
             shutil.copy(src, tmp / "photos" / cls)
     summary = rectified_flow_train.main([
         "--data-root", str(tmp / "photos"), "--val-fraction", "0.1", "--epochs", "4", "--keep-last", "2", *SMALL,
-        "--out-dir", str(tmp / "ck"), "--checkpoint", str(tmp / "ck" / "rf_best.pth"), "--sample-dir", str(tmp / "samples")])
+        "--out-dir", str(tmp / "ck"), "--checkpoint", str(tmp / "ck" / "rf_best.pth"),
+        "--sample-dir", str(tmp / "samples")])
     return tmp, summary
 
 
@@ -113,7 +114,8 @@ def test_weights_saved_with_wrapper_prefixes_resume_and_sample(tmp_path):
     resumed = train(tiny_config(tmp_path / "b", epochs=1, resume="auto"), TINY, blobs(), None)
     assert resumed["step"] == 6  # nothing left to train: the prefixed weights were loaded as they are
     assert all(torch.equal(resumed["model"].state_dict()[k], v) for k, v in ckpt["model_state"].items())
-    with_prefix = sample_from_checkpoint(tmp_path / "b" / "ck" / "last.pth", steps=2, batch_size=3, seed=0, device="cpu")
+    with_prefix = sample_from_checkpoint(tmp_path / "b" / "ck" / "last.pth", steps=2, batch_size=3, seed=0,
+                                         device="cpu")
     plain = sample_from_checkpoint(tmp_path / "a" / "ck" / "last.pth", steps=2, batch_size=3, seed=0, device="cpu")
     assert torch.equal(with_prefix, plain)
 
@@ -147,7 +149,8 @@ def test_sample_from_checkpoint_label_errors(tmp_path):
 
     train(tiny_config(tmp_path / "cond", epochs=1), TINY, blobs(), None)
     with pytest.raises(ValueError, match="label 3 is out of range: this model knows classes 0-2"):
-        rectified_flow_train.sample_from_checkpoint(tmp_path / "cond" / "best.pth", labels=[0, 3], steps=1, device="cpu")
+        rectified_flow_train.sample_from_checkpoint(tmp_path / "cond" / "best.pth", labels=[0, 3], steps=1,
+                                                    device="cpu")
     train(tiny_config(tmp_path / "uncond", epochs=1), replace(TINY, num_classes=None), blobs(), None)
     with pytest.raises(ValueError, match="unconditional"):
         rectified_flow_train.sample_from_checkpoint(tmp_path / "uncond" / "best.pth", labels=[0], steps=1, device="cpu")
@@ -170,4 +173,5 @@ def test_cli_errors(args, message, tmp_path, cifar_root):
     base = ["--data-root", str(cifar_root), "--out-dir", str(tmp_path), "--epochs", "1"]
     result = subprocess.run([sys.executable, str(ROOT / "rectified_flow_train.py"), *base, *args],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -122,7 +122,8 @@ def test_mnist_pipeline_pairs_reflow_distill_then_one_step_sampling(tmp_path, mn
     import mnist_train
 
     mnist_train.main(["--data-root", str(mnist_root), "--no-download", "--subset", "640", "--epochs", "1",
-                      "--base-channels", "8", "--num-res-blocks", "1", "--attention-resolutions", "7", "--batch-size", "32",
+                      "--base-channels", "8", "--num-res-blocks", "1", "--attention-resolutions", "7",
+                      "--batch-size", "32",
                       "--lr", "2e-3", "--val-size", "32", "--val-t-points", "1", "--out-dir", str(tmp_path / "rf1"),
                       "--checkpoint", str(tmp_path / "rf1" / "best.pth"), "--device", "cpu"])
     parent = tmp_path / "rf1" / "best.pth"
@@ -131,9 +132,11 @@ def test_mnist_pipeline_pairs_reflow_distill_then_one_step_sampling(tmp_path, mn
     reflow.main(["train", "--pairs", str(tmp_path / "pairs"), "--out-dir", str(tmp_path / "rf2"), *STAGE_FLAGS])
     rf2 = load_checkpoint(tmp_path / "rf2" / "best.pth")
     assert rf2["kind"] == "2-rectified" and rf2["lineage"]["parent_sha256"] == reflow.sha256(parent)
-    assert rf2["lineage"]["pairs"]["count"] == 160 and rf2["sampler"] == {"solver": "euler", "steps": 2, "guidance": 1.0}
+    assert rf2["lineage"]["pairs"]["count"] == 160
+    assert rf2["sampler"] == {"solver": "euler", "steps": 2, "guidance": 1.0}
     assert rf2["train_config"]["init_from"] == str(parent)
-    reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), "--k", "1", "--init-from", str(tmp_path / "rf2" / "best.pth"),
+    reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), "--k", "1",
+                 "--init-from", str(tmp_path / "rf2" / "best.pth"),
                  "--out-dir", str(tmp_path / "d1"), *STAGE_FLAGS])
     d1 = load_checkpoint(tmp_path / "d1" / "best.pth")
     assert d1["kind"] == "distilled-1" and d1["train_config"]["t_grid"] == 1

@@ -1,5 +1,7 @@
 """sampling.py: NFE per image, noise independent of batch size, requests refused before any work."""
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +99,17 @@ def test_labels_may_be_class_names_where_the_checkpoint_records_them(tmp_path):
     assert torch.equal(by_name, by_index)
     with pytest.raises(ValueError, match="unknown label 'bird': labels are one of cat, dog, frog"):
         sample_from_checkpoint(ckpt, labels=["bird"], steps=1, device="cpu")
+
+
+def test_the_seeds_own_call_runs_as_its_readme_writes_it(tmp_path, monkeypatch):
+    """The seed README's `sample_from_checkpoint(checkpoint_path=..., out_path=..., steps=2000, batch_size=4)`, executed
+    verbatim from ../shared/seeds (the public names are a promise)."""
+    readme = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "flow-image-generator-README.md"
+    if not readme.is_file():
+        pytest.skip(f"the seed's README is not at {readme}")
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    call = next(b for b in blocks if "checkpoint_path=" in b and "sample_from_checkpoint(" in b)
+    monkeypatch.chdir(tmp_path)
+    tiny_checkpoint(tmp_path / "checkpoints" / "rf_best.pth", TINY)
+    exec(compile(call, "seed README", "exec"), {})
+    assert (tmp_path / "samples" / "sample.png").stat().st_size > 100

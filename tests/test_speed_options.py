@@ -69,8 +69,8 @@ def test_bad_layout_is_a_clear_error(tmp_path):
 
 def test_bf16_training_step_on_the_cpu(tmp_path):
     cfg = tiny_config(tmp_path, amp="bf16")
-    parts = build(cfg, TINY, Runtime(CPU))
-    with parts.autocast:
+    parts = build(cfg, TINY, Runtime(CPU, amp="bf16"))
+    with parts.rt.autocast():
         out = parts.net(torch.zeros(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1]))
     assert out.dtype == torch.bfloat16  # autocast is really on
     before = [p.detach().clone() for p in parts.model.parameters()]
@@ -80,5 +80,5 @@ def test_bf16_training_step_on_the_cpu(tmp_path):
     assert all(p.dtype == torch.float32 for p in parts.model.parameters())  # master weights stay fp32
     assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
     assert all(p.is_contiguous() for p in parts.model.parameters() if p.dim() == 4)  # NCHW, not channels_last
-    nhwc = build(tiny_config(tmp_path, amp="none", channels_last="on"), TINY, Runtime(CPU))
+    nhwc = build(tiny_config(tmp_path, amp="none", channels_last="on"), TINY, Runtime(CPU, channels_last=True))
     assert not all(p.is_contiguous() for p in nhwc.model.parameters() if p.dim() == 4)  # --channels-last on is NHWC

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import device
 import trainer
 from checkpoint import CheckpointError, load_checkpoint
 from device import Runtime, setup_runtime
 from helpers import TINY, assert_same_weights, blobs, tiny_config
-from trainer import TrainConfig, build, learning_rate, train, train_step
+from budget import learning_rate
+from config import TrainConfig
+from trainer import build, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -54,7 +57,8 @@ def test_hflip_is_applied_and_repeats_on_resume(tmp_path, monkeypatch):
     parts = build(cfg, TINY, Runtime(CPU))
     seen = []
     loss = trainer.flow_matching_loss
-    monkeypatch.setattr(trainer, "flow_matching_loss", lambda net, x1, *a: (seen.append(x1.clone()), loss(net, x1, *a))[1])
+    spy = lambda net, x1, *a: (seen.append(x1.clone()), loss(net, x1, *a))[1]
+    monkeypatch.setattr(trainer, "flow_matching_loss", spy)
     x = torch.arange(64.0).view(1, 1, 8, 8).repeat(32, 1, 1, 1) / 64  # not mirror-symmetric
     y = torch.zeros(32, dtype=torch.long)
     for step in (5, 5, 6):
@@ -100,7 +104,8 @@ def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
 def test_impossible_settings_are_refused_before_any_data_is_read(flag, value, message, tmp_path, monkeypatch):
     import mnist_train
 
-    monkeypatch.setattr(mnist_train, "load_mnist", lambda *a, **k: pytest.fail("data read before the flags were checked"))
+    early = lambda *a, **k: pytest.fail("data read before the flags were checked")
+    monkeypatch.setattr(mnist_train, "load_mnist", early)
     with pytest.raises(ValueError, match=re.escape(message)):
         mnist_train.main(["--out-dir", str(tmp_path / "ck"), flag, value])
     assert not (tmp_path / "ck").exists()
@@ -109,7 +114,8 @@ def test_impossible_settings_are_refused_before_any_data_is_read(flag, value, me
 def test_a_refused_setting_is_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "mnist_train.py"), "--epochs", "0", "--out-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and result.stderr.strip() == "error: --epochs must be >= 1, got 0", result.stderr[-2000:]
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert result.stderr.strip() == "error: --epochs must be >= 1, got 0", result.stderr[-2000:]
 
 
 def test_max_steps_mid_epoch_names_only_files_that_exist(tmp_path):
@@ -126,7 +132,8 @@ def test_select_by_picks_the_published_epoch(select_by, epoch, tmp_path, monkeyp
     assert load_checkpoint(tmp_path / "best.pth")["epoch"] == epoch and summary["best_val_loss"] == 0.5
 
 
-@pytest.mark.parametrize("capability,expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+@pytest.mark.parametrize("capability,expected",
+                         [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_auto_amp_on_cuda_uses_bf16_only_where_it_is_native(monkeypatch, capability, expected):
     from device import resolve_amp
 
@@ -145,7 +152,7 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
 
 def test_resume_a_run_with_fp16_gets_a_fresh_grad_scaler(tmp_path, monkeypatch):
     train(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
-    monkeypatch.setattr(trainer, "resolve_amp", lambda amp, device: amp)  # fp16 autocast + scaler on the CPU
+    monkeypatch.setattr(device, "resolve_amp", lambda amp, where: amp)  # fp16 autocast + scaler on the CPU
     summary = train(tiny_config(tmp_path, amp="fp16", resume="auto"), TINY, blobs(), None)
     assert summary["step"] == 12 and load_checkpoint(tmp_path / "ck" / "last.pth")["scaler_state"]["scale"] > 0
 
@@ -174,7 +181,8 @@ def test_kill_9_then_resume_from_the_periodic_save_equals_an_uninterrupted_run(t
     straight = train(tiny_config(tmp_path / "straight", epochs=3), TINY, blobs(), None)
     # save_every 1e-9 minutes: last.pth after every step; the process sleeps per step so the kill lands mid-epoch
     code = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
-            "from pathlib import Path; import trainer; from helpers import TINY, assert_same_weights, blobs, tiny_config\n"
+            "from pathlib import Path; import trainer\n"
+            "from helpers import TINY, assert_same_weights, blobs, tiny_config\n"
             "step = trainer.train_step\n"
             "trainer.train_step = lambda *a, **k: (time.sleep(0.3), step(*a, **k))[1]\n"
             "trainer.train(tiny_config(Path(sys.argv[2]), epochs=3, save_every=1e-9), TINY, blobs(), None)\n")
@@ -240,8 +248,8 @@ def test_ddp_keeps_ranks_in_step_validates_on_all_and_logs_the_global_loss(tmp_p
     # 96 images / 2 ranks / 8 per rank = 6 steps per epoch: the global batch of 16 is split, not doubled.
     ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
     assert ckpt["step"] == 12 and ckpt["loss"] == pytest.approx(r0["loss"])
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "epoch_1.pth", "epoch_2.pth", "last.pth",
-                                                                    "log.jsonl", "loss.png"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "epoch_1.pth", "epoch_2.pth",
+                                                                    "last.pth", "log.jsonl", "loss.png"]
     assert result.stdout.count("epoch 2/2  step 12") == 1  # rank 0 prints, rank 1 does not
     single = model_from_checkpoint(ckpt, use_ema=False)
     assert all(torch.equal(single.state_dict()[k], r0["weights"][k]) for k in r0["weights"])
@@ -277,12 +285,13 @@ def test_checkpoints_are_synced_to_disk_before_and_after_the_rename(tmp_path, mo
     assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)  # the file's data, then the folder entry
 
 
-def test_train_speed_benchmark_configures_backends_as_training_does(monkeypatch):
+def test_train_speed_benchmark_sets_up_as_training_does(monkeypatch):
     import benchmark
 
     calls = []
-    monkeypatch.setattr(benchmark, "configure_backends", lambda deterministic: calls.append(deterministic))
-    row = benchmark.train_speed("mnist", ["--preset", "cpu", "--base-channels", "8", "--batch-size", "4"], steps=1, warmup=0)
+    monkeypatch.setattr(device, "configure_backends", lambda deterministic: calls.append(deterministic))
+    flags = ["--preset", "cpu", "--base-channels", "8", "--batch-size", "4"]
+    row = benchmark.train_speed("mnist", flags, steps=1, warmup=0)
     assert calls == [False] and row["images_per_s"] > 0
 
 
@@ -290,7 +299,7 @@ def test_a_loss_plot_with_nothing_to_label_writes_no_warning(tmp_path):
     import json
     import warnings
 
-    from trainer import plot_losses
+    from runlog import plot_losses
 
     log = tmp_path / "log.jsonl"  # a run shorter than --log-every, without a validation set
     log.write_text(json.dumps({"kind": "epoch", "step": 3, "loss": 0.5, "val_loss": None}) + "\n")

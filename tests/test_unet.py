@@ -20,7 +20,8 @@ def test_output_shape(size, mult, num_classes, upsample_conv):
 
 def test_upsample_conv_off_drops_the_conv_after_each_upsampling():
     def convs(model: ConditionalUNet) -> list[tuple[int, int, int]]:
-        return [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        return [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in convs]
 
     cfg = UNetConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1)
     with_conv, without = convs(ConditionalUNet(cfg)), convs(ConditionalUNet(replace(cfg, upsample_conv=False)))
@@ -48,7 +49,8 @@ def test_labels_change_the_output():
     assert not torch.allclose(model(x, t, torch.tensor([1])), model(x, t, torch.tensor([7])))
 
 
-@pytest.mark.parametrize("bad", [dict(image_size=30), dict(base_channels=12), dict(image_size=28, channel_mult=(1, 2, 2, 2))])
+@pytest.mark.parametrize("bad", [dict(image_size=30), dict(base_channels=12),
+                                 dict(image_size=28, channel_mult=(1, 2, 2, 2))])
 def test_bad_config_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="multiple"):
         ConditionalUNet(UNetConfig(**bad))

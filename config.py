@@ -1,0 +1,95 @@
+"""TrainConfig: how to train, every field a flag of the training scripts, and the checks it gets before a run starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from budget import LR_SCHEDULES
+from cli import flag
+from flow import OBJECTIVES, T_SCHEDULES
+from runlog import LOGGERS
+from unet import UNetConfig
+
+
+@dataclass
+class TrainConfig:
+    """How to train; every field is a command-line flag of the training scripts."""
+
+    epochs: int = 20  # passes over the training set
+    batch_size: int = 64  # global batch, split over GPUs / DDP ranks
+    lr: float = 1e-4  # AdamW learning rate after warm-up
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (both decay to 0 at the run's end)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.999  # EMA decay (with warm-up), used for sampling and validation
+    label_dropout: float = 0.1  # share of labels replaced by the null token (classifier-free guidance)
+    t_schedule: str = "uniform"  # training-time distribution: uniform | logit-normal (flow matching)
+    objective: str = "flow-matching"  # flow-matching | meanflow (average velocities: one-step sampling, one run)
+    t_grid: int = 0  # 0 = continuous t; k = t in {0, 1/k, ..., (k-1)/k}: trains a k-step Euler map (distillation)
+    hflip: bool = False  # random horizontal flips (not for digits)
+    seed: int = 0  # seeds data order, noise, times and dropout
+    device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU) | cpu | cuda | cuda:N | mps
+    parallel: str = "auto"  # auto (DDP under torchrun, else one device) | dp (DataParallel) | none
+    num_workers: int = 0  # data-loader worker processes
+    amp: str = "none"  # autocast: none | bf16 | fp16 | auto (bf16 where native, fp16 on older GPUs, else none)
+    channels_last: str = "auto"  # NHWC memory layout: on | off | auto (where faster; see device.py)
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # deterministic cuDNN kernels, no TF32 (slower); off = cudnn.benchmark + TF32
+    out_dir: str = "checkpoints"  # epoch_N.pth, last.pth, log.jsonl, loss.png, config.json
+    checkpoint: str = "{out_dir}/best.pth"  # copy of the epoch chosen by --select-by
+    select_by: str = "val-loss"  # which epoch the checkpoint holds: val-loss (the lowest) | last
+    sample_dir: str = "{out_dir}/samples"  # one sample grid PNG per epoch
+    resume: str = ""  # checkpoint to resume from, or "auto" for OUT_DIR/last.pth
+    init_from: str = ""  # start from this checkpoint's EMA weights (same model config) instead of random ones
+    save_every: float = 10.0  # minutes between saves of last.pth inside an epoch (crash safety); 0 = epoch ends only
+    keep_last: int = 5  # epoch_N.pth files kept on disk; 0 keeps all
+    log_every: int = 50  # steps between log.jsonl records and progress-bar updates
+    logger: str = "jsonl"  # jsonl | tensorboard (also TensorBoard events in OUT_DIR/tensorboard)
+    val_t_points: int = 8  # validation loss averages over this fixed grid of t values
+    max_steps: int = 0  # stop after this many optimizer steps in total (the LR schedule is unchanged); 0 = no limit
+    time_budget: float = 0.0  # minutes for the whole run, replacing --epochs; the LR schedule ends with it; 0 = off
+    time_limit: float = 0.0  # minutes the run may take at most: the epochs, or an earlier fitted end; 0 = off
+
+
+def run_kind(cfg: TrainConfig) -> str:
+    """The kind a training script's checkpoints record: meanflow, or a first rectified flow."""
+    return "meanflow" if cfg.objective == "meanflow" else "1-rectified"
+
+
+def output_path(template: str, cfg: TrainConfig) -> Path:
+    """A path flag with {out_dir} filled in."""
+    return Path(template.replace("{out_dir}", cfg.out_dir))
+
+
+def objective_model_config(cfg: TrainConfig, model_cfg: UNetConfig) -> UNetConfig:
+    """The model config the objective trains: meanflow's U-Net takes the jump's end time too."""
+    if model_cfg.average_velocity and cfg.objective != "meanflow":
+        raise ValueError("--average-velocity is set by --objective meanflow; flow matching trains the velocity only")
+    return replace(model_cfg, average_velocity=True) if cfg.objective == "meanflow" else model_cfg
+
+
+def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
+    """Reject settings that would fail later (deep inside torch) or silently do nothing; world = processes."""
+    choices = {"t_schedule": T_SCHEDULES, "objective": OBJECTIVES, "lr_schedule": LR_SCHEDULES,
+               "amp": ("none", "bf16", "fp16", "auto"), "channels_last": ("on", "off", "auto"),
+               "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last"), "logger": LOGGERS}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
+                "t_grid": 0, "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0,
+                "time_budget": 0, "time_limit": 0}
+    for name, low in at_least.items():
+        if not getattr(cfg, name) >= low:  # (not >=: NaN fails too)
+            raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    for name in ("ema_decay", "label_dropout"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
+    if cfg.objective == "meanflow" and cfg.t_grid:
+        raise ValueError("--t-grid (k-step distillation) trains a velocity at k times; --objective meanflow "
+                         "trains average velocities: use one of the two")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
