@@ -1,4 +1,5 @@
 """The README's commands name scripts, sub-commands and flags that exist, and it stays the front door."""
+import json
 import re
 import shlex
 import subprocess
@@ -44,7 +45,7 @@ def test_every_readme_command_uses_flags_its_script_has(command):
 
 
 def test_the_readme_is_short_and_names_no_sibling_folder():
-    assert len(README.encode()) <= 12_288
+    assert len(README.encode()) <= 10_240
     assert "../shared" not in README
     assert len(commands()) >= 15  # the parser found the command blocks
 
@@ -58,3 +59,45 @@ def test_every_link_between_docs_pages_resolves():
     for page in (ROOT / "docs").glob("*.md"):
         for target in re.findall(r"\]\(([^)#:]+)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name}: {target}"
+
+
+def json_rows(path: str) -> list[dict]:
+    return json.loads((ROOT / "docs" / path).read_text())["rows"]
+
+
+def one(rows: list[dict], **match) -> dict:
+    """The one row whose fields equal match."""
+    found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    assert len(found) == 1, (match, len(found))
+    return found[0]
+
+
+def test_the_readme_quotes_figures_as_the_json_behind_them_has_them():
+    equal_time = json_rows("meanflow/zen4-alphaflow/fewstep.json")
+    meanflow = one(equal_time, checkpoint="runs/eq/mf_c100/flow.pth", recommended=True)
+    distilled = one(equal_time, checkpoint="runs/eq2/d1/flow.pth", recommended=True)
+    flow = one(equal_time, checkpoint="runs/eq2/fm/flow.pth", recommended=True)
+    assert (f"one step (1 NFE) after {distilled['minutes']:.1f} min of training, MNIST | excess Fréchet "
+            f"{meanflow['excess']:.1f} (MeanFlow, one run) vs {distilled['excess']:.1f} (reflow + distillation); the "
+            f"first flow at {flow['nfe']} NFE after {flow['minutes']:.1f} min: {flow['excess']:.1f}") in README
+    avx2 = one(json_rows("meanflow/fewstep.json"), kind="1-rectified", solver="midpoint", steps=4)
+    assert f"{avx2['accuracy']:.1%} of digits as asked, N = {avx2['n']:,}" in README
+    inversion = json_rows("inversion/inversion.json")
+    euler8 = one(inversion, kind="2-rectified", solver="euler", steps=8)["psnr"]
+    bpd = [one(inversion, kind=kind, solver="dopri5")["bpd"] for kind in ("2-rectified", "1-rectified")]
+    assert f"({euler8:.1f} dB at 8); {bpd[0]:.2f} vs {bpd[1]:.2f} bits/dim" in README
+
+
+def test_every_generated_docs_table_equals_its_json():
+    sys.path.insert(0, str(ROOT / "docs"))
+    import tables
+
+    assert tables.main(["--check"]) == 0, "run `python docs/tables.py` to regenerate"
+
+
+def test_the_readme_quotes_the_make_train_model_as_its_json_has_it():
+    flow = one(json_rows("meanflow/zen4-alphaflow/fewstep.json"), checkpoint="runs/eq2/fm/flow.pth", recommended=True)
+    second = one(json_rows("meanflow/zen4-alphaflow/bn-cnn/fewstep.json"), checkpoint="runs/eq2/fm/flow.pth",
+                 recommended=True)
+    assert (f"| {flow['accuracy']:.1%}, excess Fréchet {flow['excess']:.1f} (floor {flow['floor']:.1f}); "
+            f"{second['accuracy']:.1%} by a second, BatchNorm CNN |") in README
