@@ -30,10 +30,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 import torch
 
-from checkpoint import MNIST_TRAINED, CheckpointError
-from cli import add_flags, config_from, parse_configs
+from checkpoint import MNIST_TRAINED
+from cli import add_flags, config_from, parse_configs, run
 from config import objective_model_config
-from data import DataError, load_mnist
+from data import load_mnist
 from device import cpu_class, cpu_name, isa_caps
 from editing import gaussianity, invert_model, psnr, regenerate
 from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
@@ -261,13 +261,11 @@ def subset_fids(name: str, feats: torch.Tensor, n: int, mu: torch.Tensor, sigma:
 
 def fid_sizes(checkpoint: str, real_dir: str, n: int, sizes: list[int], sample: SampleConfig,
               stats_cache: str = STATS_DIR) -> dict:
-    """What an FID at small N means: real-vs-real and generated-vs-real FID at each N, and the Inception's speed.
-
-    The folder is split into two disjoint halves (even / odd files, so both keep every class): the
-    real rows compare n images of one half with the whole other half (the floor), the generated rows
-    compare n generated images with that same half. The real statistics of the whole folder are cached
-    on the way, so `evaluate.py fid --n-real ALL` reuses them.
-    """
+    """What an FID at small N means: real-vs-real and generated-vs-real FID at each N, and the Inception's speed. The
+    folder is split into two disjoint halves (even / odd files, so both keep every class): the real rows compare n
+    images of one half with the whole other half (the floor), the generated rows compare n generated images with that
+    same half. The real statistics of the whole folder are cached on the way, so `evaluate.py fid --n-real ALL` reuses
+    them."""
     loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, sample.device)
     model, solver, steps, guidance = loaded.model, loaded.solver, loaded.steps, loaded.guidance
     device, sizes, files = next(model.parameters()).device, sorted(sizes), real_files(real_dir, None)
@@ -490,7 +488,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

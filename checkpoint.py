@@ -44,10 +44,8 @@ def clean_state_dict(state: dict) -> dict:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write atomically and durably: a synced temp file in the same folder, os.replace, then sync the folder.
-
-    Without the fsyncs a power loss can leave a zero-length file renamed over the last good checkpoint.
-    """
+    """Write atomically and durably: a synced temp file in the same folder, os.replace, then sync the folder. Without
+    the fsyncs a power loss can leave a zero-length file renamed over the last good checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -217,11 +215,9 @@ def check_same_model(ckpt: dict, model_cfg: UNetConfig, path: str) -> None:
 
 def check_resume(ckpt: dict, model_cfg: UNetConfig, batch_size: int, steps_per_epoch: int, world: int,
                  path: str) -> None:
-    """The checkpoint must hold the model we are about to train, and the same steps per epoch.
-
-    Another batch size, number of processes or training set changes how steps map to epochs and
-    data, so the resumed run would silently train on other batches: refused.
-    """
+    """The checkpoint must hold the model we are about to train, and the same steps per epoch. Another batch size,
+    number of processes or training set changes how steps map to epochs and data, so the resumed run would silently
+    train on other batches: refused."""
     check_same_model(ckpt, model_cfg, path)
     was = {"--batch-size": ckpt.get("train_config", {}).get("batch_size"), "processes": ckpt.get("world_size", 1),
            "steps per epoch": ckpt.get("steps_per_epoch")}

@@ -10,7 +10,10 @@ import sys
 import types
 import typing
 from dataclasses import fields, is_dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from checkpoint import CheckpointError
+from data import DataError
 
 
 def flag(name: str) -> str:
@@ -75,11 +78,9 @@ def field_comments(config_cls: type) -> dict[str, str]:
 def parse_configs(configs: Sequence[Any], presets: dict[str, dict[str, Any]] | None = None,
                   default_preset: str | None = None, argv: Sequence[str] | None = None,
                   description: str = "") -> tuple[list[Any], str | None]:
-    """Parse argv into copies of `configs` (dataclass instances holding the defaults).
-
-    Returns the filled configs and the preset name used. A preset's keys may belong to any of the
-    configs; a key that belongs to none is a programming error and raises.
-    """
+    """Parse argv into copies of `configs` (dataclass instances holding the defaults). Returns the filled configs and
+    the preset name used. A preset's keys may belong to any of the configs; a key that belongs to none is a programming
+    error and raises."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
@@ -99,3 +100,12 @@ def parse_configs(configs: Sequence[Any], presets: dict[str, dict[str, Any]] | N
     if stray:
         raise KeyError(f"preset keys {sorted(stray)} belong to no config")
     return filled, preset
+
+
+def run(main: Callable[[], object]) -> None:
+    """A script's main(), with the errors a user can act on (a missing or foreign file, bad data, a value no run can
+    use) printed as one line, `error: ...`, and exit status 1, instead of a traceback."""
+    try:
+        main()
+    except (CheckpointError, DataError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

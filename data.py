@@ -27,11 +27,9 @@ class DataError(Exception):
 
 
 class ShardedSampler(Sampler[int]):
-    """A fresh permutation per epoch from (seed, epoch), split over ranks, that can start mid-epoch.
-
-    Plays the role of DistributedSampler + set_epoch, and also lets a resumed run skip the
-    batches it already trained on without loading them.
-    """
+    """A fresh permutation per epoch from (seed, epoch), split over ranks, that can start mid-epoch. Plays the role of
+    DistributedSampler + set_epoch, and also lets a resumed run skip the batches it already trained on without loading
+    them."""
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world

@@ -20,13 +20,11 @@ _kept = False  # whether keep_freed_memory has run in this process
 
 
 def keep_freed_memory() -> None:
-    """Let glibc keep freed tensors for reuse instead of returning them to the OS (Linux; elsewhere nothing).
-
-    glibc serves blocks over 32 MB with mmap and unmaps them on free, so every batch of a large sampling,
-    training or Inception pass would page-fault its activations in afresh, spending much of its CPU time
-    in the kernel (docs/cpu-performance.md). Process-wide and idempotent: sampling, training and the
-    Inception call it themselves, so a notebook gets it as the scripts do. Memory stays at its peak instead.
-    """
+    """Let glibc keep freed tensors for reuse instead of returning them to the OS (Linux; elsewhere nothing). glibc
+    serves blocks over 32 MB with mmap and unmaps them on free, so every batch of a large sampling, training or
+    Inception pass would page-fault its activations in afresh, spending much of its CPU time in the kernel
+    (docs/cpu-performance.md). Process-wide and idempotent: sampling, training and the Inception call it themselves, so
+    a notebook gets it as the scripts do. Memory stays at its peak instead."""
     global _kept
     if _kept:
         return
@@ -81,10 +79,8 @@ def cpu_has_amx() -> bool:
 
 
 def cpu_native_bf16() -> bool:
-    """bf16 arithmetic in hardware, uncapped: AMX, or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later).
-
-    There bf16 autocast is faster than fp32; elsewhere it is emulated, and far slower (docs/cpu-performance.md).
-    """
+    """bf16 arithmetic in hardware, uncapped: AMX, or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later). There bf16
+    autocast is faster than fp32; elsewhere it is emulated, and far slower (docs/cpu-performance.md)."""
     return cpu_has_amx() or (not isa_caps() and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
@@ -115,12 +111,10 @@ def cuda_native_bf16(device: torch.device) -> bool:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """The autocast dtype --amp gives on this device: none | bf16 | fp16.
-
-    auto = bf16 on GPUs with native bf16 and on CPUs with hardware bf16 (AMX, AVX512-BF16); fp16 (with
-    the grad scaler) on older GPUs; none elsewhere. fp16 on the CPU is slower than fp32, so it is a no-op
-    there, and MPS runs fp32 unless asked (its autocast coverage differs between macOS releases).
-    """
+    """The autocast dtype --amp gives on this device: none | bf16 | fp16. auto = bf16 on GPUs with native bf16 and on
+    CPUs with hardware bf16 (AMX, AVX512-BF16); fp16 (with the grad scaler) on older GPUs; none elsewhere. fp16 on the
+    CPU is slower than fp32, so it is a no-op there, and MPS runs fp32 unless asked (its autocast coverage differs
+    between macOS releases)."""
     if amp == "auto":
         if device.type == "cuda":
             return "bf16" if cuda_native_bf16(device) else "fp16"
@@ -139,12 +133,9 @@ def resolve_compile(compile_: bool, device: torch.device) -> bool:
 
 
 def resolve_channels_last(channels_last: str, device: torch.device, amp: str) -> bool:
-    """Whether --channels-last gives NHWC here.
-
-    auto = on for GPUs and for fp32 on AVX-512 CPUs; off with bf16 on the CPU (GroupNorm is much slower in
-    NHWC there), on AVX2 CPUs (NHWC convolution backward and GroupNorm are slower) and on MPS (NHWC
-    convolutions less tested). The measurements: docs/cpu-performance.md.
-    """
+    """Whether --channels-last gives NHWC here. auto = on for GPUs and for fp32 on AVX-512 CPUs; off with bf16 on the
+    CPU (GroupNorm is much slower in NHWC there), on AVX2 CPUs (NHWC convolution backward and GroupNorm are slower) and
+    on MPS (NHWC convolutions less tested). The measurements: docs/cpu-performance.md."""
     if channels_last != "auto":
         return channels_last == "on"
     if device.type == "cpu":
@@ -240,10 +231,8 @@ def global_max(values: list[float], rt: Runtime) -> list[float]:
 
 
 class StopRequest:
-    """Ctrl-C as a flag checked between steps, so a checkpoint never holds a half-applied step.
-
-    A second Ctrl-C interrupts at once. Outside the main thread (where signals cannot be caught) it is a no-op.
-    """
+    """Ctrl-C as a flag checked between steps, so a checkpoint never holds a half-applied step. A second Ctrl-C
+    interrupts at once. Outside the main thread (where signals cannot be caught) it is a no-op."""
 
     def __init__(self):
         self.requested = False

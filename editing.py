@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 from torch import nn
 
-from checkpoint import MNIST_TRAINED, CheckpointError
-from cli import add_flags, config_from
+from checkpoint import MNIST_TRAINED
+from cli import add_flags, config_from, run
 from data import DataError, ImageFolder, find_images, load_mnist, readable
 from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, Loaded, SampleConfig, check_guidance, check_labels, check_request,
                       flow_batches, load_for_sampling, save_grid)
@@ -97,11 +96,9 @@ def regenerate(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor | Non
 
 def class_swap(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
                solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, guidance: float = 1.0) -> torch.Tensor:
-    """Each image (B, C, H, W) in [0, 1] redrawn as every target class: (B, T, C, H, W).
-
-    Inversion runs under the image's own label at w = 1 (the flow that maps its noise to it exactly); the
-    regeneration under each target label at guidance w.
-    """
+    """Each image (B, C, H, W) in [0, 1] redrawn as every target class: (B, T, C, H, W). Inversion runs under the
+    image's own label at w = 1 (the flow that maps its noise to it exactly); the regeneration under each target label at
+    guidance w."""
     check_labels(targets, model.config.num_classes)
     noise = invert_model(model, images, labels, solver, steps).noise
     swapped = regenerate(model, noise.repeat_interleave(len(targets), 0), targets.repeat(len(images)), solver, steps,
@@ -124,11 +121,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 def interpolate(model: nn.Module, pair: torch.Tensor, labels: torch.Tensor | None, frames: int = 8,
                 solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS) -> torch.Tensor:
-    """frames images (frames, C, H, W) in [0, 1] from pair[0] to pair[1] (2, C, H, W) through their inverted noises.
-
-    Two images of one class interpolate under that label; of two classes, under the null label (the unconditional
-    flow, w = 0), which needs a model trained with label dropout.
-    """
+    """frames images (frames, C, H, W) in [0, 1] from pair[0] to pair[1] (2, C, H, W) through their inverted noises. Two
+    images of one class interpolate under that label; of two classes, under the null label (the unconditional flow, w =
+    0), which needs a model trained with label dropout."""
     if frames < 2:
         raise ValueError(f"frames must be >= 2 (the two ends), got {frames}")
     y, guidance = labels, 1.0
@@ -288,7 +283,4 @@ def interpolate_pairs(loaded: Loaded, data_root: str | None, image_dir: str | No
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -8,11 +8,9 @@ from torch import nn
 
 
 class EMA:
-    """ema = decay·ema + (1-decay)·weights after every optimizer step.
-
-    With warm-up the decay starts small, min(decay, (1 + n) / (10 + n)) after n updates, so the
-    average is not dominated by the random initialisation for the first ~1/(1-decay) steps.
-    """
+    """ema = decay·ema + (1-decay)·weights after every optimizer step. With warm-up the decay starts small, min(decay,
+    (1 + n) / (10 + n)) after n updates, so the average is not dominated by the random initialisation for the first
+    ~1/(1-decay) steps."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         if not 0.0 <= decay <= 1.0:

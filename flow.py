@@ -32,12 +32,9 @@ ALPHA_STEEPNESS, ALPHA_SNAP = 25.0, 0.005
 
 
 def noise_seed(seed: int, i: int) -> int:
-    """Generator seed of sample i under `seed`.
-
-    torch's CPU generator keeps 32 bits of a seed. Multiplying by 2^32 / golden ratio spreads nearby seeds far
-    apart there: seeds within 1,000 of each other share none of their first 1.9 million samples (with seed + i,
-    seed 1 would redraw seed 0's samples shifted by one).
-    """
+    """Generator seed of sample i under `seed`. torch's CPU generator keeps 32 bits of a seed. Multiplying by 2^32 /
+    golden ratio spreads nearby seeds far apart there: seeds within 1,000 of each other share none of their first 1.9
+    million samples (with seed + i, seed 1 would redraw seed 0's samples shifted by one)."""
     return (seed * 0x9E3779B1 + i) % 2**32
 
 
@@ -96,10 +93,8 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
 def flow_matching_loss(model: nn.Module, x1: torch.Tensor, y: torch.Tensor | None = None,
                        num_classes: int | None = None, label_dropout: float = 0.1, t_schedule: str = "uniform",
                        x0: torch.Tensor | None = None, t_grid: int = 0) -> torch.Tensor:
-    """MSE between model(x_t, t, y) and x1 - x0 for data x1: (B, C, H, W) in [-1, 1].
-
-    x0 is fresh noise, or the noise a reflow pair was drawn from (then x1 is that pair's image).
-    """
+    """MSE between model(x_t, t, y) and x1 - x0 for data x1: (B, C, H, W) in [-1, 1]. x0 is fresh noise, or the noise a
+    reflow pair was drawn from (then x1 is that pair's image)."""
     x0 = torch.randn_like(x1) if x0 is None else x0
     t = sample_t(x1.shape[0], t_schedule, x1.device, t_grid)
     if y is not None and label_dropout > 0:
@@ -169,10 +164,9 @@ def total_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: 
 
 def difference_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor,
                           y: torch.Tensor | None, v: torch.Tensor, h: float = 1e-4) -> torch.Tensor:
-    """du/dt as total_derivative's, (B, C, H, W), by a central difference along (v, 1) in one fp32 pass of 2B items.
-
-    Its error is O(h²) plus fp32 rounding / h, smallest near h = 1e-4 on a trained U-Net; it costs two forward passes
-    where the JVP costs several (docs/meanflow.md)."""
+    """du/dt as total_derivative's, (B, C, H, W), by a central difference along (v, 1) in one fp32 pass of 2B items. Its
+    error is O(h²) plus fp32 rounding / h, smallest near h = 1e-4 on a trained U-Net; it costs two forward passes where
+    the JVP costs several (docs/meanflow.md)."""
     y2 = torch.cat([y, y]) if y is not None else None
     x2, t2, end2 = torch.cat([x + h * v, x - h * v]), torch.cat([t + h, t - h]), torch.cat([t_end, t_end])
     up, down = model(x2, t2, y2, end2).chunk(2)
@@ -182,12 +176,11 @@ def difference_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_
 @torch.no_grad()
 def interval_target(plain: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, y: torch.Tensor | None,
                     v: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
-    """Target (B, C, H, W) of u(x, t, t_end), in v's dtype, for x on the path at t < t_end (B,) with velocity v.
-
-    alpha 0: MeanFlow's v + (t_end - t)·du/dt (Geng et al. 2025, Eq. 10), du/dt by central difference in fp32.
-    alpha in (0, 1]: α-Flow's α·v + (1 - α)·u(x_s, s, t_end) at s = t + α·(t_end - t), x_s = x + α·(t_end - t)·v
-    (Zhang et al. 2025, arXiv 2510.20771): a step of α of the interval along v, then the model's own average velocity
-    over the rest, one forward under the caller's autocast. For small α it is u + α·(MeanFlow's target - u) + O(α²)."""
+    """Target (B, C, H, W) of u(x, t, t_end), in v's dtype, for x on the path at t < t_end (B,) with velocity v. alpha
+    0: MeanFlow's v + (t_end - t)·du/dt (Geng et al. 2025, Eq. 10), du/dt by central difference in fp32. alpha in (0,
+    1]: α-Flow's α·v + (1 - α)·u(x_s, s, t_end) at s = t + α·(t_end - t), x_s = x + α·(t_end - t)·v (Zhang et al. 2025,
+    arXiv 2510.20771): a step of α of the interval along v, then the model's own average velocity over the rest, one
+    forward under the caller's autocast. For small α it is u + α·(MeanFlow's target - u) + O(α²)."""
     if alpha > 0:
         step = alpha * (t_end - t)
         rest = plain(x + step.view(-1, 1, 1, 1) * v, t + step, y, t_end).float() if alpha < 1 else 0
@@ -201,15 +194,13 @@ def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg
                    num_classes: int | None, label_dropout: float, guidance: float = 1.0, x0: torch.Tensor | None = None,
                    plain: nn.Module | None = None, alpha: float = 0.0) -> torch.Tensor:
     """MeanFlow loss (Geng et al. 2025, Eq. 9-10) for data x1 (B, C, H, W) in [-1, 1]: ||u(x_t, t, t_end) -
-    sg(target)||² per image, weighted by sg(1 / (||error||² + c)^p) (p = cfg.mf_weight_power; 0 is the MSE).
-
-    The first round(share·B) items get an interval t < t_end (interval_target), the rest t_end = t, where the target is
-    v = x1 - x0. guidance w != 1 folds classifier-free guidance into the target (the paper's Eq. 13-14): v becomes
-    w·v + (1 - w)·u(x_t, t, t | no label) for the items that kept their label, so one evaluation samples guided. The
-    target runs without autograd on plain (the unwrapped module; net, under the caller's autocast, is what gradients
-    flow through). alpha > 0 scales the interval items' weight by α, as α-Flow's released code does, so that under
-    the adaptive weight the gradient keeps MeanFlow's scale while the error shrinks like α.
-    """
+    sg(target)||² per image, weighted by sg(1 / (||error||² + c)^p) (p = cfg.mf_weight_power; 0 is the MSE). The first
+    round(share·B) items get an interval t < t_end (interval_target), the rest t_end = t, where the target is v = x1 -
+    x0. guidance w != 1 folds classifier-free guidance into the target (the paper's Eq. 13-14): v becomes w·v + (1 -
+    w)·u(x_t, t, t | no label) for the items that kept their label, so one evaluation samples guided. The target runs
+    without autograd on plain (the unwrapped module; net, under the caller's autocast, is what gradients flow through).
+    alpha > 0 scales the interval items' weight by α, as α-Flow's released code does, so that under the adaptive weight
+    the gradient keeps MeanFlow's scale while the error shrinks like α."""
     plain = net if plain is None else plain
     x0 = torch.randn_like(x1) if x0 is None else x0
     t, t_end = mean_flow_times(x1.shape[0], cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, x1.device)

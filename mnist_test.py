@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
 
 import torch
 
-from checkpoint import MNIST_TRAINED, CheckpointError, mnist_checkpoint
-from cli import add_flags, config_from
+from checkpoint import MNIST_TRAINED, mnist_checkpoint
+from cli import add_flags, config_from, run
 from sampling import SampleConfig, load_for_sampling, sample_model, save_grid
 
 
@@ -60,7 +59,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
 
 import torch
 
-from checkpoint import CheckpointError
-from cli import parse_configs
-from data import DataError, load_mnist
+from cli import parse_configs, run
+from data import load_mnist
 from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MEANFLOW_SAMPLER, can_guide, sample_model
 from config import TrainConfig, check_train_config, run_kind
 from flow import MeanFlowConfig
@@ -110,7 +108,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

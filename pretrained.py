@@ -14,23 +14,21 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-
-from checkpoint import (CARD, CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, CheckpointError, clean_state_dict, ema_weights,
+from checkpoint import (CARD, CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, clean_state_dict, ema_weights,
                         load_checkpoint, sync_folder)
+from cli import run
 
 TRAINING_KEYS = ("epoch", "step", "loss", "val_loss", "best_val_loss")  # the summary a card and config.json carry
 
 
 def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema", notes: str = "",
            metrics: dict | None = None, force: bool = False) -> Path:
-    """Write an exported folder from a checkpoint (file or dict): weights "ema" or "raw"; notes (Markdown) and
-    measured metrics (an `evaluate.py mnist --json` result) go into the card and config.json. Written to a
-    temporary folder first and renamed, so a failure leaves no half-written folder; an existing exported folder is
-    replaced only with force."""
+    """Write an exported folder from a checkpoint (file or dict): weights "ema" or "raw"; notes (Markdown) and measured
+    metrics (an `evaluate.py mnist --json` result) go into the card and config.json. Written to a temporary folder first
+    and renamed, so a failure leaves no half-written folder; an existing exported folder is replaced only with force."""
     from safetensors.torch import save_file  # imported here: only exporting and loading folders need it
 
     if weights not in ("ema", "raw"):
@@ -147,7 +145,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

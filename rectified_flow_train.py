@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, replace
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
 
 import torch
 
-from checkpoint import CheckpointError
-from cli import parse_configs
-from data import DataError, image_folder_splits, load_celeba
+from cli import parse_configs, run
+from data import image_folder_splits, load_celeba
 # sample_from_checkpoint: re-exported, the seed's import path
 from sampling import MEANFLOW_SAMPLER, can_guide, sample_from_checkpoint
 from config import TrainConfig, check_train_config, run_kind
@@ -115,7 +113,4 @@ def check_data_flags(data_cfg: FolderData, model_cfg: UNetConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

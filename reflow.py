@@ -4,7 +4,7 @@ Liu, Gong & Liu 2022, "Flow Straight and Fast": the first flow's ODE paths are c
 steps miss. A new flow trained on (noise, image) pairs drawn from the first one has straighter paths
 (reflow); distilling it into a k-step Euler map goes further.
 
-    python reflow.py pairs   --checkpoint checkpoints/flow_matching_mnist.pth --out-dir runs/reflow/pairs
+    python reflow.py pairs   --checkpoint checkpoints/flow_matching_mnist.pth --out-dir runs/reflow/pairs --guidance 1
     python reflow.py train   --pairs runs/reflow/pairs                 # -> runs/reflow/2-rectified/best.pth
     python reflow.py distill --pairs runs/reflow/pairs --k 1 --init-from runs/reflow/2-rectified/best.pth
     torchrun --nproc_per_node=8 reflow.py pairs ...        # each rank draws its own shards
@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint, model_config_from, save_checkpoint
-from cli import add_flags, config_from, parse_configs
+from cli import add_flags, config_from, parse_configs, run
 from config import TrainConfig, check_train_config
 from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
 from sampling import SampleConfig, check_request, flow_batches, load_for_sampling, make_noise
@@ -244,7 +244,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -49,10 +49,8 @@ class SampleConfig:
 
 @dataclass
 class Samples:
-    """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost.
-
-    nfe: network evaluations per image; a guided step's cond + uncond passes count 2 (flow.nfe_per_image).
-    """
+    """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost. nfe: network evaluations per
+    image; a guided step's cond + uncond passes count 2 (flow.nfe_per_image)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None

@@ -75,10 +75,8 @@ def check_solver(solver: str, steps: int) -> None:
 
 def solve(v: Velocity, x0: torch.Tensor, solver: str = "midpoint", steps: int = 10, rtol: float = 1e-3,
           atol: float = 1e-3, span: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, int]:
-    """Integrate x0 at t = span[0] to t = span[1] with `solver`; returns (x at span[1], NFE).
-
-    The default runs noise to data; span (1, 0) runs data back to noise, on the same grid reversed.
-    `steps` is ignored by dopri5."""
+    """Integrate x0 at t = span[0] to t = span[1] with `solver`; returns (x at span[1], NFE). The default runs noise to
+    data; span (1, 0) runs data back to noise, on the same grid reversed. `steps` is ignored by dopri5."""
     check_solver(solver, steps)
     nfe = 0
 
