@@ -9,14 +9,19 @@ DATA_ROOT ?= $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,data)
 # that `make train` stays within ~15 minutes anywhere (TIME_LIMIT=0 lifts it).
 TIME_LIMIT ?= 14
 ARGS ?=
+# Which PyTorch build `make setup` installs: empty = PyPI's default. A CUDA build that the driver runs
+# (`nvidia-smi` shows the highest CUDA it supports), e.g. https://download.pytorch.org/whl/cu126, or the
+# CPU-only build, https://download.pytorch.org/whl/cpu (a fraction of the size). Changing it needs `make clean-venv`.
+TORCH_INDEX ?=
 
-.PHONY: setup train test clean
+.PHONY: setup train test clean clean-venv
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-fid.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet --index-url $(TORCH_INDEX) torch torchvision)
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-fid.txt
 	touch $@
@@ -31,3 +36,6 @@ test: setup
 
 clean:
 	rm -rf checkpoints samples
+
+clean-venv:
+	rm -rf $(VENV)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -42,11 +43,24 @@ def mps_available() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
+def unused_nvidia_gpu() -> str | None:
+    """Why PyTorch cannot use the NVIDIA GPU this machine has (its driver files or nvidia-smi), else None."""
+    if torch.cuda.is_available() or not (os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi")):
+        return None
+    if torch.version.cuda is None:
+        return f"this PyTorch ({torch.__version__}) is a CPU-only build"
+    return f"this PyTorch is built for CUDA {torch.version.cuda}, which the installed driver does not run (too old?)"
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """torch.device for auto | cpu | cuda | cuda:N | mps; a clear ValueError when it is absent here."""
+    """torch.device for auto | cpu | cuda | cuda:N | mps; a clear ValueError when it is absent here. auto says so in
+    one line when an NVIDIA GPU is present but PyTorch cannot use it, before anything runs on the CPU."""
     if name is None or str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
+        if unused_nvidia_gpu() and not mps_available():
+            print(f"note: this machine has an NVIDIA GPU, but {unused_nvidia_gpu()}: running on the CPU. Install "
+                  "the PyTorch build its driver runs (README: make setup TORCH_INDEX=...)", file=sys.stderr)
         return torch.device("mps") if mps_available() else torch.device("cpu")
     try:
         device = torch.device(name)
@@ -54,7 +68,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} asked for, but no CUDA GPU is visible: use --device cpu (or auto)")
+            why = f" ({unused_nvidia_gpu()})" if unused_nvidia_gpu() else ""
+            raise ValueError(f"--device {name} asked for, but no CUDA GPU is visible{why}: use --device cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 ...)")
     elif device.type == "mps" and not mps_available():

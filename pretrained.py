@@ -38,7 +38,7 @@ def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema",
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "weights": weights,
         "model_config": ckpt["model_config"], "sampler": ckpt.get("sampler"), "class_names": ckpt.get("class_names"),
-        "kind": ckpt.get("kind", "1-rectified"), "lineage": ckpt.get("lineage"),
+        "kind": ckpt.get("kind", "1-rectified"), "lineage": ckpt.get("lineage"), "dataset": ckpt.get("dataset"),
         "label_dropout": (ckpt.get("train_config") or {}).get("label_dropout"),  # whether guidance was trained
         "training": {**{k: ckpt.get(k) for k in TRAINING_KEYS}, "train_config": ckpt.get("train_config")},
         "metrics": metrics,
@@ -79,7 +79,10 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
                     "class-conditional" if cfg.get("num_classes") else "unconditional")
     sampler_text = (f"{sampler['solver']}, {sampler['steps']} step(s), guidance w = {sampler['guidance']}"
                     if sampler else "midpoint, 4 steps, w = 1 (the repo's default)")
-    lines = [
+    data = f"datasets: [{config['dataset']}]\n" if config.get("dataset") not in (None, "folder") else ""
+    lines = [  # the header is the metadata the Hugging Face Hub reads; the weights are MIT-licensed, as the code
+        f"---\nlicense: mit\nlibrary_name: pytorch\n{data}tags: [rectified-flow, flow-matching, {config['kind']}]\n---",
+        "",
         f"# {config['kind']} rectified-flow model, {cfg['in_channels']}x{cfg['image_size']}x{cfg['image_size']}",
         "",
         f"A {conditioning} image generator trained with rectified flow matching by Flow Image Generator "

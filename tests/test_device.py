@@ -67,3 +67,23 @@ def test_keep_freed_memory_stops_large_tensors_page_faulting_on_every_reuse():
     assert min(default) > 16_000  # every round faults the tensor's 16,384 pages in again
     assert sum(f < 1_000 for f in kept) >= 12, kept  # reused once glibc's heap has settled (3-8 rounds seen)
     assert sum(f < 1_000 for f in library) >= 12, library  # sampling from the library set it up itself
+
+
+@pytest.mark.parametrize("build,reason", [(None, "is a CPU-only build"),
+                                          ("13.0", "built for CUDA 13.0, which the installed")])
+def test_a_gpu_that_pytorch_cannot_use_is_named_before_the_cpu_runs(monkeypatch, capsys, build, reason):
+    """An NVIDIA driver is present (faked: nvidia-smi on the PATH) but torch sees no CUDA: auto says why, once per
+    call, and --device cuda's error names the reason."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "mps_available", lambda: False)
+    monkeypatch.setattr(device.shutil, "which", lambda cmd: "/usr/bin/nvidia-smi" if cmd == "nvidia-smi" else None)
+    monkeypatch.setattr(torch.version, "cuda", build)
+    assert resolve_device("auto") == torch.device("cpu")
+    err = capsys.readouterr().err
+    assert "this machine has an NVIDIA GPU, but" in err and reason in err and "TORCH_INDEX" in err
+    with pytest.raises(ValueError, match=f"no CUDA GPU is visible \\(this PyTorch .*{reason.split()[-1]}"):
+        resolve_device("cuda")
+    monkeypatch.setattr(device.shutil, "which", lambda cmd: None)
+    monkeypatch.setattr(device.os.path, "exists", lambda path: False)
+    resolve_device("auto")
+    assert capsys.readouterr().err == ""  # no NVIDIA driver: nothing to say

@@ -36,6 +36,8 @@ def test_folder_samples_equal_the_checkpoint_bit_for_bit(pth, tmp_path):
     assert config["sampler"] == {"solver": "euler", "steps": 3, "guidance": 1.5} and config["kind"] == "2-rectified"
     card = (folder / "README.md").read_text()
     assert "euler, 3 step(s), guidance w = 1.5" in card and "2-rectified" in card and "from_pretrained" in card
+    header = card.split("---\n")[1]  # the metadata the Hub reads, between the --- lines that open the card
+    assert card.startswith("---\n") and "license: mit" in header and "library_name: pytorch" in header
     x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
     with torch.no_grad():
         expected = model_from_checkpoint(load_checkpoint(pth))(x, t, y)
