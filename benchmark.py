@@ -3,13 +3,12 @@ inversion and likelihood against NFE.
 
     python benchmark.py train-speed mnist --preset cpu            # flags after the script name are its flags
     python benchmark.py train-speed rf --preset small32 --image-size 64
-    python benchmark.py nfe --checkpoint checkpoints/flow_matching_mnist.pth --data-root ../shared/data
-    python benchmark.py guidance --checkpoint checkpoints/flow_matching_mnist.pth --data-root ../shared/data
-    python benchmark.py fid-sizes --checkpoint runs/cifar/rf_best.pth --real-dir ../shared/data/cifar10-test-jpg
-    python benchmark.py nfe --checkpoint runs/cifar/rf_best.pth --real-dir ../shared/data/cifar10-test-jpg \
-        --n-real 10000 --solvers euler,midpoint --steps 2,4,8 --tolerances "" --ref-steps 0   # Inception FID
-    python benchmark.py inversion --checkpoints runs/reflow/1-rf.pth,runs/reflow/2-rectified/best.pth \
-        --data-root ../shared/data --n 100
+    python benchmark.py nfe --data-root data        # quality per solver and steps, of make train's checkpoint
+    python benchmark.py guidance --data-root data   # quality per guidance scale
+    python benchmark.py fid-sizes --checkpoint runs/cifar/rf_best.pth --real-dir photos     # FID against N
+    python benchmark.py inversion --checkpoints runs/reflow/1-rf.pth,runs/reflow/2-rectified/best.pth
+
+The image-folder sweeps (Inception FID) are in docs/results-cifar.md, the inversion one in docs/inversion.md.
 """
 from __future__ import annotations
 

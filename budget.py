@@ -118,6 +118,25 @@ class Horizon:
         if self.minutes and not self.fitted:
             self.clock = Budget(self.minutes, end_forwards, images_per_step, fit_early=fit_early)
 
+    def epoch_started(self) -> None:
+        """Time the next step from here: the epoch end before it is timed apart."""
+        if self.clock:
+            self.clock.epoch_started()
+
+    def step_ended(self, step: int, at_epoch_end: bool, log_step: bool, rt: Runtime, say) -> bool:
+        """Time a step; True if it refitted the end: once calibrated, then at log steps (common to all ranks: DDP-safe),
+        but not at an epoch's end, which epoch_ended refits with its time counted."""
+        refit = bool(self.clock and self.clock.step_done() and not at_epoch_end and (not self.fitted or log_step))
+        if refit:
+            self.refit(step, rt, say)
+        return refit
+
+    def epoch_ended(self, step: int, rt: Runtime, say) -> None:
+        """Time the epoch end just done and refit the end to the time left (not after the run's last end)."""
+        if self.clock and (step < self.schedule or not self.fitted):
+            self.clock.end_done()
+            self.refit(step, rt, say)
+
     def epochs(self) -> str:
         """Epochs the run will train, for progress lines: "?" until a --time-budget is fitted."""
         return "?" if self.replaces_epochs and not self.fitted else str(math.ceil(self.schedule / self.steps_per_epoch))

@@ -40,8 +40,7 @@ PAIR_SETTINGS = ("parent_sha256", "solver", "steps", "guidance", "seed", "count"
 
 
 def sha256(path: str | Path) -> str:
-    """Hex digest of a checkpoint file, or of an exported folder's weights and config: names a parent checkpoint
-    in its children's lineage."""
+    """Hex digest of a checkpoint file, or of an exported folder's weights and config: a parent in its lineage."""
     digest = hashlib.sha256()
     files = [Path(path) / WEIGHTS, Path(path) / CONFIG] if Path(path).is_dir() else [Path(path)]
     for file in files:
@@ -57,9 +56,6 @@ def rectified_order(kind: str | None) -> int:
     if not kind.endswith("-rectified"):
         raise CheckpointError(f"pairs must come from a rectified flow, not a {kind} model (distilled models are final)")
     return int(kind.split("-")[0])
-
-
-# ---- pairs -------------------------------------------------------------------------------------
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -158,9 +154,6 @@ def load_pairs(folder: str | Path, val_size: int) -> tuple[Pairs, Pairs, dict]:
         raise ValueError(f"--val-size must lie between 1 and {len(x1) - 1} (of {len(x1)} pairs)")
     cut = len(x1) - val_size
     return Pairs(x1[:cut], y[:cut], x0[:cut]), Pairs(x1[cut:], y[cut:], x0[cut:]), manifest
-
-
-# ---- train and distill ---------------------------------------------------------------------------
 
 
 @dataclass

@@ -94,8 +94,7 @@ class RunLog:
 
 @contextmanager
 def figure(path: Path, **subplots):
-    """A matplotlib figure (Agg: no display needed), written to path as a PNG when the block ends; yields
-    (figure, axes, pyplot)."""
+    """A matplotlib figure (Agg: no display needed) saved to path as a PNG when the block ends: (fig, axes, plt)."""
     import matplotlib
 
     matplotlib.use("Agg")

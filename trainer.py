@@ -217,11 +217,8 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: 
                     break
                 # validate, save, publish, draw: the epoch end
                 best_val = end_epoch(run, epoch, best_val, log, start)
-                # refit the planned end to the time left (not after the last end)
-                clock = run.horizon.clock
-                if clock and (step < run.horizon.schedule or not run.horizon.fitted):
-                    clock.end_done()
-                    run.horizon.refit(step, run.rt, run.say)
+                # refit the planned end to the time left, the epoch end's time counted
+                run.horizon.epoch_ended(step, run.rt, run.say)
                 if stop.agreed(run.rt):
                     run.say("Ctrl-C: stopped at an epoch end; continue with --resume auto")
                     break
@@ -272,8 +269,7 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
     loss_sum, window_start, window_sum = torch.zeros((), device=rt.device), step, 0.0
     first_bad = torch.full((), -1, device=rt.device)  # the first step whose loss was not finite, kept on the device
     last_save, started = time.monotonic(), time.perf_counter()
-    if horizon.clock:
-        horizon.clock.epoch_started()
+    horizon.epoch_started()
     curriculum = run.meanflow.mf_curriculum if run.meanflow else 0.0
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{horizon.epochs()}", disable=not rt.main, leave=False,
                dynamic_ncols=True)
@@ -293,10 +289,8 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
             if log:
                 log.write({"kind": "step", "step": step, "epoch": epoch, "loss": mean, "lr": lr,
                            **({"mf_alpha": alpha} if curriculum else {})})
-        at_epoch_end = step % run.sampler.batches == 0  # (then the end is refitted after that epoch end, counting it)
-        if horizon.clock and horizon.clock.step_done() and not at_epoch_end and (
-                not horizon.fitted or step % cfg.log_every == 0):  # log steps are common to all ranks: DDP-safe
-            horizon.refit(step, rt, run.say)
+        at_epoch_end = step % run.sampler.batches == 0
+        if horizon.step_ended(step, at_epoch_end, step % cfg.log_every == 0, rt, run.say):
             bar.set_description(f"epoch {epoch + 1}/{horizon.epochs()}", refresh=False)
         if at_epoch_end or step == horizon.schedule:
             break  # the epoch's last step, or the run's (--time-budget): the epoch end saves
