@@ -97,11 +97,18 @@ def test_generate_sample_keeps_the_seed_signature(trained):
     (["--guidance", "nan"], "guidance must be a finite number"),
     (["--digits", "3,12"], "--digits must be between 0 and 9"),
 ])
-def test_mnist_test_cli_errors(trained, args, message):
+def test_mnist_test_cli_errors(trained, args, message, capsys):
+    """The script's own exit path (cli.run), in this process: one line, no traceback (the subprocess tests below
+    cover `python mnist_test.py` itself)."""
+    import mnist_test
+    from cli import run as run_main
+
     tmp, _ = trained
     checkpoint = [] if args[0] == "--checkpoint" else ["--checkpoint", str(tmp / "mnist.pth")]
-    result = run("mnist_test.py", *checkpoint, *args)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: mnist_test.main([*checkpoint, *args]))
+    said = f"{stop.value.code}\n{capsys.readouterr().err}"
+    assert stop.value.code not in (0, None) and message in said and "Traceback" not in said
 
 
 @pytest.mark.parametrize("args,message", [
