@@ -58,8 +58,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if name is None or str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if unused_nvidia_gpu() and not mps_available():
-            print(f"note: this machine has an NVIDIA GPU, but {unused_nvidia_gpu()}: running on the CPU. Install "
+        if (reason := unused_nvidia_gpu()) and not mps_available():
+            print(f"note: this machine has an NVIDIA GPU, but {reason}: running on the CPU. Install "
                   "the PyTorch build its driver runs (README: make setup TORCH_INDEX=...)", file=sys.stderr)
         return torch.device("mps") if mps_available() else torch.device("cpu")
     try:
@@ -68,7 +68,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            why = f" ({unused_nvidia_gpu()})" if unused_nvidia_gpu() else ""
+            why = f" ({reason})" if (reason := unused_nvidia_gpu()) else ""
             raise ValueError(f"--device {name} asked for, but no CUDA GPU is visible{why}: use --device cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 ...)")

@@ -17,7 +17,7 @@ from torch import nn
 
 from checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
 from device import keep_freed_memory, resolve_device
-from flow import integrate, make_noise, noise_seed  # noqa: F401 (the noise of sample i: re-exported)
+from flow import integrate, make_noise
 from solvers import NFE_PER_STEP, check_solver
 from unet import ConditionalUNet
 
