@@ -13,17 +13,18 @@ import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from unet import ConditionalUNet, UNetConfig
+from unet import CONFIG, WEIGHTS, ConditionalUNet, UNetConfig, config_from_dict
 
 FORMAT = "flow-image-generator"
 FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"  # an exported folder's files
+# an exported folder's other files: what this repo records beside config.json (the U-Net's config), and the card
+FLOW_CONFIG, CARD = "flow_config.json", "README.md"
 # the committed models: what a fresh clone samples before it has trained anything (pretrained/*/README.md)
 PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 MNIST_TRAINED = "checkpoints/flow_matching_mnist.pth"  # where make train / mnist_train.py put theirs
@@ -127,12 +128,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_config_from(ckpt: dict) -> UNetConfig:
     """UNetConfig stored in a checkpoint (lists back to tuples, unknown keys rejected)."""
-    known = {f.name for f in fields(UNetConfig)}
-    stored = ckpt["model_config"]
-    unknown = set(stored) - known
-    if unknown:
-        raise CheckpointError(f"checkpoint model_config has unknown keys {sorted(unknown)}: written by newer code?")
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    try:
+        return config_from_dict(ckpt["model_config"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint model_config: {e}") from None
 
 
 def ema_weights(ckpt: dict) -> dict:
@@ -168,13 +167,13 @@ def load_folder(folder: str | Path) -> dict:
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not an exported model folder: {name} is missing "
                                   "(make one with `python pretrained.py export`)")
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{folder / CONFIG} is not valid JSON ({e})") from e
+    config = read_json(folder / CONFIG)
+    if (folder / FLOW_CONFIG).is_file():  # config.json holds the U-Net's config, as the Hub mixin reads it
+        config = {**read_json(folder / FLOW_CONFIG), "model_config": config}
+    # (folders exported before 2026-12-04 hold everything in config.json, the U-Net's config under model_config)
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model_config" not in config:
-        raise CheckpointError(f"{folder / CONFIG} is not a Flow Image Generator model config (no format "
-                              f"{FORMAT!r} and model_config)")
+        raise CheckpointError(f"{folder} holds no Flow Image Generator model config ({FLOW_CONFIG} with format "
+                              f"{FORMAT!r} beside {CONFIG})")
     if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise CheckpointError(f"{folder} has format version {config['format_version']}; this code reads "
                               f"<= {FORMAT_VERSION}")
@@ -183,6 +182,7 @@ def load_folder(folder: str | Path) -> dict:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{folder / WEIGHTS} is truncated or not a safetensors file ({e})") from e
     ckpt = {k: config.get(k) for k in ("model_config", "class_names", "kind", "lineage")}
+    model_config_from(ckpt)  # a config.json from another model fails here, with its keys named
     ckpt.update({k: v for k, v in config["training"].items() if k != "train_config"})
     ckpt["train_config"] = {"label_dropout": config.get("label_dropout")}
     if config.get("sampler"):
@@ -191,6 +191,14 @@ def load_folder(folder: str | Path) -> dict:
     ckpt["ema_state" if weights == "ema" else "model_state"] = {"weights": state} if weights == "ema" else state
     ckpt["exported"] = weights
     return ckpt
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of an exported folder; CheckpointError when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
 
 
 def mnist_checkpoint(path: str | Path | None = None, root: Path = Path(".")) -> tuple[Path, str | None]:

@@ -2,11 +2,12 @@
 
     python pretrained.py export --checkpoint checkpoints/flow_matching_mnist.pth --out pretrained/mnist-1rf
 
-A folder holds `model.safetensors` (the EMA weights by default, fp32), `config.json` (model config, recorded
-sampler, class names, kind and lineage, a training summary) and `README.md`, a model card. The layout is
-huggingface_hub's PyTorchModelHubMixin's (config.json + model.safetensors), so a folder pushed to the Hub as is
-loads with `ConditionalUNet.from_pretrained("user/repo")`. Every loader that takes a `.pth` takes a folder:
-`sample_from_checkpoint`, `mnist_test.py --checkpoint`, `evaluate.py`, `reflow.py` and the notebook.
+A folder holds `model.safetensors` (the EMA weights by default, fp32), `config.json` (the U-Net's config: the
+constructor's arguments), `flow_config.json` (recorded sampler, class names, kind and lineage, a training summary,
+measured figures) and `README.md`, a model card whose header the Hugging Face Hub reads. The layout is huggingface_hub's
+PyTorchModelHubMixin's, so its loader reads a folder as it is, and one uploaded as it is (`hf upload user/repo
+FOLDER`) loads with `ConditionalUNet.from_pretrained("user/repo")`. Every loader that takes a `.pth` takes a
+folder: `sample_from_checkpoint`, `mnist_test.py --checkpoint`, `evaluate.py`, `reflow.py`, torch.hub and the notebook.
 """
 from __future__ import annotations
 
@@ -17,18 +18,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from checkpoint import (CARD, CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, clean_state_dict, ema_weights,
+from checkpoint import (CARD, CONFIG, FLOW_CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, clean_state_dict, ema_weights,
                         load_checkpoint, sync_folder)
 from cli import run
 
-TRAINING_KEYS = ("epoch", "step", "loss", "val_loss", "best_val_loss")  # the summary a card and config.json carry
+TRAINING_KEYS = ("epoch", "step", "loss", "val_loss", "best_val_loss")  # the summary a card and flow_config.json carry
 
 
 def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema", notes: str = "",
            metrics: dict | None = None, force: bool = False) -> Path:
     """Write an exported folder from a checkpoint (file or dict): weights "ema" or "raw"; notes (Markdown) and measured
-    metrics (an `evaluate.py mnist --json` result) go into the card and config.json. Written to a temporary folder first
-    and renamed, so a failure leaves no half-written folder; an existing exported folder is replaced only with force."""
+    metrics (an `evaluate.py mnist --json` result) go into the card and flow_config.json. Written to a temporary folder
+    first and renamed, so a failure leaves no half-written folder; an exported folder is replaced only with force."""
     from safetensors.torch import save_file  # imported here: only exporting and loading folders need it
 
     if weights not in ("ema", "raw"):
@@ -53,12 +54,14 @@ def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema",
     try:
         save_file({k: v.detach().float().contiguous() for k, v in state.items()}, tmp / WEIGHTS,
                   metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config["model_config"], indent=2) + "\n")
+        (tmp / FLOW_CONFIG).write_text(json.dumps({k: v for k, v in config.items() if k != "model_config"},
+                                                  indent=2) + "\n")
         (tmp / CARD).write_text(model_card(config, sum(v.numel() for v in state.values()), notes))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 and safetensors 0600: give the usual permissions
-        for name in (WEIGHTS, CONFIG, CARD):
+        for name in (WEIGHTS, CONFIG, FLOW_CONFIG, CARD):
             os.chmod(tmp / name, 0o666 & ~umask)
         if out.exists():
             shutil.rmtree(out)
@@ -111,8 +114,8 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
               'images = sample_from_checkpoint("path/to/this/folder", batch_size=4)  # (4, C, H, W) in [0, 1]',
               "", "from unet import ConditionalUNet", 'model = ConditionalUNet.from_pretrained("path/to/this/folder")',
               "```", "",
-              "The folder loads without pickle (`model.safetensors` + `config.json`); it samples with the recorded "
-              "sampler unless told otherwise.", ""]
+              "The folder loads without pickle (`model.safetensors`, `config.json`, `flow_config.json`); it samples "
+              "with the recorded sampler unless told otherwise.", ""]
     m = config.get("metrics")
     if m:
         lines += ["## Measured", "",
@@ -132,7 +135,8 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="checkpoint (.pth) -> folder: model.safetensors, config.json, README.md")
+    e = sub.add_parser("export", help="checkpoint (.pth) -> folder: model.safetensors, config.json, "
+                       "flow_config.json, README.md")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True, help="folder to write")
     e.add_argument("--force", action="store_true", help="replace --out if it holds an exported model already")

@@ -28,7 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 from torch.utils.data import Dataset
 
-from checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint, model_config_from, save_checkpoint
+from checkpoint import (CONFIG, FLOW_CONFIG, WEIGHTS, CheckpointError, load_checkpoint, model_config_from,
+                        save_checkpoint)
 from cli import add_flags, config_from, parse_configs, run
 from config import TrainConfig, check_train_config
 from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
@@ -40,9 +41,10 @@ PAIR_SETTINGS = ("parent_sha256", "solver", "steps", "guidance", "seed", "count"
 
 
 def sha256(path: str | Path) -> str:
-    """Hex digest of a checkpoint file, or of an exported folder's weights and config: a parent in its lineage."""
+    """Hex digest of a checkpoint file, or of an exported folder's weights and configs: a parent in its lineage."""
     digest = hashlib.sha256()
-    files = [Path(path) / WEIGHTS, Path(path) / CONFIG] if Path(path).is_dir() else [Path(path)]
+    folder = [Path(path) / name for name in (WEIGHTS, CONFIG, FLOW_CONFIG) if (Path(path) / name).is_file()]
+    files = folder if Path(path).is_dir() else [Path(path)]
     for file in files:
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUPS = 8  # GroupNorm groups, as in the seed
+WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder's files that rebuild the model
 
 
 @dataclass
@@ -104,12 +105,40 @@ class Block(nn.Module):
         return self.attn(self.res(x, emb))
 
 
-class ConditionalUNet(nn.Module):
+class LocalFolders:
+    """ConditionalUNet's from_pretrained where huggingface_hub is not installed: exported folders on disk."""
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ConditionalUNet:
+        """The model of an exported folder (config.json + model.safetensors, `pretrained.py export`)."""
+        folder = Path(folder)
+        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+            raise ValueError(f"{folder} is not an exported model folder ({CONFIG} + {WEIGHTS}); to download a Hugging "
+                             "Face Hub repo id, pip install huggingface_hub")
+        from safetensors.torch import load_file  # an optional dependency: only exported folders need it
+
+        model = cls(json.loads((folder / CONFIG).read_text()))
+        model.load_state_dict(load_file(folder / WEIGHTS))
+        return model.eval()
+
+
+try:  # optional: with huggingface_hub, its mixin gives from_pretrained (local folder or Hub repo id), save_pretrained
+    from huggingface_hub import PyTorchModelHubMixin as HubBase  # and push_to_hub; config.json = the U-Net's config
+    HUB_CARD = {"library_name": "pytorch", "license": "mit", "tags": ["rectified-flow", "flow-matching"]}
+except ImportError:
+    HubBase, HUB_CARD = LocalFolders, {}
+
+
+class ConditionalUNet(nn.Module, HubBase, **HUB_CARD):
     """U-Net v(x, t, y): x (B, C, H, W) in [-1, 1]-scale, t (B,) in [0, 1], y (B,) class indices or None."""
 
-    def __init__(self, config: UNetConfig | None = None, **kwargs):
+    def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
         super().__init__()
-        cfg = config or UNetConfig(**kwargs)
+        if isinstance(config, dict):
+            # config.json read back (the Hub mixin passes its keys again as kwargs); folders exported before 2026-12-04
+            # nest the U-Net's config under "model_config"
+            config, kwargs = config_from_dict(config.get("model_config", config)), {}
+        cfg = config or config_from_dict(kwargs)
         check_config(cfg)
         self.config = cfg
         ch, emb_dim = cfg.base_channels, 4 * cfg.base_channels
@@ -155,30 +184,6 @@ class ConditionalUNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    @classmethod
-    def from_pretrained(cls, folder_or_repo_id: str | Path) -> ConditionalUNet:
-        """The model of an exported folder (config.json + model.safetensors, `pretrained.py export`), or of a Hugging
-        Face Hub repo id holding one (needs huggingface_hub). For its recorded sampler, load it with
-        `checkpoint.load_checkpoint` or sample it with `sample_from_checkpoint`."""
-        folder = Path(folder_or_repo_id)
-        if not folder.exists():
-            try:
-                from huggingface_hub import snapshot_download
-            except ImportError:
-                raise ValueError(f"{folder_or_repo_id} is not a local folder; to download it as a Hugging Face Hub "
-                                 "repo id, pip install huggingface_hub") from None
-            files = ["config.json", "model.safetensors"]
-            folder = Path(snapshot_download(str(folder_or_repo_id), allow_patterns=files))
-        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-            raise ValueError(f"{folder} is not an exported model folder (config.json + model.safetensors)")
-        from safetensors.torch import load_file  # an optional dependency: only exported folders need it
-
-        stored = json.loads((folder / "config.json").read_text())
-        stored = stored.get("model_config", stored)  # our folders nest it beside the sampler; the mixin's do not
-        model = cls(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}))
-        model.load_state_dict(load_file(folder / "model.safetensors"))
-        return model.eval()
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 t_end: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, H, W) at x_t, or with t_end (B,) the average velocity over [t, t_end] (None: t_end = t);
@@ -208,6 +213,14 @@ class ConditionalUNet(nn.Module):
         for layer in self.up:
             h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, Block) else layer(h)
         return self.out(h)
+
+
+def config_from_dict(stored: dict) -> UNetConfig:
+    """UNetConfig from its JSON form (lists back to tuples); unknown keys are refused."""
+    unknown = set(stored) - {f.name for f in fields(UNetConfig)}
+    if unknown:
+        raise ValueError(f"unknown U-Net config keys {sorted(unknown)}: written by newer code, or not a U-Net config")
+    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
 
 
 def check_config(cfg: UNetConfig) -> None:

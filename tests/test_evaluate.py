@@ -235,7 +235,7 @@ def test_quality_commands_refuse_before_sampling(tmp_path, main, command, args, 
 def test_committed_models_draw_the_digits_their_cards_say(classifier, name):
     clf, clf_accuracy, _ = classifier
     folder = checkpoint.PRETRAINED / name
-    card = json.loads((folder / "config.json").read_text())["metrics"]
+    card = json.loads((folder / "flow_config.json").read_text())["metrics"]
     loaded = load_for_sampling(folder)
     labels = torch.arange(300) % 10
     samples = sample_model(loaded.model, 300, labels, loaded.solver, loaded.steps, loaded.guidance, seed=1)

@@ -1,5 +1,9 @@
-"""Exported folders (model.safetensors + config.json + README.md): round trip, no pickle, clear errors."""
+"""Exported folders (model.safetensors + config.json + flow_config.json + README.md): round trip, no pickle, the Hub
+mixin's own loader, folders in the layout before flow_config.json, clear errors."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,11 +11,14 @@ import torch
 import checkpoint
 import mnist_test
 import pretrained
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, ema_weights, load_checkpoint, model_config_from, model_from_checkpoint,
+                        save_checkpoint)
 from helpers import tiny_checkpoint
 from reflow import sha256
 from sampling import load_for_sampling, sample_from_checkpoint, sample_model
 from unet import ConditionalUNet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -28,11 +35,14 @@ def pth(tmp_path):
 
 def test_folder_samples_equal_the_checkpoint_bit_for_bit(pth, tmp_path):
     folder = pretrained.main(["export", "--checkpoint", str(pth), "--out", str(tmp_path / "export")])
-    assert sorted(f.name for f in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(f.name for f in folder.iterdir()) == ["README.md", "config.json", "flow_config.json",
+                                                        "model.safetensors"]
     labels = [0, 1, 2, 2, "a"]
     assert torch.equal(sample_from_checkpoint(folder, labels=labels, seed=3),
                        sample_from_checkpoint(pth, labels=labels, seed=3))
-    config = json.loads((folder / "config.json").read_text())
+    stored = json.loads((folder / "config.json").read_text())  # the U-Net's config alone, as its constructor takes it
+    assert ConditionalUNet(stored).config == ConditionalUNet(**stored).config == model_config_from(load_checkpoint(pth))
+    config = json.loads((folder / "flow_config.json").read_text())
     assert config["sampler"] == {"solver": "euler", "steps": 3, "guidance": 1.5} and config["kind"] == "2-rectified"
     card = (folder / "README.md").read_text()
     assert "euler, 3 step(s), guidance w = 1.5" in card and "2-rectified" in card and "from_pretrained" in card
@@ -77,7 +87,7 @@ def test_scripts_take_a_folder(pth, tmp_path):
     with pytest.raises(ValueError, match="pass --force to replace it"):
         pretrained.export(pth, folder, weights="raw")  # a committed model is not replaced by accident
     pretrained.export(pth, folder, weights="raw", force=True)  # an exported folder is replaced as a whole
-    assert sha256(folder) != before and json.loads((folder / "config.json").read_text())["weights"] == "raw"
+    assert sha256(folder) != before and json.loads((folder / "flow_config.json").read_text())["weights"] == "raw"
 
 
 def test_bad_folders_get_one_line(pth, tmp_path):
@@ -98,18 +108,69 @@ def test_bad_folders_get_one_line(pth, tmp_path):
         load_checkpoint(folder)
     (folder / "model.safetensors").write_bytes(weights)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_config": {**config["model_config"],
-                                                                                "base_channels": 16}}))
+    (folder / "config.json").write_text(json.dumps({**config, "base_channels": 16}))
     with pytest.raises(CheckpointError, match="do not match its model_config"):
         sample_from_checkpoint(folder, labels=[0])
     (folder / "config.json").write_text(json.dumps({"architectures": ["SomethingElse"]}))
-    with pytest.raises(CheckpointError, match="not a Flow Image Generator model config"):
+    with pytest.raises(CheckpointError, match="unknown U-Net config keys"):
+        load_checkpoint(folder)
+    (folder / "flow_config.json").unlink()  # a foreign folder in the Hub layout: config.json and weights only
+    with pytest.raises(CheckpointError, match="holds no Flow Image Generator model config"):
         load_checkpoint(folder)
     (folder / "config.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(folder)
-    with pytest.raises(ValueError, match="not a local folder|huggingface"):
-        ConditionalUNet.from_pretrained(str(tmp_path / "no" / "such"))
+
+
+def test_the_hub_mixins_own_loader_reads_an_exported_folder_and_save_pretrained_writes_one(pth, tmp_path):
+    from huggingface_hub import PyTorchModelHubMixin
+
+    assert issubclass(ConditionalUNet, PyTorchModelHubMixin)  # installed: from_pretrained is the mixin's
+    folder = pretrained.export(pth, tmp_path / "export")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    with torch.no_grad():
+        expected = model_from_checkpoint(load_checkpoint(pth))(x, t, y)
+        assert ConditionalUNet.from_pretrained.__func__ is PyTorchModelHubMixin.from_pretrained.__func__
+        model = ConditionalUNet.from_pretrained(str(folder))
+        assert model.config == model_config_from(load_checkpoint(pth)) and torch.equal(model(x, t, y), expected)
+        model.save_pretrained(tmp_path / "saved")  # the mixin's writer: config.json + model.safetensors
+        assert json.loads((tmp_path / "saved" / "config.json").read_text()) == json.loads(
+            (folder / "config.json").read_text())
+        assert torch.equal(ConditionalUNet.from_pretrained(tmp_path / "saved")(x, t, y), expected)
+
+
+def test_folders_exported_before_flow_config_json_still_load(pth, tmp_path):
+    folder = pretrained.export(pth, tmp_path / "export")
+    meta = json.loads((folder / "flow_config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "model_config": json.loads(
+        (folder / "config.json").read_text())}))  # everything in config.json, the U-Net's config nested
+    (folder / "flow_config.json").unlink()
+    assert torch.equal(sample_from_checkpoint(folder, labels=[0, 1], seed=3),
+                       sample_from_checkpoint(pth, labels=[0, 1], seed=3))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(ConditionalUNet.from_pretrained(str(folder))(x, t, y),
+                           model_from_checkpoint(load_checkpoint(pth))(x, t, y))
+
+
+def test_without_huggingface_hub_from_pretrained_reads_local_folders(pth, tmp_path):
+    folder = pretrained.export(pth, tmp_path / "export")
+    code = f"""
+import sys
+sys.modules["huggingface_hub"] = None  # as if not installed: importing it raises ImportError
+import torch
+from unet import ConditionalUNet, LocalFolders
+assert ConditionalUNet.from_pretrained.__func__ is LocalFolders.from_pretrained.__func__
+torch.save(ConditionalUNet.from_pretrained({str(folder)!r}).state_dict(), {str(tmp_path / "w.pt")!r})
+try:
+    ConditionalUNet.from_pretrained({str(tmp_path / "no" / "such")!r})
+except ValueError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "is not an exported model folder" in out and "pip install huggingface_hub" in out
+    weights = ema_weights(load_checkpoint(pth))
+    assert all(torch.equal(v, weights[k]) for k, v in torch.load(tmp_path / "w.pt").items())
 
 
 @pytest.mark.parametrize("name,nfe", [("mnist-1rf", 16), ("mnist-distilled-1", 1)])
@@ -118,7 +179,7 @@ def test_committed_models_load_and_sample_with_their_recorded_sampler(name, nfe)
     loaded = load_for_sampling(folder)
     samples = sample_model(loaded.model, 20, torch.arange(20) % 10, loaded.solver, loaded.steps, loaded.guidance)
     assert samples.images.shape == (20, 1, 28, 28) and samples.nfe == nfe
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "flow_config.json").read_text())
     card = (folder / "README.md").read_text()
     assert config["metrics"]["n"] >= 4000 and f"{config['metrics']['accuracy']:.1%}" in card
 

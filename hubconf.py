@@ -1,0 +1,50 @@
+"""torch.hub entry points: the committed models, or any checkpoint, as models ready to sample.
+
+    repo = "OWNER/flow-image-generator"     # the GitHub repository; in a clone: repo = ".", with source="local"
+    model = torch.hub.load(repo, "mnist_1rf")
+    images = torch.hub.load(repo, "sample", model, labels=[0, 1, 2])   # (3, 1, 28, 28) in [0, 1]
+    model.sampler   # {"solver": "midpoint", "steps": 4, "guidance": 1.1}: the recorded sampler that `sample` uses
+
+Each entry returns a ConditionalUNet in eval mode on `device` (None or "auto": CUDA, then MPS, then the CPU) with its
+checkpoint's recorded sampler in `model.sampler` and its class names in `model.class_names`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from checkpoint import PRETRAINED
+from sampling import label_tensor, load_for_sampling, sample_model
+from unet import ConditionalUNet
+
+dependencies = ["torch", "safetensors", "PIL"]  # what torch.hub checks before it imports this file
+
+
+def from_checkpoint(checkpoint_path: str | Path, device: str | None = None, use_ema: bool = True) -> ConditionalUNet:
+    """The model of a checkpoint file or exported folder, with its recorded sampler and class names attached."""
+    loaded = load_for_sampling(checkpoint_path, device=device, use_ema=use_ema)
+    loaded.model.sampler = {"solver": loaded.solver, "steps": loaded.steps, "guidance": loaded.guidance}
+    loaded.model.class_names = loaded.ckpt.get("class_names")
+    return loaded.model
+
+
+def mnist_1rf(device: str | None = None) -> ConditionalUNet:
+    """The committed MNIST rectified flow (make train's preset to its end): midpoint, 4 steps, w = 1.1."""
+    return from_checkpoint(PRETRAINED / "mnist-1rf", device)
+
+
+def mnist_one_step(device: str | None = None) -> ConditionalUNet:
+    """The committed one-step MNIST model (pretrained/mnist-distilled-1): one Euler step, 1 network evaluation."""
+    return from_checkpoint(PRETRAINED / "mnist-distilled-1", device)
+
+
+def sample(model: ConditionalUNet, labels: Sequence[int | str] | torch.Tensor | None = None, n: int = 10,
+           seed: int | None = 0, **sampler) -> torch.Tensor:
+    """Images (B, C, H, W) in [0, 1] from an entry's model: B = len(labels) (class indices or names), else n (classes
+    cycled); solver / steps / guidance given here replace the model's recorded ones."""
+    if labels is not None:
+        labels = label_tensor(labels, getattr(model, "class_names", None))
+        n = len(labels)
+    return sample_model(model, n, labels, seed=seed, **{**getattr(model, "sampler", {}), **sampler}).images
