@@ -45,7 +45,7 @@ class TrainConfig:
     save_every: float = 10.0  # minutes between saves of last.pth inside an epoch (crash safety); 0 = epoch ends only
     keep_last: int = 5  # epoch_N.pth files kept on disk; 0 keeps all
     log_every: int = 50  # steps between log.jsonl records and progress-bar updates
-    logger: str = "jsonl"  # jsonl | tensorboard (also TensorBoard events in OUT_DIR/tensorboard)
+    logger: str = "jsonl"  # jsonl | tensorboard (OUT_DIR/tensorboard) | wandb (WANDB_MODE=offline needs no account)
     val_t_points: int = 8  # validation loss averages over this fixed grid of t values
     max_steps: int = 0  # stop after this many optimizer steps in total (the LR schedule is unchanged); 0 = no limit
     time_budget: float = 0.0  # minutes for the whole run, replacing --epochs; the LR schedule ends with it; 0 = off

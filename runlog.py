@@ -1,12 +1,16 @@
 """The training log: OUT_DIR/config.json and log.jsonl always (the loss plot and resume read it), TensorBoard events
-on request, and the stop on a non-finite loss.
+or a Weights & Biases run on request, and the stop on a non-finite loss.
 
     python mnist_train.py --logger tensorboard     # then: tensorboard --logdir checkpoints/mnist/tensorboard
+    python mnist_train.py --logger wandb           # project flow-image-generator or $WANDB_PROJECT; run: OUT_DIR
+    WANDB_MODE=offline python mnist_train.py --logger wandb    # no account: OUT_DIR/wandb/, later `wandb sync`
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-LOGGERS = ("jsonl", "tensorboard")
-SCALARS = {"step": {"loss": "train/loss", "lr": "train/lr"},  # record kind -> {record key: TensorBoard tag}
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+SCALARS = {"step": {"loss": "train/loss", "lr": "train/lr"},  # record kind -> {record key: TensorBoard / wandb tag}
            "epoch": {"loss": "epoch/train_loss", "val_loss": "epoch/val_loss", "images_per_s": "epoch/images_per_s"}}
 
 
@@ -30,13 +34,54 @@ def open_log(path: Path, resume_step: int | None):
     return open(path, "a")
 
 
-def tensorboard_writer(folder: Path, resume_step: int | None):
-    """A SummaryWriter into folder; a resumed run hides the events after its step (purge_step)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # imported only when asked: an optional dependency
-    except ImportError:
-        raise ValueError("--logger tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step is not None else None)
+class TensorBoard:
+    """TensorBoard events in folder; a resumed run hides the events after its step (purge_step)."""
+
+    def __init__(self, folder: Path, resume_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # imported only when asked: an optional dependency
+        except ImportError:
+            raise ValueError("--logger tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        self.writer.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    """A Weights & Biases run named after out_dir, files under out_dir/wandb; a resumed run continues the same run
+    (its id is kept in out_dir/wandb_id.txt). WANDB_MODE=offline needs no account."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None, config: dict | None):
+        try:
+            import wandb  # imported only when asked: an optional dependency
+        except ImportError:
+            raise ValueError("--logger wandb needs the wandb package: pip install wandb (WANDB_MODE=offline runs "
+                             "without an account)") from None
+        self.wandb, id_file = wandb, out_dir / "wandb_id.txt"
+        resumed = resume_step is not None and id_file.is_file()
+        run_id = id_file.read_text().strip() if resumed else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "flow-image-generator"), name=out_dir.name,
+                              dir=str(out_dir), config=config, id=run_id, resume="allow")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(str(png))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class TrainingDiverged(ValueError):
@@ -59,7 +104,7 @@ def check_finite(loss: float, first_bad: torch.Tensor, since: int, step: int, ou
 
 class RunLog:
     """Where a training run's records go: OUT_DIR/config.json, JSON lines, and the same scalars and the epoch grids
-    as TensorBoard events."""
+    to TensorBoard or wandb."""
 
     def __init__(self, out_dir: Path, resume_step: int | None, logger: str = "jsonl", config: dict | None = None):
         if logger not in LOGGERS:
@@ -67,29 +112,27 @@ class RunLog:
         out_dir.mkdir(parents=True, exist_ok=True)
         if config is not None:  # the resolved configs of the run, beside its outputs
             (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-        self.tensorboard = tensorboard_writer(out_dir / "tensorboard", resume_step) if logger == "tensorboard" else None
+        self.sink = (TensorBoard(out_dir / "tensorboard", resume_step) if logger == "tensorboard" else
+                     WandB(out_dir, resume_step, config) if logger == "wandb" else None)
         self.jsonl = open_log(out_dir / "log.jsonl", resume_step)
 
     def write(self, record: dict) -> None:
         """One record ({"kind": "step" | "epoch", "step": ..., ...}) to every log."""
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        if self.tensorboard:
-            for key, tag in SCALARS[record["kind"]].items():
-                if record.get(key) is not None:
-                    self.tensorboard.add_scalar(tag, record[key], record["step"])
-            self.tensorboard.flush()
+        if self.sink:
+            values = {tag: record[key] for key, tag in SCALARS[record["kind"]].items() if record.get(key) is not None}
+            self.sink.scalars(values, record["step"])
 
     def image(self, tag: str, png: Path, step: int) -> None:
-        """A grid PNG that the run wrote, as a TensorBoard image (JSON lines keep only its path on disk)."""
-        if self.tensorboard:
-            self.tensorboard.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
-            self.tensorboard.flush()
+        """A grid PNG that the run wrote, as an image of the run (JSON lines keep only its path on disk)."""
+        if self.sink:
+            self.sink.image(tag, png, step)
 
     def close(self) -> None:
         self.jsonl.close()
-        if self.tensorboard:
-            self.tensorboard.close()
+        if self.sink:
+            self.sink.close()
 
 
 @contextmanager

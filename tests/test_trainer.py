@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -328,11 +329,51 @@ def test_tensorboard_log_holds_the_scalars_and_the_epoch_grids(tmp_path):
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
 
 
-def test_tensorboard_logger_without_the_package_says_how_to_get_it(tmp_path, monkeypatch):
-    import sys
+def wandb_records(run_file: Path) -> list:
+    """The records of an offline wandb run file: a 7-byte header, then LevelDB-log blocks of 32 KiB whose records
+    (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) carry protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
 
+    data, block, pos, payload, records = run_file.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload, pos = payload + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(payload))
+            payload = b""
+    return records
+
+
+def test_wandb_offline_run_holds_the_scalars_and_the_epoch_grids(tmp_path, monkeypatch):
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "cfg",
+                        "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(name, str(value))  # no account, nothing written outside tmp_path
+    train(tiny_config(tmp_path, logger="wandb", log_every=3), TINY, blobs(), blobs(24, seed=1))
+    (run_file,) = (tmp_path / "ck" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert run_file.stem == "run-" + (tmp_path / "ck" / "wandb_id.txt").read_text()  # what a resume continues
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+    records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    assert [h["_step"] for h in history if "train/loss" in h] == [3, 6, 9, 12]  # 2 epochs of 6 steps, every 3
+    assert [h["train/loss"] for h in history if "train/loss" in h] == pytest.approx(
+        [r["loss"] for r in records if r["kind"] == "step"])
+    epochs = [h for h in history if "epoch/val_loss" in h]
+    assert [h["_step"] for h in epochs] == [6, 12] and all(h["epoch/images_per_s"] > 0 for h in epochs)
+    grids = [h for h in history if h.get("samples/_type") == "image-file"]
+    assert [h["_step"] for h in grids] == [6, 12]
+    assert all((run_file.parent / "files" / h["samples/path"]).stat().st_size > 100 for h in grids)
+
+
+def test_loggers_without_their_package_say_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ValueError, match="pip install tensorboard"):
         train(tiny_config(tmp_path, logger="tensorboard"), TINY, blobs(), blobs(24, seed=1))
-    with pytest.raises(ValueError, match="unknown --logger 'wandb'"):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ValueError, match="pip install wandb"):
         train(tiny_config(tmp_path, logger="wandb"), TINY, blobs(), blobs(24, seed=1))
+    with pytest.raises(ValueError, match="unknown --logger 'mlflow'"):
+        train(tiny_config(tmp_path, logger="mlflow"), TINY, blobs(), blobs(24, seed=1))
