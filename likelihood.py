@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from device import progress
 from flow import guided_velocity, nfe_per_image
 from sampling import check_labels, check_request
 from solvers import Velocity, solve
@@ -124,7 +125,7 @@ def image_bits_per_dim(model: nn.Module, pixels: torch.Tensor, labels: torch.Ten
                          f"{pixels.dtype} {tuple(pixels.shape)}")
     check_labels(labels, cfg.num_classes, len(pixels), null_ok=True)
     device, start, bpd, nfes = next(model.parameters()).device, time.perf_counter(), [], []
-    for i in range(0, len(pixels), batch_size):
+    for i in progress(range(0, len(pixels), batch_size), "bits/dim"):
         x = dequantize(pixels[i:i + batch_size], seed + i).to(device)
         y = labels[i:i + batch_size].to(device) if labels is not None else None
         eps = rademacher(probes, tuple(x.shape), seed + i, device) if divergence == "hutchinson" else None

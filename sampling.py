@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
-from device import keep_freed_memory, resolve_device
+from device import keep_freed_memory, progress, resolve_device
 from flow import integrate, make_noise
 from solvers import NFE_PER_STEP, check_solver
 from unet import ConditionalUNet
@@ -129,7 +129,7 @@ def flow_batches(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
     (flow.integrate), batch by batch on the model's device; returns (results on the CPU, NFE per image
     averaged over batches: adaptive dopri5 varies, fixed-step solvers do not)."""
     device, out, nfes = next(model.parameters()).device, [], []
-    for i in range(0, len(x), batch_size):
+    for i in progress(range(0, len(x), batch_size), "inverting" if backwards else "sampling"):
         y = labels[i:i + batch_size].to(device) if labels is not None else None
         result, nfe = integrate(model, x[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol,
                                 backwards)
