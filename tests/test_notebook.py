@@ -79,3 +79,16 @@ def test_missing_checkpoint_says_make_train_from_notebooks_folder():
     with pytest.raises(CellExecutionError, match="FileNotFoundError") as err:
         run_notebook(ROOT / "notebooks", "checkpoints/not_there.pth", few_step=None)
     assert str(ROOT / "checkpoints" / "not_there.pth") in str(err.value) and "make train" in str(err.value)
+
+
+def test_the_setup_cell_clones_and_installs_outside_a_clone(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    (setup,) = [c for c in nb.cells if "setup" in c.metadata.get("tags", [])]
+    assert "REPO_URL = " in setup.source
+    setup.source = setup.source.replace(setup.source.split("REPO_URL = ")[1].split()[0], repr(str(ROOT)))  # local
+    nb.cells = [setup, nbformat.v4.new_code_cell("import sampling; print(ROOT, sampling.__file__)")]
+    specs = KernelSpecManager(kernel_dirs=[str(Path(sys.prefix) / "share" / "jupyter" / "kernels")])
+    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+    NotebookClient(nb, km=km, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    root, module = nb.cells[-1].outputs[-1].text.split()
+    assert Path(root) == tmp_path / "flow-image-generator" and Path(module) == Path(root) / "sampling.py"
