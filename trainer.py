@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -149,7 +149,9 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     model_cfg = objective_model_config(cfg, model_cfg)
     if cfg.objective == "meanflow":
         meanflow = meanflow or MeanFlowConfig()
-        meanflow.check(can_guide(model_cfg.num_classes, cfg.label_dropout))
+        guided = can_guide(model_cfg.num_classes, cfg.label_dropout)
+        meanflow.check(guided)
+        meanflow = replace(meanflow, mf_guidance=meanflow.guidance(guided))  # resolved once: checkpoints record it
     rt, parts = setup(cfg, model_cfg)
     per_rank = cfg.batch_size // rt.world
     sampler = ShardedSampler(len(train_set), per_rank, cfg.seed, rt.rank, rt.world)

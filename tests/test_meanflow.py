@@ -175,7 +175,8 @@ def test_the_curriculum_anneals_alpha_from_flow_matching_to_meanflow():
 
 def test_a_curriculum_run_logs_alpha_falling_from_one_to_zero(tmp_path):
     cfg = tiny_config(tmp_path, objective="meanflow")
-    train(cfg, TINY, blobs(), None, meanflow=MeanFlowConfig(mf_curriculum=1.0, mf_guidance=1.5))
+    train(cfg, TINY, blobs(), None, meanflow=MeanFlowConfig(mf_curriculum=1.0))
+    assert load_checkpoint(tmp_path / "ck" / "last.pth")["train_config"]["mf_guidance"] == 1.5  # the default, resolved
     records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
     alphas = [r["mf_alpha"] for r in records if r["kind"] == "step"]
     assert len(alphas) == 6 and alphas[0] == 1.0 and alphas[-1] == 0.0  # steps 2, 4, ..., 12 of 12
