@@ -36,8 +36,8 @@ def mnist_1rf(device: str | None = None) -> ConditionalUNet:
 
 
 def mnist_one_step(device: str | None = None) -> ConditionalUNet:
-    """The committed one-step MNIST model (pretrained/mnist-distilled-1): one Euler step, 1 network evaluation."""
-    return from_checkpoint(PRETRAINED / "mnist-distilled-1", device)
+    """The committed one-step MNIST model (pretrained/mnist-meanflow): one MeanFlow jump, 1 network evaluation."""
+    return from_checkpoint(PRETRAINED / "mnist-meanflow", device)
 
 
 def sample(model: ConditionalUNet, labels: Sequence[int | str] | torch.Tensor | None = None, n: int = 10,

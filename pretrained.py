@@ -89,7 +89,9 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
         f"# {config['kind']} rectified-flow model, {cfg['in_channels']}x{cfg['image_size']}x{cfg['image_size']}",
         "",
         f"A {conditioning} image generator trained with rectified flow matching by Flow Image Generator "
-        "(t = 0 noise, t = 1 data; the network predicts v = x1 - x0).",
+        + ("(t = 0 noise, t = 1 data; MeanFlow: the network predicts the average velocity u(x_t, t, t_end) over "
+           "[t, t_end], so one jump x1 = x0 + u(x0, 0, 1) draws an image)." if cfg.get("average_velocity") else
+           "(t = 0 noise, t = 1 data; the network predicts v = x1 - x0)."),
         "",
         "| | |", "|---|---|",
         f"| kind | {config['kind']} |",

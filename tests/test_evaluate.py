@@ -231,7 +231,7 @@ def test_quality_commands_refuse_before_sampling(tmp_path, main, command, args, 
         main([command, *common, *args])
 
 
-@pytest.mark.parametrize("name", ["mnist-1rf", "mnist-distilled-1"])
+@pytest.mark.parametrize("name", ["mnist-1rf", "mnist-meanflow"])
 def test_committed_models_draw_the_digits_their_cards_say(classifier, name):
     clf, clf_accuracy, _ = classifier
     folder = checkpoint.PRETRAINED / name

@@ -173,7 +173,7 @@ except ValueError as e:
     assert all(torch.equal(v, weights[k]) for k, v in torch.load(tmp_path / "w.pt").items())
 
 
-@pytest.mark.parametrize("name,nfe", [("mnist-1rf", 16), ("mnist-distilled-1", 1)])
+@pytest.mark.parametrize("name,nfe", [("mnist-1rf", 16), ("mnist-meanflow", 1)])
 def test_committed_models_load_and_sample_with_their_recorded_sampler(name, nfe):
     folder = checkpoint.PRETRAINED / name
     loaded = load_for_sampling(folder)
