@@ -49,6 +49,11 @@ def run_notebook(cwd: Path, checkpoint: str, few_step: str | None) -> nbformat.N
     assert "parameters" in params.metadata.get("tags", []), "the first code cell must be the parameters cell"
     params.source = f"CHECKPOINT = {checkpoint!r}\nFEW_STEP_CHECKPOINT = {few_step!r}\nDEVICE = 'cpu'\nDATA_ROOT = None"
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
+    return execute(nb, cwd)
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path) -> nbformat.NotebookNode:
+    """Run nb's cells from cwd in a kernel of this environment."""
     # Only this environment's kernel spec: a user-level "python3" spec must not swap in another Python.
     specs = KernelSpecManager(kernel_dirs=[str(Path(sys.prefix) / "share" / "jupyter" / "kernels")])
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
@@ -87,8 +92,6 @@ def test_the_setup_cell_clones_and_installs_outside_a_clone(tmp_path):
     assert "REPO_URL = " in setup.source
     setup.source = setup.source.replace(setup.source.split("REPO_URL = ")[1].split()[0], repr(str(ROOT)))  # local
     nb.cells = [setup, nbformat.v4.new_code_cell("import sampling; print(ROOT, sampling.__file__)")]
-    specs = KernelSpecManager(kernel_dirs=[str(Path(sys.prefix) / "share" / "jupyter" / "kernels")])
-    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
-    NotebookClient(nb, km=km, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    execute(nb, tmp_path)
     root, module = nb.cells[-1].outputs[-1].text.split()
     assert Path(root) == tmp_path / "flow-image-generator" and Path(module) == Path(root) / "sampling.py"
