@@ -149,8 +149,7 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     model_cfg = objective_model_config(cfg, model_cfg)
     if cfg.objective == "meanflow":
         meanflow = meanflow or MeanFlowConfig()
-        guided = can_guide(model_cfg.num_classes, cfg.label_dropout)
-        meanflow.check(guided)
+        meanflow.check(guided := can_guide(model_cfg.num_classes, cfg.label_dropout))
         meanflow = replace(meanflow, mf_guidance=meanflow.guidance(guided))  # resolved once: checkpoints record it
     rt, parts = setup(cfg, model_cfg)
     per_rank = cfg.batch_size // rt.world
