@@ -8,12 +8,13 @@ Keys: the seed's `epoch`, `model_state`, `ema_state`, `optimizer_state`, `loss`,
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -247,11 +248,42 @@ def restore(ckpt: dict, model: torch.nn.Module, ema, optimizer: torch.optim.Opti
         scaler.load_state_dict(ckpt["scaler_state"])
 
 
+def sha256(path: str | Path) -> str:
+    """Hex digest of a checkpoint file, or of an exported folder's weights and configs: a parent in a lineage."""
+    digest = hashlib.sha256()
+    folder = [Path(path) / name for name in (WEIGHTS, CONFIG, FLOW_CONFIG) if (Path(path) / name).is_file()]
+    for file in folder if Path(path).is_dir() else [Path(path)]:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_kind(kind: str | None, path: str | Path) -> str:
+    """A checkpoint's kind (none recorded: a first flow), or CheckpointError for one this code does not know."""
+    kind = kind or "1-rectified"
+    head, _, tail = kind.partition("-")
+    if kind != "meanflow" and not (head.isdigit() and tail == "rectified") and not (
+            head == "distilled" and tail.isdigit()):
+        raise CheckpointError(f"{path} records kind {kind!r}, which this code does not know (n-rectified, "
+                              "distilled-k or meanflow): it was written by other code")
+    return kind
+
+
 def load_ema_weights(path: str | Path, model_cfg: UNetConfig, models: list[torch.nn.Module],
-                     device: torch.device) -> None:
-    """Load the EMA weights of the checkpoint at path (which must hold model_cfg's model) into each of models."""
+                     device: torch.device) -> dict:
+    """Load the EMA weights of the checkpoint at path (which must hold model_cfg's model) into each of models; returns
+    its lineage entry (path, sha256, kind). A velocity model may start an average-velocity one (meanflow): its
+    interval embedding's output layer starts at zero, so that u(x, t, t_end) = v(x, t) exactly at step 0."""
     ckpt = load_checkpoint(path, map_location=device)
-    check_same_model(ckpt, model_cfg, str(path))
+    kind = check_kind(ckpt.get("kind"), path)
+    stored = model_config_from(ckpt)
+    widen = model_cfg.average_velocity and not stored.average_velocity
+    check_same_model(ckpt, replace(model_cfg, average_velocity=False) if widen else model_cfg, str(path))
     weights = clean_state_dict(ema_weights(ckpt))
     for model in models:
-        model.load_state_dict(weights)
+        model.load_state_dict(weights, strict=not widen)  # widened: the interval embedding alone is left as built
+        if widen:
+            torch.nn.init.zeros_(model.interval_embed.mlp[-1].weight)
+            torch.nn.init.zeros_(model.interval_embed.mlp[-1].bias)
+    return {"parent": str(path), "parent_sha256": sha256(path), "parent_kind": kind}

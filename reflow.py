@@ -15,7 +15,6 @@ the sampler it should be used with; sample_from_checkpoint, mnist_test.py and ev
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -28,28 +27,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 from torch.utils.data import Dataset
 
-from checkpoint import (CONFIG, FLOW_CONFIG, WEIGHTS, CheckpointError, load_checkpoint, model_config_from,
-                        save_checkpoint)
+from checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint, sha256
 from cli import add_flags, config_from, parse_configs, run
 from config import TrainConfig, check_train_config
 from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
-from sampling import SampleConfig, check_request, flow_batches, load_for_sampling, make_noise
+from flow import MeanFlowConfig
+from sampling import MEANFLOW_SAMPLER, SampleConfig, check_request, flow_batches, load_for_sampling, make_noise
 from trainer import train
 
 MANIFEST = "manifest.json"
 PAIR_SETTINGS = ("parent_sha256", "solver", "steps", "guidance", "seed", "count", "shard_size", "use_ema")
-
-
-def sha256(path: str | Path) -> str:
-    """Hex digest of a checkpoint file, or of an exported folder's weights and configs: a parent in its lineage."""
-    digest = hashlib.sha256()
-    folder = [Path(path) / name for name in (WEIGHTS, CONFIG, FLOW_CONFIG) if (Path(path) / name).is_file()]
-    files = folder if Path(path).is_dir() else [Path(path)]
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def rectified_order(kind: str | None) -> int:
@@ -138,8 +125,10 @@ class Pairs(Dataset):
         return self.x1[i].float() / 127.5 - 1, int(self.y[i]), self.x0[i].float()
 
 
-def load_pairs(folder: str | Path, val_size: int) -> tuple[Pairs, Pairs, dict]:
-    """(train pairs, the last val_size pairs held out, manifest); every shard must be present."""
+def load_pairs(folder: str | Path, val_size: int, drop_farthest: float = 0.0) -> tuple[Pairs, Pairs, dict]:
+    """(train pairs, the last val_size pairs held out, manifest); every shard must be present. drop_farthest: the
+    share of training pairs with the largest ||x1 - x0|| left out (Re-MeanFlow's filter: the pairs whose paths
+    the flow bent most)."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise ValueError(f"no {MANIFEST} in {folder}: draw pairs first with "
@@ -155,7 +144,9 @@ def load_pairs(folder: str | Path, val_size: int) -> tuple[Pairs, Pairs, dict]:
     if not 0 < val_size < len(x1):
         raise ValueError(f"--val-size must lie between 1 and {len(x1) - 1} (of {len(x1)} pairs)")
     cut = len(x1) - val_size
-    return Pairs(x1[:cut], y[:cut], x0[:cut]), Pairs(x1[cut:], y[cut:], x0[cut:]), manifest
+    distance = (x1[:cut].float() / 127.5 - 1 - x0[:cut].float()).flatten(1).norm(dim=1)
+    keep = distance.argsort()[:cut - round(drop_farthest * cut)].sort().values  # (in the order drawn)
+    return Pairs(x1[keep], y[keep], x0[keep]), Pairs(x1[cut:], y[cut:], x0[cut:]), manifest
 
 
 @dataclass
@@ -166,6 +157,7 @@ class PairData:
     val_size: int = 1000  # the last N pairs, held out for the validation loss
     k: int = 1  # distill only: Euler steps of the distilled model (1, 2, 4, ...)
     recommend_steps: int = 2  # train only: the Euler steps recorded as this model's sampler
+    drop_farthest: float = 0.0  # share of training pairs left out, those with the largest ||x1 - x0|| (Re-MeanFlow)
 
 
 DEFAULTS = [
@@ -174,20 +166,22 @@ DEFAULTS = [
     TrainConfig(epochs=4, batch_size=64, lr=2e-4, lr_schedule="cosine", warmup_steps=100, out_dir="runs/reflow",
                 init_from="parent", select_by="last"),  # out_dir: runs/reflow/<kind> unless given
     PairData(),
+    MeanFlowConfig(mf_guidance=1.0),  # train --objective meanflow (Re-MeanFlow); the pairs carry their guidance
 ]
 
 
 def stage(command: str, argv: list[str]) -> dict:
     """reflow.py train / distill: the shared training loop on fixed pairs, from the parent's weights."""
     title = f"reflow.py {command}: " + (__doc__ or "").splitlines()[0]
-    (cfg, data), _ = parse_configs(DEFAULTS, None, None, argv, title)
+    (cfg, data, meanflow), _ = parse_configs(DEFAULTS, None, None, argv, title)
     check_train_config(cfg)
     if cfg.t_grid:
         raise ValueError("--t-grid is set by `reflow.py distill --k`")
-    if cfg.objective != "flow-matching":
-        raise ValueError("reflow and distillation train velocities on pairs: --objective meanflow trains one-step "
-                         "models from data (mnist_train.py, rectified_flow_train.py)")
-    train_set, val_set, manifest = load_pairs(data.pairs, data.val_size)
+    if cfg.objective == "meanflow" and command == "distill":
+        raise ValueError("distill trains a k-step velocity: --objective meanflow on pairs is `reflow.py train`")
+    if not 0 <= data.drop_farthest < 1:
+        raise ValueError(f"--drop-farthest must lie in [0, 1), got {data.drop_farthest}")
+    train_set, val_set, manifest = load_pairs(data.pairs, data.val_size, data.drop_farthest)
     init_from = manifest["parent"] if cfg.init_from == "parent" else cfg.init_from
     if command == "distill" and cfg.init_from == "parent":
         raise ValueError("distill starts from the reflowed model: pass --init-from PATH (its best.pth)")
@@ -200,7 +194,9 @@ def stage(command: str, argv: list[str]) -> dict:
                "pairs": {k: manifest[k] for k in ("parent", *PAIR_SETTINGS)}}
     # A stage's sampler is unguided, whatever its parent recommends: its point is few NFE, and a guided
     # step costs two. Guidance stays a choice at sampling time (--guidance).
-    if command == "train":
+    if cfg.objective == "meanflow":
+        kind, sampler = "meanflow", dict(MEANFLOW_SAMPLER)
+    elif command == "train":
         kind = f"{rectified_order(manifest['parent_kind']) + 1}-rectified"
         sampler = {"solver": "euler", "steps": data.recommend_steps, "guidance": 1.0}
     else:
@@ -211,7 +207,8 @@ def stage(command: str, argv: list[str]) -> dict:
     out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
     cfg = replace(cfg, init_from=init_from, out_dir=out_dir)
     summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),
-                    extra={"kind": kind, "lineage": lineage, "sampler": sampler, "dataset": "reflow-pairs"})
+                    extra={"kind": kind, "lineage": lineage, "sampler": sampler, "dataset": "reflow-pairs"},
+                    meanflow=meanflow)
     print(f"done: {kind}, {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min); sample with {sampler}")
     return summary
