@@ -60,6 +60,8 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
     import mnist_train
     import rectified_flow_train
 
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     module = {"mnist": mnist_train, "rf": rectified_flow_train}[script]
     default = module.default_preset() if hasattr(module, "default_preset") else None
     (cfg, model_cfg, _, meanflow), preset = parse_configs(module.DEFAULTS, module.PRESETS, default, argv)

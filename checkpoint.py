@@ -150,11 +150,22 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> ConditionalUNet:
         raise CheckpointError("this exported folder holds the EMA weights only: sample those (use_ema=True), or "
                               "export the raw ones with --weights raw")
     weights = ema_weights(ckpt) if use_ema else ckpt["model_state"]
-    try:
-        model.load_state_dict(clean_state_dict(weights))
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match its model_config: {str(e).splitlines()[0]}") from e
+    load_weights(model, clean_state_dict(weights), "checkpoint")
     return model.eval()
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str, strict: bool = True) -> None:
+    """model.load_state_dict, with a mismatch between the config and the weights said in one line: which tensor."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} by the config" for k, v in weights.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in weights] if strict else []
+    extra = [k for k in weights if k not in own]
+    if wrong or missing or extra:
+        first = wrong[:1] or [f"{missing[0]} missing from the file"] * bool(missing) or [f"{extra[0]} unexpected"]
+        raise CheckpointError(f"{source}: the weights do not match its model config ({len(wrong)} shapes differ, "
+                              f"{len(missing)} tensors missing, {len(extra)} unexpected; first: {first[0]})")
+    model.load_state_dict(weights, strict=strict)
 
 
 def load_folder(folder: str | Path) -> dict:
@@ -227,6 +238,10 @@ def check_resume(ckpt: dict, model_cfg: UNetConfig, batch_size: int, steps_per_e
     """The checkpoint must hold the model we are about to train, and the same steps per epoch. Another batch size,
     number of processes or training set changes how steps map to epochs and data, so the resumed run would silently
     train on other batches: refused."""
+    if "exported" in ckpt:
+        raise CheckpointError(f"--resume {path} is an exported folder: it holds the weights alone, not the optimizer "
+                              "state and step that resume needs. Resume from a training checkpoint (OUT_DIR/last.pth), "
+                              "or start a new run from these weights with --init-from")
     check_same_model(ckpt, model_cfg, path)
     was = {"--batch-size": ckpt.get("train_config", {}).get("batch_size"), "processes": ckpt.get("world_size", 1),
            "steps per epoch": ckpt.get("steps_per_epoch")}
@@ -282,7 +297,7 @@ def load_ema_weights(path: str | Path, model_cfg: UNetConfig, models: list[torch
     check_same_model(ckpt, replace(model_cfg, average_velocity=False) if widen else model_cfg, str(path))
     weights = clean_state_dict(ema_weights(ckpt))
     for model in models:
-        model.load_state_dict(weights, strict=not widen)  # widened: the interval embedding alone is left as built
+        load_weights(model, weights, str(path), strict=not widen)  # widened: the interval embedding is left as built
         if widen:
             torch.nn.init.zeros_(model.interval_embed.mlp[-1].weight)
             torch.nn.init.zeros_(model.interval_embed.mlp[-1].bias)

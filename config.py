@@ -41,6 +41,7 @@ class TrainConfig:
     select_by: str = "val-loss"  # which epoch the checkpoint holds: val-loss (the lowest) | last
     sample_dir: str = "{out_dir}/samples"  # one sample grid PNG per epoch
     resume: str = ""  # checkpoint to resume from, or "auto" for OUT_DIR/last.pth
+    existing: str = "move"  # a fresh run into an --out-dir holding another run: move it to OUT_DIR.N | refuse
     init_from: str = ""  # start from this checkpoint's EMA weights (same model config) instead of random ones
     save_every: float = 10.0  # minutes between saves of last.pth inside an epoch (crash safety); 0 = epoch ends only
     keep_last: int = 5  # epoch_N.pth files kept on disk; 0 keeps all
@@ -73,7 +74,8 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     """Reject settings that would fail later (deep inside torch) or silently do nothing; world = processes."""
     choices = {"t_schedule": T_SCHEDULES, "objective": OBJECTIVES, "lr_schedule": LR_SCHEDULES,
                "amp": ("none", "bf16", "fp16", "auto"), "channels_last": ("on", "off", "auto"),
-               "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last"), "logger": LOGGERS}
+               "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last"), "logger": LOGGERS,
+               "existing": ("move", "refuse")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -88,6 +90,12 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     for name in ("ema_decay", "label_dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
+    if cfg.label_dropout == 1:
+        raise ValueError("--label-dropout 1 drops every label: the model would never see a class. Use 0.1 (guidance) "
+                         "or 0 (no guidance); for an unconditional model pass --num-classes none")
+    if cfg.resume and cfg.init_from:
+        raise ValueError("--resume continues a run with its own weights; --init-from starts a new one from another "
+                         "run's: give one of the two")
     if cfg.objective == "meanflow" and cfg.t_grid:
         raise ValueError("--t-grid (k-step distillation) trains a velocity at k times; --objective meanflow "
                          "trains average velocities: use one of the two")

@@ -229,6 +229,20 @@ def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg
     return (weight * error).mean()
 
 
+def grid_map_loss(net: nn.Module, path: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Flow-map distillation on a sampler's grid, for path (B, K + 1, C, H, W): a teacher's states at t = 0, 1/K, ...,
+    1 (`reflow.py pairs --states`). Each item gets a random grid interval i < j, and u(x_i, t_i, t_j) regresses onto
+    (x_j - x_i) / (t_j - t_i), the average velocity of the teacher's solver over it: the teacher's k-step map for every
+    k that divides K, learnt directly (no derivative, no bootstrapping; labels kept: the paths are of their class)."""
+    b, k = path.shape[0], path.shape[1] - 1
+    i, j = torch.triu_indices(k + 1, k + 1, 1, device=path.device)[:, torch.randint(k * (k + 1) // 2, (b,),
+                                                                                       device=path.device)]
+    rows = torch.arange(b, device=path.device)
+    start, end, t, t_end = path[rows, i], path[rows, j], i / k, j / k
+    target = (end - start) / (t_end - t).view(-1, 1, 1, 1)
+    return F.mse_loss(net(start, t.to(start.dtype), y, t_end.to(start.dtype)).float(), target.float())
+
+
 def is_guided(y: torch.Tensor | None, guidance: float) -> bool:
     """Whether sampling runs the unconditional pass too: labels given and w != 1."""
     return y is not None and guidance != 1.0
@@ -264,10 +278,11 @@ def guided_velocity(model: nn.Module, y: torch.Tensor | None, guidance: float = 
 @torch.no_grad()
 def integrate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None, solver: str = "midpoint",
               steps: int = 10, guidance: float = 1.0, rtol: float = 1e-3, atol: float = 1e-3,
-              backwards: bool = False) -> tuple[torch.Tensor, int]:
+              backwards: bool = False, states: bool = False) -> tuple[torch.Tensor, int]:
     """The guided ODE: noise x (B, C, H, W) at t = 0 to images in [-1, 1] at t = 1, or with backwards images at t = 1
     to their noise at t = 0 (the same ODE run backwards, so one direction undoes the other up to both solvers'
-    errors); returns (the result, NFE per image)."""
+    errors); returns (the result, NFE per image). states: the whole path on the solver's grid, (B, steps + 1, C, H,
+    W), the image at its end."""
     if solver == "meanflow" and backwards:
         raise ValueError("solver meanflow jumps forwards only (average velocities were trained for t_end >= t): "
                          "invert with euler, midpoint, heun, rk4 or dopri5 (a meanflow model's u(x, t, t) is its "
@@ -276,5 +291,7 @@ def integrate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = N
         raise ValueError("solver meanflow jumps along average velocities: this model predicts the velocity only "
                          "(train with --objective meanflow, or sample with euler, midpoint, heun, rk4 or dopri5)")
     span = (1.0, 0.0) if backwards else (0.0, 1.0)
-    x, calls = solve(guided_velocity(model, labels, guidance), x, solver, steps, rtol, atol, span)
-    return x if backwards else x.clamp(-1, 1), nfe_per_image(calls, labels, guidance)
+    x, calls = solve(guided_velocity(model, labels, guidance), x, solver, steps, rtol, atol, span, states)
+    if not backwards:
+        x = torch.cat([x[:, :-1], x[:, -1:].clamp(-1, 1)], 1) if states else x.clamp(-1, 1)
+    return x, nfe_per_image(calls, labels, guidance)

@@ -36,7 +36,7 @@ from sampling import MEANFLOW_SAMPLER, SampleConfig, check_request, flow_batches
 from trainer import train
 
 MANIFEST = "manifest.json"
-PAIR_SETTINGS = ("parent_sha256", "solver", "steps", "guidance", "seed", "count", "shard_size", "use_ema")
+PAIR_SETTINGS = ("parent_sha256", "solver", "steps", "guidance", "seed", "count", "shard_size", "use_ema", "states")
 
 
 def rectified_order(kind: str | None) -> int:
@@ -52,7 +52,8 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     path = out_dir / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [f"{k} {old.get(k)} there, {manifest[k]} now" for k in PAIR_SETTINGS if old.get(k) != manifest[k]]
+        diff = [f"{k} {old.get(k, False)} there, {manifest[k]} now" for k in PAIR_SETTINGS
+                if old.get(k, False) != manifest[k]]  # (manifests without states hold none)
         if diff:
             raise ValueError(f"{out_dir} holds pairs drawn with other settings ({'; '.join(diff)}): "
                              "use another --out-dir, or the same settings to finish them")
@@ -69,9 +70,10 @@ def shard_path(out_dir: Path, index: int) -> Path:
 
 @torch.no_grad()
 def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000, shard_size: int = 5000,
-               sample: SampleConfig | None = None, use_ema: bool = True) -> dict:
+               sample: SampleConfig | None = None, use_ema: bool = True, states: bool = False) -> dict:
     """Solve the parent's ODE from seeded noise with sample's sampler; write shards of (noise, image, label) to out_dir,
-    skipping finished ones. Under torchrun each rank draws its own shards (no process group)."""
+    skipping finished ones; states: also the path's points between them, on the solver's grid. Under torchrun each
+    rank draws its own shards (no process group)."""
     sample = sample or SampleConfig()
     rank, world, local_rank = launched_ranks()
     if count < 1 or shard_size < 1:
@@ -84,7 +86,8 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
     cfg, out_dir = loaded.model.config, Path(out_dir)
     manifest = {"parent": str(checkpoint), "parent_sha256": sha256(checkpoint), "parent_kind": f"{order}-rectified",
                 "solver": loaded.solver, "steps": loaded.steps, "guidance": loaded.guidance, "seed": sample.seed,
-                "count": count, "shard_size": shard_size, "use_ema": use_ema, "model_config": asdict(cfg),
+                "count": count, "shard_size": shard_size, "use_ema": use_ema, "states": states,
+                "model_config": asdict(cfg),
                 "class_names": loaded.ckpt.get("class_names")}
     write_manifest(out_dir, manifest)
     start_time, drawn, nfe = time.perf_counter(), 0, 0
@@ -96,11 +99,13 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
                            start=first)
         # class-balanced: pair i has label i mod num_classes
         labels = torch.arange(first, last) % cfg.num_classes if cfg.num_classes is not None else None
-        images, nfe = flow_batches(loaded.model, noise, labels, loaded.solver, loaded.steps, loaded.guidance,
-                                   batch_size=sample.batch_size)
-        x1 = ((images + 1) * 127.5).round().to(torch.uint8)  # like the data: 8-bit pixels
+        path, nfe = flow_batches(loaded.model, noise, labels, loaded.solver, loaded.steps, loaded.guidance,
+                                 batch_size=sample.batch_size, states=states)
+        x1 = ((path[:, -1] if states else path) + 1) * 127.5  # like the data: 8-bit pixels
         y = labels if labels is not None else torch.zeros(last - first, dtype=torch.long)
-        save_checkpoint(shard_path(out_dir, j), {"first": first, "x0": noise.half(), "x1": x1, "y": y})
+        inner = {"xs": path[:, 1:-1].half()} if states else {}
+        save_checkpoint(shard_path(out_dir, j), {"first": first, "x0": noise.half(), "x1": x1.round().to(torch.uint8),
+                                                 "y": y, **inner})
         drawn += last - first
         print(f"rank {rank}: shard {j} ({first}-{last - 1}) written", flush=True)
     seconds = time.perf_counter() - start_time
@@ -111,24 +116,29 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
 
 
 class Pairs(Dataset):
-    """Reflow pairs as training items (image x1 in [-1, 1], label, noise x0); held-out pairs for validation."""
+    """Reflow pairs as training items (image x1 in [-1, 1], label, noise x0), and where the pairs kept their states
+    the whole path (K + 1, C, H, W) from x0 to x1; held-out pairs for validation."""
 
     paired = True  # the trainer refuses --hflip: a flipped image is not the pair of its noise
 
-    def __init__(self, x1: torch.Tensor, y: torch.Tensor, x0: torch.Tensor):
-        self.x1, self.y, self.x0 = x1, y, x0
+    def __init__(self, x1: torch.Tensor, y: torch.Tensor, x0: torch.Tensor, xs: torch.Tensor | None = None):
+        self.x1, self.y, self.x0, self.xs = x1, y, x0, xs
 
     def __len__(self) -> int:
         return len(self.x1)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        return self.x1[i].float() / 127.5 - 1, int(self.y[i]), self.x0[i].float()
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        x1, x0 = self.x1[i].float() / 127.5 - 1, self.x0[i].float()
+        if self.xs is None:
+            return x1, int(self.y[i]), x0
+        return x1, int(self.y[i]), x0, torch.cat([x0[None], self.xs[i].float(), x1[None]])
 
 
-def load_pairs(folder: str | Path, val_size: int, drop_farthest: float = 0.0) -> tuple[Pairs, Pairs, dict]:
+def load_pairs(folder: str | Path, val_size: int, drop_farthest: float = 0.0,
+               states: bool = False) -> tuple[Pairs, Pairs, dict]:
     """(train pairs, the last val_size pairs held out, manifest); every shard must be present. drop_farthest: the
     share of training pairs with the largest ||x1 - x0|| left out (Re-MeanFlow's filter: the pairs whose paths
-    the flow bent most)."""
+    the flow bent most); states: items carry their paths (pairs drawn with --states)."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise ValueError(f"no {MANIFEST} in {folder}: draw pairs first with "
@@ -141,12 +151,17 @@ def load_pairs(folder: str | Path, val_size: int, drop_farthest: float = 0.0) ->
                          "run the same `reflow.py pairs` command again to finish them")
     shards = [torch.load(shard_path(folder, j), weights_only=True) for j in range(n_shards)]
     x1, y, x0 = (torch.cat([s[k] for s in shards]) for k in ("x1", "y", "x0"))
+    if states and not manifest.get("states"):
+        raise ValueError(f"{folder} holds endpoints only, not the paths between them: draw pairs with "
+                         "`reflow.py pairs --states`")
+    xs = torch.cat([s["xs"] for s in shards]) if states else None
     if not 0 < val_size < len(x1):
         raise ValueError(f"--val-size must lie between 1 and {len(x1) - 1} (of {len(x1)} pairs)")
     cut = len(x1) - val_size
     distance = (x1[:cut].float() / 127.5 - 1 - x0[:cut].float()).flatten(1).norm(dim=1)
     keep = distance.argsort()[:cut - round(drop_farthest * cut)].sort().values  # (in the order drawn)
-    return Pairs(x1[keep], y[keep], x0[keep]), Pairs(x1[cut:], y[cut:], x0[cut:]), manifest
+    part = lambda idx: Pairs(x1[idx], y[idx], x0[idx], xs[idx] if xs is not None else None)  # noqa: E731
+    return part(keep), part(slice(cut, None)), manifest
 
 
 @dataclass
@@ -174,14 +189,13 @@ def stage(command: str, argv: list[str]) -> dict:
     """reflow.py train / distill: the shared training loop on fixed pairs, from the parent's weights."""
     title = f"reflow.py {command}: " + (__doc__ or "").splitlines()[0]
     (cfg, data, meanflow), _ = parse_configs(DEFAULTS, None, None, argv, title)
-    check_train_config(cfg)
+    check_train_config(replace(cfg, init_from=""))  # here --init-from also names the stage's model: kept on resume
     if cfg.t_grid:
         raise ValueError("--t-grid is set by `reflow.py distill --k`")
-    if cfg.objective == "meanflow" and command == "distill":
-        raise ValueError("distill trains a k-step velocity: --objective meanflow on pairs is `reflow.py train`")
     if not 0 <= data.drop_farthest < 1:
         raise ValueError(f"--drop-farthest must lie in [0, 1), got {data.drop_farthest}")
-    train_set, val_set, manifest = load_pairs(data.pairs, data.val_size, data.drop_farthest)
+    grid = command == "distill" and cfg.objective == "meanflow"  # the parent's average velocities on its grid
+    train_set, val_set, manifest = load_pairs(data.pairs, data.val_size, data.drop_farthest, states=grid)
     init_from = manifest["parent"] if cfg.init_from == "parent" else cfg.init_from
     if command == "distill" and cfg.init_from == "parent":
         raise ValueError("distill starts from the reflowed model: pass --init-from PATH (its best.pth)")
@@ -205,7 +219,7 @@ def stage(command: str, argv: list[str]) -> dict:
         kind, cfg = f"distilled-{data.k}", replace(cfg, t_grid=data.k)
         sampler = {"solver": "euler", "steps": data.k, "guidance": 1.0}
     out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
-    cfg = replace(cfg, init_from=init_from, out_dir=out_dir)
+    cfg = replace(cfg, init_from="" if cfg.resume else init_from, out_dir=out_dir)
     summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),
                     extra={"kind": kind, "lineage": lineage, "sampler": sampler, "dataset": "reflow-pairs"},
                     meanflow=meanflow)
@@ -228,11 +242,14 @@ def main(argv: list[str] | None = None) -> dict:
     q.add_argument("--count", type=int, default=20_000, help="pairs K to draw (class-balanced)")
     q.add_argument("--shard-size", type=int, default=5000, help="pairs per shard file (a crash loses at most one)")
     q.add_argument("--raw-weights", action="store_true", help="draw from the raw weights instead of the EMA")
+    q.add_argument("--states", action="store_true", help="also keep each path's points on the solver's grid "
+                   "(`distill --objective meanflow` trains on them)")
     add_flags(q, SampleConfig())  # pair i's noise depends only on (seed, i); docs/few-step.md draws them at w = 1
     args = p.parse_args(argv)
     sample = config_from(args, SampleConfig())
     sample.check()
-    return draw_pairs(args.checkpoint, args.out_dir, args.count, args.shard_size, sample, not args.raw_weights)
+    return draw_pairs(args.checkpoint, args.out_dir, args.count, args.shard_size, sample, not args.raw_weights,
+                      args.states)
 
 
 if __name__ == "__main__":

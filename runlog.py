@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,43 @@ class WandB:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def earlier_run(out_dir: Path, checkpoint: Path) -> list[Path]:
+    """The files of another run that a fresh run would replace: its checkpoints and log in out_dir, and checkpoint."""
+    found = [out_dir / name for name in ("last.pth", "log.jsonl", "config.json") if (out_dir / name).is_file()]
+    return found + sorted(out_dir.glob("epoch_*.pth")) + ([checkpoint] if checkpoint.is_file() else [])
+
+
+def keep_earlier_run(out_dir: Path, checkpoint: Path, existing: str) -> str | None:
+    """Before a fresh run writes anything: move another run's folder aside to OUT_DIR.N (its --checkpoint file into
+    it), or with existing "refuse" raise ValueError naming the choices; returns what was moved, or None."""
+    found = earlier_run(out_dir, checkpoint)
+    if not found:
+        return None
+    if existing == "refuse":
+        raise ValueError(f"{out_dir} holds an earlier run ({', '.join(p.name for p in found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): continue it with --resume auto, train into another "
+                         "--out-dir, or pass --existing move to keep it as a numbered copy")
+    aside = next(Path(f"{out_dir}.{n}") for n in range(1, 10_000) if not Path(f"{out_dir}.{n}").exists())
+    out_dir.rename(aside) if out_dir.is_dir() else aside.mkdir(parents=True)
+    moved = f"{out_dir} -> {aside}"
+    if checkpoint.is_file():  # a --checkpoint outside out_dir; inside, it moved with the folder
+        checkpoint.rename(aside / checkpoint.name)
+        moved += f", {checkpoint} -> {aside / checkpoint.name}"
+    return f"kept the earlier run in {out_dir}: moved {moved}"
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create folder if needed and write a test file into it: ValueError naming the flag if that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{flag}: {folder} (or a folder above it) is a file: pick another path") from None
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write into {folder} ({e.strerror}): pick a writable path") from None
 
 
 class TrainingDiverged(ValueError):

@@ -124,15 +124,16 @@ def check_labels(labels: torch.Tensor | None, num_classes: int | None, n: int | 
 @torch.no_grad()
 def flow_batches(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, solver: str, steps: int,
                  guidance: float, backwards: bool = False, batch_size: int = 256, rtol: float = 1e-3,
-                 atol: float = 1e-3) -> tuple[torch.Tensor, int]:
+                 atol: float = 1e-3, states: bool = False) -> tuple[torch.Tensor, int]:
     """The one batched driver: noise x (N, C, H, W) to images in [-1, 1], or with backwards images to their noise
     (flow.integrate), batch by batch on the model's device; returns (results on the CPU, NFE per image
-    averaged over batches: adaptive dopri5 varies, fixed-step solvers do not)."""
+    averaged over batches: adaptive dopri5 varies, fixed-step solvers do not); states: each path on the solver's grid
+    (flow.integrate)."""
     device, out, nfes = next(model.parameters()).device, [], []
     for i in progress(range(0, len(x), batch_size), "inverting" if backwards else "sampling"):
         y = labels[i:i + batch_size].to(device) if labels is not None else None
         result, nfe = integrate(model, x[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol,
-                                backwards)
+                                backwards, states)
         out.append(result.cpu())
         nfes.append(nfe)
     return torch.cat(out), round(sum(nfes) / len(nfes))

@@ -74,9 +74,10 @@ def check_solver(solver: str, steps: int) -> None:
 
 
 def solve(v: Velocity, x0: torch.Tensor, solver: str = "midpoint", steps: int = 10, rtol: float = 1e-3,
-          atol: float = 1e-3, span: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, int]:
+          atol: float = 1e-3, span: tuple[float, float] = (0.0, 1.0), states: bool = False) -> tuple[torch.Tensor, int]:
     """Integrate x0 at t = span[0] to t = span[1] with `solver`; returns (x at span[1], NFE). The default runs noise to
-    data; span (1, 0) runs data back to noise, on the same grid reversed. `steps` is ignored by dopri5."""
+    data; span (1, 0) runs data back to noise, on the same grid reversed. `steps` is ignored by dopri5. states (fixed
+    steps): return every grid point instead, (B, steps + 1, ...), x0 first: the same arithmetic, step by step."""
     check_solver(solver, steps)
     nfe = 0
 
@@ -87,7 +88,14 @@ def solve(v: Velocity, x0: torch.Tensor, solver: str = "midpoint", steps: int = 
 
     if solver in FIXED_STEP:
         ts = torch.linspace(*span, steps + 1, dtype=torch.float64).to(x0.device, x0.dtype)
-        return FIXED_STEP[solver](counted, x0, ts), nfe
+        if not states:
+            return FIXED_STEP[solver](counted, x0, ts), nfe
+        path = [x0]
+        for pair in ts.unfold(0, 2, 1):
+            path.append(FIXED_STEP[solver](counted, path[-1], pair))
+        return torch.stack(path, 1), nfe
+    if states:
+        raise ValueError("the states on a grid need a fixed-step solver (euler, midpoint, heun, rk4), not dopri5")
 
     from torchdiffeq import odeint  # imported here: only the adaptive path needs it
 

@@ -27,8 +27,9 @@ from data import ShardedSampler
 from device import (Runtime, StopRequest, global_mean, ignore_sigint, keep_freed_memory, launched_ranks,
                     setup_runtime)
 from ema import EMA
-from flow import MeanFlowConfig, curriculum_alpha, flow_matching_loss, mean_flow_loss, validation_sums
-from runlog import RunLog, check_finite, plot_losses
+from flow import (MeanFlowConfig, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
+                  validation_sums)
+from runlog import RunLog, check_finite, check_writable, keep_earlier_run, plot_losses
 from sampling import can_guide, draw_grid, grid_forwards, recommended_sampler
 from unet import ConditionalUNet, UNetConfig
 
@@ -80,9 +81,10 @@ def setup(cfg: TrainConfig, model_cfg: UNetConfig) -> tuple[Runtime, Parts]:
 
 def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None, step: int,
                lr: float | None = None, x0: torch.Tensor | None = None, meanflow: MeanFlowConfig | None = None,
-               alpha: float = 0.0) -> torch.Tensor:
+               alpha: float = 0.0, path: torch.Tensor | None = None) -> torch.Tensor:
     """One optimizer step on a batch on the device (x: (B, C, H, W) in [-1, 1]; x0: reflow pairs' noise, or None
-    for fresh noise; alpha: meanflow's α-Flow step); returns the loss."""
+    for fresh noise; alpha: meanflow's α-Flow step; path: pairs' states on the parent's grid, which meanflow then
+    regresses on); returns the loss."""
     rt = parts.rt
     torch.manual_seed(step_seed(cfg.seed, rt.rank, step))
     if rt.channels_last:
@@ -93,7 +95,9 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
         group["lr"] = cfg.lr if lr is None else lr
     num_classes = parts.model.config.num_classes
     with rt.autocast():
-        if cfg.objective == "meanflow":  # the target runs on the plain module, the loss through parts.net
+        if cfg.objective == "meanflow" and path is not None:
+            loss = grid_map_loss(parts.net, path, y)
+        elif cfg.objective == "meanflow":  # the target runs on the plain module, the loss through parts.net
             meanflow = meanflow or MeanFlowConfig()
             loss = mean_flow_loss(parts.net, x, y, meanflow, num_classes=num_classes, label_dropout=cfg.label_dropout,
                                   guidance=meanflow.guidance(can_guide(num_classes, cfg.label_dropout)), x0=x0,
@@ -149,6 +153,8 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     if cfg.hflip and getattr(train_set, "paired", False):
         raise ValueError("--hflip cannot be used with reflow pairs: a flipped image is not the pair of its noise")
     model_cfg = objective_model_config(cfg, model_cfg)
+    if launched_ranks()[0] == 0:  # before any work: the run's folders writable, another run's files kept
+        check_outputs(cfg)
     if cfg.objective == "meanflow":
         meanflow = meanflow or MeanFlowConfig()
         meanflow.check(guided := can_guide(model_cfg.num_classes, cfg.label_dropout))
@@ -167,6 +173,19 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     horizon = Horizon(cfg.epochs * sampler.batches, sampler.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
     return Run(cfg, model_cfg, meanflow if cfg.objective == "meanflow" else None, rt, parts, sampler, loader, val_set,
                horizon, extra)
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """A fresh run moves another run's files in --out-dir aside (or refuses: --existing); every output folder must be
+    writable. Run on the main process before the process group exists, so no other rank has written anything."""
+    checkpoint = output_path(cfg.checkpoint, cfg)
+    if checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {checkpoint} is a folder: give a file path (e.g. {checkpoint}/best.pth)")
+    if not cfg.resume and (moved := keep_earlier_run(Path(cfg.out_dir), checkpoint, cfg.existing)):
+        tqdm.write(moved)
+    for folder, name in ((Path(cfg.out_dir), "--out-dir"), (checkpoint.parent, "--checkpoint"),
+                         (output_path(cfg.sample_dir, cfg), "--sample-dir")):
+        check_writable(folder, name)
 
 
 def load_teacher(path: str, model_cfg: UNetConfig, device: torch.device) -> ConditionalUNet:
@@ -295,9 +314,9 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
                dynamic_ncols=True)
     for x, y, *pair in bar:
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True) if conditional else None
-        x0 = pair[0].to(rt.device, non_blocking=True) if pair else None
+        x0, path = (p.to(rt.device, non_blocking=True) if p is not None else None for p in [*pair, None, None][:2])
         lr, alpha = learning_rate(cfg, step, horizon.schedule), curriculum_alpha(step / horizon.schedule, curriculum)
-        loss = train_step(parts, cfg, x, y, step, lr, x0, run.meanflow, alpha)
+        loss = train_step(parts, cfg, x, y, step, lr, x0, run.meanflow, alpha, path)
         first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, step + 1)
         loss_sum += loss
         step += 1

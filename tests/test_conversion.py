@@ -2,7 +2,7 @@
 velocity as MeanFlow's target, Re-MeanFlow on reflow pairs, lineage, exact resume and the refusals."""
 import os
 import signal
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,10 @@ import torch
 import reflow
 import trainer
 from checkpoint import CheckpointError, load_checkpoint, load_ema_weights, model_config_from, save_checkpoint, sha256
-from flow import MeanFlowConfig, guided_velocity, interpolate, mean_flow_loss
+from flow import MeanFlowConfig, grid_map_loss, guided_velocity, interpolate, mean_flow_loss
 from helpers import TINY, assert_same_weights, blobs, tiny_checkpoint, tiny_config
+from sampling import SampleConfig
+from solvers import solve
 from trainer import train
 from unet import ConditionalUNet
 
@@ -143,3 +145,58 @@ def test_re_meanflow_trains_on_pairs_without_the_farthest_share(tmp_path):
     assert ckpt["lineage"]["parent_sha256"] == sha256(parent) and ckpt["model_config"]["average_velocity"]
     with pytest.raises(ValueError, match="--drop-farthest must lie in"):
         reflow.main(["train", "--pairs", str(tmp_path / "pairs"), "--drop-farthest", "1"])
+
+
+def test_solving_with_states_visits_the_grid_with_the_same_arithmetic():
+    v = lambda t, x: torch.cos(3 * t) * x + t  # noqa: E731
+    x0 = torch.randn(3, 2)
+    for solver in ("euler", "midpoint", "heun", "rk4"):
+        end, nfe = solve(v, x0, solver, 4)
+        path, nfe_path = solve(v, x0, solver, 4, states=True)
+        assert path.shape == (3, 5, 2) and torch.equal(path[:, 0], x0) and torch.equal(path[:, -1], end)
+        assert nfe_path == nfe and torch.equal(path[:, 2], solve(v, x0, solver, 2, span=(0.0, 0.5))[0])
+    with pytest.raises(ValueError, match="fixed-step solver"):
+        solve(v, x0, "dopri5", 4, states=True)
+
+
+def test_the_grid_map_loss_is_zero_for_the_teachers_average_velocities():
+    """A teacher that moved along straight lines x_t = x0 + t·d: every interval's average velocity is d."""
+    x0, d = torch.randn(6, 1, 8, 8), torch.randn(6, 1, 8, 8)
+    path = torch.stack([x0 + k / 4 * d for k in range(5)], 1)
+    seen = []
+
+    def net(x, t, y, t_end):
+        seen.append((t, t_end))
+        k = ((x - x0).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)  # where on the line
+        assert torch.allclose(k.flatten(), t, atol=1e-5)
+        return d
+
+    assert grid_map_loss(net, path, None).item() == pytest.approx(0.0, abs=1e-10)
+    t, t_end = seen[0]
+    assert (t < t_end).all() and set((4 * t).round().tolist()) <= {0, 1, 2, 3}
+    assert grid_map_loss(lambda x, t, y, t_end: d + 1, path, None).item() == pytest.approx(1.0)
+
+
+def test_pairs_with_states_train_a_one_step_model_on_the_parents_grid(tmp_path):
+    parent = tmp_path / "flow.pth"
+    tiny_checkpoint(parent)
+    drawn = reflow.draw_pairs(parent, tmp_path / "pairs", count=40, shard_size=20,
+                              sample=SampleConfig(solver="midpoint", steps=4, guidance=1.0), states=True)
+    shard = torch.load(tmp_path / "pairs" / "shard_00000.pt", weights_only=True)
+    assert drawn["states"] and shard["xs"].shape == (20, 3, 1, 8, 8)
+    plain = reflow.draw_pairs(parent, tmp_path / "plain", count=20, shard_size=20,
+                              sample=SampleConfig(solver="midpoint", steps=4, guidance=1.0))
+    assert torch.equal(torch.load(tmp_path / "plain" / "shard_00000.pt", weights_only=True)["x1"], shard["x1"])
+    assert not plain["states"]
+    train_set, _, _ = reflow.load_pairs(tmp_path / "pairs", val_size=8, states=True)
+    assert len(reflow.load_pairs(tmp_path / "pairs", val_size=8)[0][0]) == 3  # without states: (x1, y, x0)
+    x1, _, x0, path = train_set[0]
+    assert path.shape == (5, 1, 8, 8) and torch.equal(path[0], x0) and torch.equal(path[-1], x1)
+    flags = ["--val-size", "8", "--objective", "meanflow", "--epochs", "1", "--batch-size", "8", "--warmup-steps", "0",
+             "--init-from", str(parent), "--out-dir", str(tmp_path / "mf"), "--checkpoint", str(tmp_path / "mf.pth"),
+             "--sample-dir", str(tmp_path / "mf" / "samples")]
+    summary = reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), *flags])
+    ckpt = load_checkpoint(summary["checkpoint"])
+    assert summary["step"] == 4 and ckpt["kind"] == "meanflow" and ckpt["model_config"]["average_velocity"]
+    with pytest.raises(ValueError, match="holds endpoints only, not the paths between them"):
+        reflow.main(["distill", "--pairs", str(tmp_path / "plain"), *flags])

@@ -184,3 +184,32 @@ def test_resize_flag_and_missing_data(mnist_root, tmp_path):
     assert data[0][0].shape == (1, 32, 32)
     with pytest.raises(DataError, match="MNIST not found"):
         load_mnist(tmp_path, train=True, download=False)
+
+
+def test_running_mnist_train_twice_with_defaults_loses_nothing_of_the_first_run(mnist_root, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Default paths (checkpoints/mnist, checkpoints/flow_matching_mnist.pth): the second run moves the first aside
+    whole, says so, and its done: line names only its own files; --existing refuse touches nothing."""
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    flags = ["--data-root", str(mnist_root), "--no-download", "--subset", "256", "--epochs", "1", *TINY_FLAGS]
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    first = mnist_train.main(flags)
+    before = {p.relative_to(tmp_path / "checkpoints"): digest(p) for p in (tmp_path / "checkpoints").rglob("*")
+              if p.is_file()}
+    assert Path("checkpoints/flow_matching_mnist.pth") in [Path(f) for f in first["files"]]
+    with pytest.raises(ValueError, match="checkpoints/mnist holds an earlier run .* --resume auto"):
+        mnist_train.main([*flags, "--existing", "refuse"])
+    after_refusal = {p.relative_to(tmp_path / "checkpoints"): digest(p) for p in (tmp_path / "checkpoints").rglob("*")
+                     if p.is_file()}
+    assert after_refusal == before
+    capsys.readouterr()
+    second = mnist_train.main(flags)
+    assert "kept the earlier run in checkpoints/mnist: moved checkpoints/mnist -> checkpoints/mnist.1" in \
+        capsys.readouterr().out
+    aside = Path("checkpoints/mnist.1")
+    for name, value in before.items():  # every file of the first run, byte for byte, under checkpoints/mnist.1
+        moved = aside / name.name if name == Path("flow_matching_mnist.pth") else aside / name.relative_to("mnist")
+        assert digest(moved) == value, name
+    assert all(Path(f).is_file() and not f.startswith(str(aside)) for f in second["files"])

@@ -208,7 +208,9 @@ def test_kill_9_then_resume_from_the_periodic_save_equals_an_uninterrupted_run(t
 def test_log_restarts_on_a_fresh_run_and_drops_records_past_the_resumed_step(tmp_path):
     log = tmp_path / "ck" / "log.jsonl"
     train(tiny_config(tmp_path, log_every=1), TINY, blobs(), None)
+    first = log.read_bytes()
     train(tiny_config(tmp_path, log_every=1), TINY, blobs(), None)  # a second run in the same out-dir
+    assert (tmp_path / "ck.1" / "log.jsonl").read_bytes() == first  # the first run's log kept aside, whole
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, 13))
     # a crash after step 12 left records up to 12, but the checkpoint we resume from is at step 6
