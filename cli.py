@@ -38,9 +38,10 @@ def _parser_for(tp: Any):
     return tp
 
 
-def add_flags(parser: argparse.ArgumentParser, config: Any, exclude: Sequence[str] = ()) -> None:
+def add_flags(parser: argparse.ArgumentParser, config: Any, exclude: Sequence[str] = (),
+              presets: dict[str, dict[str, Any]] | None = None) -> None:
     """One --kebab-case flag per field of the dataclass instance `config` (but those in exclude), in a group named by
-    its docstring; unset flags stay absent from the namespace."""
+    its docstring, its help naming the value each preset sets; unset flags stay absent from the namespace."""
     hints, help_text = typing.get_type_hints(type(config)), field_comments(type(config))
     group = parser.add_argument_group((type(config).__doc__ or type(config).__name__).splitlines()[0].rstrip("."))
     for f in fields(config):
@@ -49,12 +50,19 @@ def add_flags(parser: argparse.ArgumentParser, config: Any, exclude: Sequence[st
         default = getattr(config, f.name)
         doc = help_text.get(f.name, "")
         text = doc if "default" in doc else f"{doc} (default: {default})"
+        set_by = [f"{name} {_shown(values[f.name])}" for name, values in (presets or {}).items() if f.name in values]
+        text += f" [preset {', '.join(set_by)}]" if set_by else ""
         if hints[f.name] is bool:
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=text)
         else:
             group.add_argument(flag(f.name), type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
                                metavar=f.name.upper(), help=text)
+
+
+def _shown(value: Any) -> str:
+    """A preset's value as its flag takes it: (1, 2, 3) -> 1,2,3."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def config_from(args: argparse.Namespace | dict, config: Any, exclude: Sequence[str] = ()) -> Any:
@@ -85,10 +93,11 @@ def parse_configs(configs: Sequence[Any], presets: dict[str, dict[str, Any]] | N
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
-                            help=f"named set of defaults (default: {default_preset}, chosen from the device)")
+                            help=f"named set of defaults, shown in [brackets] after each flag it sets (default here: "
+                                 f"{default_preset}, chosen from the device)")
     for cfg in configs:
         assert is_dataclass(cfg)
-        add_flags(parser, cfg)
+        add_flags(parser, cfg, presets=presets)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     preset = args.pop("preset", None) or default_preset
     overrides = dict(presets[preset]) if presets and preset else {}

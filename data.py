@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -144,6 +145,20 @@ def photo_transform(image_size: int):
     ])
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and 32-bit greys scaled to 8 bits (convert("RGB") would saturate them to
+    white), float greys read as [0, 1], palettes and alpha composited on white, CMYK and the rest converted."""
+    if im.mode.startswith("I") or im.mode == "F":
+        grey = np.asarray(im, dtype=np.float64) / (1.0 if im.mode == "F" else 65535.0)
+        im = Image.fromarray((np.clip(grey, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
 class ImageFolder(Dataset):
     """Center-cropped, resized RGB images from a folder tree; labels from top-level sub-folders if asked."""
 
@@ -169,7 +184,7 @@ class ImageFolder(Dataset):
             j %= len(self.files)
             try:
                 with Image.open(self.files[j]) as im:
-                    return self.transform(im.convert("RGB")), self.label(j)
+                    return self.transform(to_rgb(im)), self.label(j)
             except OSError as e:
                 if j not in self.warned:
                     self.warned.add(j)

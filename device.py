@@ -41,11 +41,14 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
+def live_bars() -> bool:
+    """The one rule for progress bars: live on a terminal (stderr), never in a log file or with TQDM_DISABLE=1."""
+    return os.environ.get("TQDM_DISABLE", "") in ("", "0") and sys.stderr.isatty()
+
+
 def progress(iterable: Iterable, desc: str, unit: str = "batch") -> Iterable:
-    """iterable with a tqdm bar on stderr for a job of several batches: shown on a terminal only, hidden everywhere with
-    TQDM_DISABLE=1 (tqdm's own switch), cleared when the job ends."""
-    quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0") or len(iterable) < 2
-    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=True if quiet else None)
+    """iterable with a tqdm bar on stderr for a job of several batches (live_bars), cleared when the job ends."""
+    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=not live_bars() or len(iterable) < 2)
 
 
 def mps_available() -> bool:

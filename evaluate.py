@@ -168,7 +168,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: torch.de
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Reader, float]:
     """The saved classifier (either arch) and its test accuracy; a clear error when it has not been trained yet."""
     if not Path(path).is_file():
-        raise CheckpointError(f"classifier {path} not found: run `python evaluate.py train-classifier` first")
+        arch = next((f" --arch {a}" for a, c in CLASSIFIERS.items() if Path(c[3]) == Path(path) and a != "cnn"), "")
+        raise CheckpointError(f"classifier {path} not found: make it first with `python evaluate.py train-classifier "
+                              f"--data-root DIR{arch} --out {path}` (a few CPU minutes)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("kind") != "mnist-classifier":
         raise CheckpointError(f"{path} is not an MNIST classifier written by evaluate.py")
@@ -412,6 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     if args.command == "train-classifier":
         start, out = time.perf_counter(), args.out or CLASSIFIERS[args.arch][3]
+        epochs = CLASSIFIERS[args.arch][1] if args.epochs is None else args.epochs
+        print(f"training the {args.arch} reader: {epochs} epochs over MNIST's 60,000 training digits (minutes on a "
+              f"CPU) -> {out}", flush=True)
         accuracy = train_classifier(args.data_root, args.epochs, out=out, arch=args.arch)
         result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": out}
         print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {out}")

@@ -159,37 +159,36 @@ def sample_model(model: nn.Module, n: int, labels: torch.Tensor | None = None, s
 
 def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None,
               class_names: list[str] | None = None, scale: int = 2, ncol: int | None = None) -> Path:
-    """PNG grid of images (B, C, H, W) in [0, 1]; runs of equal labels become labelled rows, else rows of ncol
-    (default: a square)."""
-    rows = _label_rows(labels)
-    ncol = len(images) // len(rows) if rows else ncol or math.ceil(math.sqrt(len(images)))
-    nrow = len(rows) if rows else math.ceil(len(images) / ncol)
-    c, h, w = images.shape[1:]
-    pad, margin = 2, (16 if rows else 0)
+    """PNG grid of images (B, C, H, W) in [0, 1]: with labels, one row per class in class order (whatever the order
+    they were asked in), named in a margin wide enough for the longest name; else rows of ncol (default: a square)."""
+    n, (c, h, w) = len(images), images.shape[1:]
+    if labels is not None and n:
+        rows = sorted(set(labels.tolist()))
+        seen = {label: 0 for label in rows}
+        cells = []
+        for label in labels.tolist():
+            cells.append((rows.index(label), seen[label]))
+            seen[label] += 1
+        ncol = max(seen.values())
+    else:
+        rows, ncol = [], ncol or math.ceil(math.sqrt(n))
+        cells = [(i // ncol, i % ncol) for i in range(n)]
+    names = [class_names[label] if class_names else str(label) for label in rows]
+    pad, nrow = 2, max((r for r, _ in cells), default=0) + 1
+    margin = math.ceil((10 + 6 * max(map(len, names))) / scale) if names else 0  # PIL's default font: ~6 px a character
     grid = Image.new("RGB", (margin + ncol * (w + pad) + pad, nrow * (h + pad) + pad), "white")
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, img in enumerate(pixels):
+    for img, (r, col) in zip(pixels, cells):
         tile = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB")
-        grid.paste(tile, (margin + pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + pad)))
+        grid.paste(tile, (margin + pad + col * (w + pad), pad + r * (h + pad)))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(grid)
-    for r, label in enumerate(rows):
-        name = class_names[label] if class_names else str(label)
-        draw.text((4, (pad + r * (h + pad) + h // 2) * scale - 6), name[:6], fill="black")
+    for r, name in enumerate(names):
+        draw.text((4, (pad + r * (h + pad) + h // 2) * scale - 6), name, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
-
-
-def _label_rows(labels: torch.Tensor | None) -> list[int]:
-    """Row labels when labels form equal-length runs (e.g. 0,0,1,1,2,2), else []."""
-    if labels is None or len(labels) == 0:
-        return []
-    values, counts = torch.unique_consecutive(labels, return_counts=True)
-    if len(values) < 2 or (counts != counts[0]).any():
-        return []
-    return values.tolist()
 
 
 def grid_request(num_classes: int | None) -> tuple[int, torch.Tensor | None]:

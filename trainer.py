@@ -24,7 +24,7 @@ from checkpoint import (CheckpointError, check_resume, load_checkpoint, load_ema
                         model_from_checkpoint, publish, restore, save_checkpoint)
 from config import TrainConfig, check_train_config, objective_model_config, output_path
 from data import ShardedSampler
-from device import (Runtime, StopRequest, global_mean, ignore_sigint, keep_freed_memory, launched_ranks,
+from device import (Runtime, StopRequest, global_mean, ignore_sigint, keep_freed_memory, launched_ranks, live_bars,
                     setup_runtime)
 from ema import EMA
 from flow import (MeanFlowConfig, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
@@ -310,7 +310,8 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
     last_save, started = time.monotonic(), time.perf_counter()
     horizon.epoch_started()
     curriculum = run.meanflow.mf_curriculum if run.meanflow else 0.0
-    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{horizon.epochs()}", disable=not rt.main, leave=False,
+    live = rt.main and live_bars()  # off a terminal: a plain line per log step instead of a bar
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{horizon.epochs()}", disable=not live, leave=False,
                dynamic_ncols=True)
     for x, y, *pair in bar:
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True) if conditional else None
@@ -325,6 +326,8 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
             check_finite(total, first_bad, window_start, step, run.cfg.out_dir)
             mean, window_start, window_sum = (total - window_sum) / (step - window_start), step, total
             bar.set_postfix(loss=f"{mean:.4f}")
+            if not live:
+                run.say(f"step {step}/{horizon.total}  loss {mean:.4f}  lr {lr:.3g}")
             if log:
                 log.write({"kind": "step", "step": step, "epoch": epoch, "loss": mean, "lr": lr,
                            **({"mf_alpha": alpha} if curriculum else {})})

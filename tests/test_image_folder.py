@@ -2,6 +2,8 @@
 import logging
 import shutil
 
+import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -65,3 +67,42 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "a.txt").write_text("x")
     with pytest.raises(DataError, match="no images"):
         image_folder_splits(tmp_path / "empty", 32, 0.1)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "P", "RGBA", "LA", "CMYK", "L", "1"])
+def test_images_of_every_mode_read_as_their_colours(tmp_path, mode):
+    """A mid-grey square on black, saved in each mode (16-bit greys included, which convert("RGB") saturates to
+    white); transparent pixels read as white."""
+    from PIL import Image
+
+    from data import to_rgb
+
+    grey = np.zeros((8, 8), dtype=np.float64)
+    grey[2:6, 2:6] = 0.5 if mode != "1" else 1.0
+    if mode in ("I;16", "I"):
+        im = Image.fromarray((grey * 65535).astype(np.int32 if mode == "I" else np.uint16))
+    elif mode == "CMYK":  # grey as black ink: K = 1 - grey
+        ink = np.zeros((8, 8, 4), dtype=np.uint8)
+        ink[..., 3] = np.round((1 - grey) * 255 + 0.01).astype(np.uint8)
+        im = Image.fromarray(ink, "CMYK")
+    elif mode == "F":
+        im = Image.fromarray(grey.astype(np.float32), "F")
+    else:
+        im = Image.fromarray(np.round(grey * 255).astype(np.uint8), "L").convert("RGB" if mode == "P" else "L")
+        if mode in ("RGBA", "LA"):
+            im = im.convert(mode)
+            im.putpixel((0, 0), (0, 0) if mode == "LA" else (0, 0, 0, 0))  # one transparent pixel
+        elif mode == "P":
+            im = im.convert("P", palette=Image.Palette.ADAPTIVE)  # (the default web palette has no 128 grey)
+        elif mode != "L":
+            im = im.convert(mode)
+    path = tmp_path / ("x.tiff" if mode in ("F", "CMYK", "I") else "x.png")
+    im.save(path)
+    with Image.open(path) as back:
+        rgb = np.asarray(to_rgb(back))
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    expected = 255 if mode == "1" else 128
+    assert abs(int(rgb[4, 4, 0]) - expected) <= 1 and (rgb[4, 4] == rgb[4, 4, 0]).all(), rgb[4, 4]
+    assert rgb[7, 7].max() <= 1  # black stays black
+    if mode in ("RGBA", "LA"):
+        assert (rgb[0, 0] == 255).all()  # transparent: white

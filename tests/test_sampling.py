@@ -119,3 +119,26 @@ def test_the_seeds_own_call_runs_as_its_readme_writes_it(tmp_path, monkeypatch):
     monkeypatch.setattr(ConditionalUNet, "forward", counted)
     exec(compile(call, "seed README", "exec"), {})
     assert (tmp_path / "samples" / "sample.png").stat().st_size > 100 and calls == [4] * 2000
+
+
+def test_a_grid_has_one_row_per_class_whatever_the_label_order_and_whole_class_names(tmp_path):
+    """labels [0..9] * 6 (cycling) give 10 rows of 6, as the same labels grouped do; long names fit the margin."""
+    from PIL import Image
+
+    from sampling import save_grid
+
+    images = torch.rand(60, 3, 8, 8)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    cycled = save_grid(images, tmp_path / "cycled.png", torch.arange(10).repeat(6), names, scale=1)
+    grouped = save_grid(images, tmp_path / "grouped.png", torch.arange(10).repeat_interleave(6), names, scale=1)
+    width, height = Image.open(cycled).size
+    assert (width, height) == Image.open(grouped).size and height == 10 * 10 + 2
+    margin = width - (6 * 10 + 2)
+    assert margin >= 6 * len("automobile")  # the whole name, ~6 px a character
+    pixel = lambda path, row, col: Image.open(path).getpixel((margin + 2 + col * 10 + 4, 2 + row * 10 + 4))  # noqa
+    # image i of the cycled request is class i % 10, its (i // 10)-th: row i % 10, column i // 10
+    for i in (0, 13, 59):
+        expected = tuple((images[i, :, 4, 4] * 255).round().int().tolist())
+        assert pixel(cycled, i % 10, i // 10) == expected
+    square = save_grid(images[:10], tmp_path / "plain.png", scale=1)
+    assert Image.open(square).size == (4 * 10 + 2, 3 * 10 + 2)  # unlabelled: rows of ceil(sqrt(10)) = 4
