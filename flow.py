@@ -231,13 +231,15 @@ def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg
 
 def grid_map_loss(net: nn.Module, path: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """Flow-map distillation on a sampler's grid, for path (B, K + 1, C, H, W): a teacher's states at t = 0, 1/K, ...,
-    1 (`reflow.py pairs --states`). Each item gets a random grid interval i < j, and u(x_i, t_i, t_j) regresses onto
-    (x_j - x_i) / (t_j - t_i), the average velocity of the teacher's solver over it: the teacher's k-step map for every
-    k that divides K, learnt directly (no derivative, no bootstrapping; labels kept: the paths are of their class)."""
-    b, k = path.shape[0], path.shape[1] - 1
-    i, j = torch.triu_indices(k + 1, k + 1, 1, device=path.device)[:, torch.randint(k * (k + 1) // 2, (b,),
-                                                                                       device=path.device)]
-    rows = torch.arange(b, device=path.device)
+    1 (`reflow.py pairs --states`). Each item gets a step of an n-step sampler, n drawn evenly from the divisors of K
+    (K = 4: one jump, two, four), and u(x_i, t_i, t_j) regresses onto (x_j - x_i) / (t_j - t_i), the average velocity of
+    the teacher's solver over it: the teacher's n-step maps, learnt directly (no derivative, no bootstrapping; labels
+    kept: the paths are of their class)."""
+    b, k, device = path.shape[0], path.shape[1] - 1, path.device
+    lengths = torch.tensor([k // n for n in range(1, k + 1) if k % n == 0], device=device)  # grid steps per jump
+    length = lengths[torch.randint(len(lengths), (b,), device=device)]
+    i = torch.floor(torch.rand(b, device=device) * (k // length)).long() * length  # a jump of that sampler
+    j, rows = i + length, torch.arange(b, device=device)
     start, end, t, t_end = path[rows, i], path[rows, j], i / k, j / k
     target = (end - start) / (t_end - t).view(-1, 1, 1, 1)
     return F.mse_loss(net(start, t.to(start.dtype), y, t_end.to(start.dtype)).float(), target.float())
