@@ -178,7 +178,7 @@ def test_the_grid_map_loss_is_zero_for_the_teachers_average_velocities():
     seen.clear()
     grid_map_loss(lambda x, t, y, t_end: (seen.append((t, t_end)), torch.zeros_like(x))[1],
                   path.repeat(200, 1, 1, 1, 1), None)
-    jumps = {(round(4 * float(a)), round(4 * float(b))) for a, b in zip(*seen[0])}  # the steps of the 1-, 2- and 4-step samplers
+    jumps = {(round(4 * float(a)), round(4 * float(b))) for a, b in zip(*seen[0])}  # 1-, 2- and 4-step jumps
     assert jumps == {(0, 4), (0, 2), (2, 4), (0, 1), (1, 2), (2, 3), (3, 4)}
     assert grid_map_loss(lambda x, t, y, t_end: d + 1, path, None).item() == pytest.approx(1.0)
 
