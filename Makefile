@@ -14,7 +14,13 @@ ARGS ?=
 # CPU-only build, https://download.pytorch.org/whl/cpu (a fraction of the size). Changing it needs `make clean-venv`.
 TORCH_INDEX ?=
 
-.PHONY: setup train test clean clean-venv
+# make one-step: make train's flow into a one-step model. PAIRS paths drawn from the flow (its recorded sampler), then
+# ONE_STEP_MINUTES of training on them; both together about make train's own minutes (docs/one-step.md).
+FLOW ?= checkpoints/flow_matching_mnist.pth
+PAIRS ?= 8000
+ONE_STEP_MINUTES ?= 2.2
+
+.PHONY: setup train one-step test clean clean-venv
 
 setup: $(VENV)/.installed
 
@@ -29,6 +35,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-fid.txt
 train: setup
 	$(BIN)/python mnist_train.py --data-root $(DATA_ROOT) --time-limit $(TIME_LIMIT) $(ARGS)
 	$(BIN)/python mnist_test.py --checkpoint checkpoints/flow_matching_mnist.pth --out samples/mnist_digits.png
+
+# The paths belong to the flow they were drawn from, so they are drawn anew each time; an earlier one-step run in
+# checkpoints/mnist-one-step is kept as checkpoints/mnist-one-step.N.
+one-step: setup
+	@start=$$(date +%s) && rm -rf checkpoints/mnist-one-step-paths && \
+	$(BIN)/python reflow.py pairs --checkpoint $(FLOW) --out-dir checkpoints/mnist-one-step-paths --count $(PAIRS) \
+		--shard-size 2000 --states && \
+	$(BIN)/python reflow.py distill --objective meanflow --pairs checkpoints/mnist-one-step-paths --init-from $(FLOW) \
+		--batch-size 128 --lr 1e-3 --warmup-steps 20 --amp auto --val-size 200 --time-budget $(ONE_STEP_MINUTES) \
+		--out-dir checkpoints/mnist-one-step --checkpoint checkpoints/mnist_one_step.pth $(ARGS) && \
+	echo "make one-step: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s from $(FLOW) to checkpoints/mnist_one_step.pth (paths and training)"
+	$(BIN)/python mnist_test.py --checkpoint checkpoints/mnist_one_step.pth --out samples/mnist_one_step.png
 
 test: setup
 	$(BIN)/ruff check .

@@ -184,6 +184,25 @@ class ConditionalUNet(nn.Module, HubBase, **HUB_CARD):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> ConditionalUNet:
+        """The model of an exported folder (`pretrained.py export`), or with huggingface_hub installed of a Hub repo id
+        ("user/name"). A path that looks local (it exists, its parent folder does, or it is not user/name) but holds no
+        model is refused in one line, without asking the Hub."""
+        name = str(pretrained_model_name_or_path)
+        folder = Path(name).expanduser()
+        local = folder.exists() or folder.parent.exists() and str(folder.parent) != "." or name.count("/") != 1 \
+            or name.startswith((".", "/", "~"))
+        if local and not ((folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()):
+            raise ValueError(f"{name} is not an exported model folder ({CONFIG} + {WEIGHTS}"
+                             f"{'' if folder.exists() else ': no such folder'}): make one with `python pretrained.py "
+                             "export`, or give a Hugging Face Hub repo id (user/name)")
+        try:
+            return super().from_pretrained(folder if local else name, *args, **kwargs)
+        except RuntimeError as e:  # a config.json and weights that do not belong together
+            raise ValueError(f"{name}: the weights do not match {CONFIG} ({str(e).strip().splitlines()[-1].strip()})"
+                             ) from None
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 t_end: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, H, W) at x_t, or with t_end (B,) the average velocity over [t, t_end] (None: t_end = t);

@@ -109,7 +109,7 @@ def test_bad_folders_get_one_line(pth, tmp_path):
     (folder / "model.safetensors").write_bytes(weights)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "base_channels": 16}))
-    with pytest.raises(CheckpointError, match="do not match its model_config"):
+    with pytest.raises(CheckpointError, match=r"weights do not match its model config \(\d+ shapes differ.*first: "):
         sample_from_checkpoint(folder, labels=[0])
     (folder / "config.json").write_text(json.dumps({"architectures": ["SomethingElse"]}))
     with pytest.raises(CheckpointError, match="unknown U-Net config keys"):
@@ -130,13 +130,31 @@ def test_the_hub_mixins_own_loader_reads_an_exported_folder_and_save_pretrained_
     x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
     with torch.no_grad():
         expected = model_from_checkpoint(load_checkpoint(pth))(x, t, y)
-        assert ConditionalUNet.from_pretrained.__func__ is PyTorchModelHubMixin.from_pretrained.__func__
         model = ConditionalUNet.from_pretrained(str(folder))
         assert model.config == model_config_from(load_checkpoint(pth)) and torch.equal(model(x, t, y), expected)
         model.save_pretrained(tmp_path / "saved")  # the mixin's writer: config.json + model.safetensors
         assert json.loads((tmp_path / "saved" / "config.json").read_text()) == json.loads(
             (folder / "config.json").read_text())
         assert torch.equal(ConditionalUNet.from_pretrained(tmp_path / "saved")(x, t, y), expected)
+
+
+@pytest.mark.parametrize("name", ["pretrained/mnist-1rfx", "./mnist-1rf", "no-such-folder", "a/b/c"])
+def test_from_pretrained_refuses_a_local_looking_path_without_asking_the_hub(name, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    with pytest.raises(ValueError, match="is not an exported model folder .*: no such folder"):
+        ConditionalUNet.from_pretrained(name)
+
+
+def test_from_pretrained_names_a_config_that_does_not_fit_the_weights(pth, tmp_path):
+    folder = pretrained.export(pth, tmp_path / "export")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "base_channels": 16}))
+    with pytest.raises(ValueError, match="the weights do not match config.json .*size mismatch|the weights do not"):
+        ConditionalUNet.from_pretrained(folder)
 
 
 def test_folders_exported_before_flow_config_json_still_load(pth, tmp_path):
@@ -160,15 +178,17 @@ import sys
 sys.modules["huggingface_hub"] = None  # as if not installed: importing it raises ImportError
 import torch
 from unet import ConditionalUNet, LocalFolders
-assert ConditionalUNet.from_pretrained.__func__ is LocalFolders.from_pretrained.__func__
+assert issubclass(ConditionalUNet, LocalFolders)
 torch.save(ConditionalUNet.from_pretrained({str(folder)!r}).state_dict(), {str(tmp_path / "w.pt")!r})
-try:
-    ConditionalUNet.from_pretrained({str(tmp_path / "no" / "such")!r})
-except ValueError as e:
-    print(e)
+for name in ({str(tmp_path / "no" / "such")!r}, "user/repo"):
+    try:
+        ConditionalUNet.from_pretrained(name)
+    except ValueError as e:
+        print(e)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert "is not an exported model folder" in out and "pip install huggingface_hub" in out
+    assert "no/such is not an exported model folder (config.json + model.safetensors: no such folder)" in out
+    assert "user/repo is not an exported model folder" in out and "pip install huggingface_hub" in out
     weights = ema_weights(load_checkpoint(pth))
     assert all(torch.equal(v, weights[k]) for k, v in torch.load(tmp_path / "w.pt").items())
 
