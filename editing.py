@@ -27,7 +27,7 @@ from checkpoint import MNIST_TRAINED
 from cli import add_flags, config_from, run
 from data import DataError, ImageFolder, find_images, load_mnist, readable
 from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, Loaded, SampleConfig, check_guidance, check_labels, check_request,
-                      flow_batches, load_for_sampling, save_grid)
+                      flow_batches, label_tensor, load_for_sampling, save_grid)
 
 
 @dataclass
@@ -48,6 +48,9 @@ def check_images(images: torch.Tensor, labels: torch.Tensor | None, model: nn.Mo
         raise ValueError(f"images must be (B, {', '.join(map(str, want))}) for this model, got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floats in [0, 1], got {images.dtype} (divide uint8 pixels by 255)")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"images hold {int((~torch.isfinite(images)).sum())} NaN or infinite values: pass pixels in "
+                         "[0, 1]")
     low, high = images.min().item(), images.max().item()
     if low < 0 or high > 1:
         raise ValueError(f"images must lie in [0, 1], got values from {low:.3g} to {high:.3g}")
@@ -84,7 +87,7 @@ def invert_from_checkpoint(checkpoint: str | Path | dict, images: torch.Tensor, 
     """
     loaded = load_for_sampling(checkpoint, solver, steps, guidance, device, use_ema)
     solver, steps = inversion_sampler(loaded, solver, steps)
-    labels = torch.as_tensor(labels).long() if labels is not None else None
+    labels = label_tensor(labels, loaded.ckpt.get("class_names")) if labels is not None else None
     return invert_model(loaded.model, images, labels, solver, steps, loaded.guidance, batch_size).noise
 
 

@@ -354,6 +354,10 @@ def sampled_metrics(command: str, checkpoint: str, sample: SampleConfig, n: int,
               f"{result['reference_steps']}-step Euler paths; RMS distance of k-step samples from them: "
               + ", ".join(f"k={k}: {d:.4f}" for k, d in result["distance"].items()))
         return result
+    if command == "fid" and (model.config.in_channels != 3 or loaded.ckpt.get("dataset") == "mnist"):
+        raise ValueError(f"this checkpoint draws {model.config.in_channels}-channel "
+                         f"{loaded.ckpt.get('dataset') or 'grey'} images: Inception FID against a folder of colour "
+                         "photos would compare unlike things (use `evaluate.py mnist` for digits)")
     if command == "fid":
         result = {**inception_fid(model, real_dir, n, sampler, sample.seed, sample.batch_size, n_real, stats_cache),
                   "checkpoint": str(Path(checkpoint).resolve()), "weights": weights}

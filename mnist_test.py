@@ -17,6 +17,8 @@ from checkpoint import MNIST_TRAINED, mnist_checkpoint
 from cli import add_flags, config_from, run
 from sampling import SampleConfig, load_for_sampling, sample_model, save_grid
 
+MAX_PER_DIGIT = 1000  # a row of 1,000 digits is a 60,000-pixel-wide PNG already
+
 
 def parse_digits(text: str) -> list[int]:
     """'0,3,7' -> [0, 3, 7]; each must be a digit 0-9."""
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     sample = config_from(args, SampleConfig())
     sample.check()
-    if args.per_digit < 1:
-        p.error("--per-digit must be >= 1")
+    if not 1 <= args.per_digit <= MAX_PER_DIGIT:
+        p.error(f"--per-digit must lie in 1..{MAX_PER_DIGIT} (one grid row each), got {args.per_digit}")
     labels = torch.tensor(args.digits).repeat_interleave(args.per_digit)
     checkpoint, note = mnist_checkpoint(args.checkpoint)
     if note:

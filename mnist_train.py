@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"preset: {preset}")
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
+    if cfg.objective == "meanflow":
+        meanflow.check(can_guide(model_cfg.num_classes, cfg.label_dropout))
     if model_cfg.in_channels != 1 or model_cfg.num_classes not in (10, None):
         raise ValueError("MNIST has 1 channel and 10 classes: --in-channels must be 1 and --num-classes 10 "
                          "(or none for an unconditional model)")

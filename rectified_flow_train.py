@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     (cfg, model_cfg, data_cfg, meanflow), preset = parse_configs(DEFAULTS, PRESETS, None, argv, __doc__)
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
+    if cfg.objective == "meanflow":
+        meanflow.check(can_guide(model_cfg.num_classes, cfg.label_dropout))
     check_data_flags(data_cfg, model_cfg)
     if data_cfg.dataset == "celeba":
         train_set, val_set, class_names = load_celeba(data_cfg.data_root, model_cfg.image_size)

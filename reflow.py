@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +33,7 @@ from cli import add_flags, config_from, parse_configs, run
 from config import TrainConfig, check_train_config
 from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
 from flow import MeanFlowConfig
+from solvers import FIXED_STEP
 from sampling import MEANFLOW_SAMPLER, SampleConfig, check_request, flow_batches, load_for_sampling, make_noise
 from trainer import train
 
@@ -64,6 +66,16 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     tmp.replace(path)
 
 
+def check_room(out_dir: Path, count: int, pair_bytes: int) -> None:
+    """Refuse before any drawing when count pairs of pair_bytes would not fit on out_dir's disk."""
+    need = count * pair_bytes
+    existing = next((p for p in (out_dir, *out_dir.resolve().parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise ValueError(f"--count {count} pairs need ~{need / 1e9:.1f} GB in {out_dir}, but {free / 1e9:.1f} GB "
+                         "are free: draw fewer, or into another --out-dir")
+
+
 def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"shard_{index:05d}.pt"
 
@@ -81,6 +93,9 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
     device = rank_device(resolve_device(sample.device), local_rank)
     loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, device, use_ema)
     check_request(count, sample.batch_size, loaded.solver, loaded.steps, loaded.guidance)
+    if states and loaded.solver not in FIXED_STEP:
+        raise ValueError(f"--states keeps the points of a fixed-step grid: {loaded.solver} has none (use euler, "
+                         "midpoint, heun or rk4)")
     order = rectified_order(loaded.ckpt.get("kind"))
     keep_freed_memory()
     cfg, out_dir = loaded.model.config, Path(out_dir)
@@ -89,6 +104,7 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
                 "count": count, "shard_size": shard_size, "use_ema": use_ema, "states": states,
                 "model_config": asdict(cfg),
                 "class_names": loaded.ckpt.get("class_names")}
+    check_room(out_dir, count, cfg.in_channels * cfg.image_size**2 * (3 + 2 * (loaded.steps - 1) * states))
     write_manifest(out_dir, manifest)
     start_time, drawn, nfe = time.perf_counter(), 0, 0
     for j in range(rank, -(-count // shard_size), world):
@@ -134,6 +150,15 @@ class Pairs(Dataset):
         return x1, int(self.y[i]), x0, torch.cat([x0[None], self.xs[i].float(), x1[None]])
 
 
+def read_shard(path: Path) -> dict:
+    """One shard of pairs; ValueError naming it when it cannot be read (the drawing command redraws a deleted one)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # truncated zip, garbage: all mean "not readable"
+        raise ValueError(f"pairs shard {path} is truncated or not a shard ({type(e).__name__}): delete it and run the "
+                         "same `reflow.py pairs` command again to redraw it") from e
+
+
 def load_pairs(folder: str | Path, val_size: int, drop_farthest: float = 0.0,
                states: bool = False) -> tuple[Pairs, Pairs, dict]:
     """(train pairs, the last val_size pairs held out, manifest); every shard must be present. drop_farthest: the
@@ -149,7 +174,7 @@ def load_pairs(folder: str | Path, val_size: int, drop_farthest: float = 0.0,
     if missing:
         raise ValueError(f"{len(missing)} of {n_shards} shards missing in {folder} (first: {missing[0]}): "
                          "run the same `reflow.py pairs` command again to finish them")
-    shards = [torch.load(shard_path(folder, j), weights_only=True) for j in range(n_shards)]
+    shards = [read_shard(shard_path(folder, j)) for j in range(n_shards)]
     x1, y, x0 = (torch.cat([s[k] for s in shards]) for k in ("x1", "y", "x0"))
     if states and not manifest.get("states"):
         raise ValueError(f"{folder} holds endpoints only, not the paths between them: draw pairs with "

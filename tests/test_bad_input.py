@@ -1,0 +1,170 @@
+"""Bad input, table-driven: every script and the Python entry points answer one line (what is wrong, with the value,
+what to do), exit non-zero without a traceback, and leave every file they were given untouched (checksums)."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+import editing
+import evaluate
+import mnist_test
+import mnist_train
+import pretrained
+import rectified_flow_train
+import reflow
+from checkpoint import CheckpointError, load_checkpoint
+from cli import run as run_main
+from helpers import TINY, TINY_MNIST, tiny_checkpoint
+from sampling import SampleConfig, sample_from_checkpoint
+from unet import ConditionalUNet
+
+SCRIPTS = {"mnist_test": mnist_test, "mnist_train": mnist_train, "evaluate": evaluate, "reflow": reflow,
+           "benchmark": benchmark, "pretrained": pretrained, "editing": editing, "rf_train": rectified_flow_train}
+
+
+@pytest.fixture(scope="module")
+def given(tmp_path_factory) -> Path:
+    """Files a user hands over: checkpoints of two shapes, an export, junk, a run folder, pairs with a bad shard."""
+    root = tmp_path_factory.mktemp("given")
+    tiny_checkpoint(root / "mnist.pth", TINY_MNIST)
+    tiny_checkpoint(root / "tiny.pth", TINY)
+    pretrained.export(root / "mnist.pth", root / "export")
+    (root / "notes.txt").write_text("not a checkpoint")
+    (root / "afolder").mkdir()
+    (root / "cut.pth").write_bytes((root / "mnist.pth").read_bytes()[:3000])
+    (root / "run").mkdir()
+    (root / "run" / "log.jsonl").write_text(json.dumps({"kind": "step", "step": 1, "loss": 1.0}) + "\n")
+    reflow.draw_pairs(root / "tiny.pth", root / "pairs", count=20, shard_size=10,
+                      sample=SampleConfig(solver="euler", steps=2, guidance=1.0))
+    reflow.draw_pairs(root / "tiny.pth", root / "badpairs", count=20, shard_size=10,
+                      sample=SampleConfig(solver="euler", steps=2, guidance=1.0))
+    shard = root / "badpairs" / "shard_00001.pt"
+    shard.write_bytes(shard.read_bytes()[:500])
+    return root
+
+
+def checksums(root: Path) -> dict:
+    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+G = "{given}"  # replaced by the fixture's folder
+NUMBERS = [("--lr", "0", "--lr must be > 0"), ("--lr", "nan", "--lr must be > 0"),
+           ("--epochs", "0", "--epochs must be"),
+           ("--batch-size", "0", "--batch-size must be"), ("--ema-decay", "1.5", "--ema-decay must lie in"),
+           ("--label-dropout", "-0.1", "--label-dropout must lie in"), ("--grad-clip", "nan", "--grad-clip must be"),
+           ("--warmup-steps", "-1", "--warmup-steps must be"), ("--time-limit", "-1", "--time-limit must be"),
+           ("--val-t-points", "0", "--val-t-points must be"), ("--keep-last", "-2", "--keep-last must be"),
+           ("--log-every", "0", "--log-every must be"), ("--mf-sigma", "0", "--mf-sigma must be > 0"),
+           ("--weight-decay", "nan", "--weight-decay must be"), ("--max-steps", "-5", "--max-steps must be")]
+CASES = [
+    # class: missing, foreign or corrupt inputs
+    ("mnist_test", ["--checkpoint", f"{G}/missing.pth"], "not found"),
+    ("mnist_test", ["--checkpoint", f"{G}/notes.txt"], "truncated or not a PyTorch checkpoint"),
+    ("mnist_test", ["--checkpoint", f"{G}/cut.pth"], "truncated or not a PyTorch checkpoint"),
+    ("mnist_test", ["--checkpoint", f"{G}/afolder"], "is not an exported model folder"),
+    ("evaluate", ["mnist", "--checkpoint", f"{G}/missing.pth"], "not found"),
+    ("evaluate", ["mnist", "--checkpoint", f"{G}/mnist.pth", "--classifier", f"{G}/nope.pth", "--data-root", G],
+     "make it first with `python evaluate.py train-classifier"),
+    ("evaluate", ["train-classifier", "--data-root", f"{G}/nowhere"], "MNIST"),
+    ("reflow", ["pairs", "--checkpoint", f"{G}/missing.pth", "--out-dir", f"{G}/newpairs"], "not found"),
+    ("reflow", ["train", "--pairs", f"{G}/afolder"], "no manifest.json"),
+    ("reflow", ["train", "--pairs", f"{G}/badpairs", "--out-dir", f"{G}/out"], "shard_00001.pt is truncated"),
+    ("pretrained", ["export", "--checkpoint", f"{G}/missing.pth", "--out", f"{G}/e2"], "not found"),
+    ("pretrained", ["export", "--checkpoint", f"{G}/mnist.pth", "--out", f"{G}/afolder"], "not an exported model"),
+    ("pretrained", ["export", "--checkpoint", f"{G}/mnist.pth", "--out", f"{G}/export"], "pass --force"),
+    ("mnist_train", ["--data-root", f"{G}/nowhere", "--no-download", "--out-dir", f"{G}/o"], "MNIST not found"),
+    ("rf_train", ["--data-root", f"{G}/nowhere", "--out-dir", f"{G}/o"], "does not exist"),
+    ("editing", ["invert", "--checkpoint", f"{G}/missing.pth", "--data-root", G], "not found"),
+    # class: values no run can use
+    *[("mnist_train", [flag, value, "--out-dir", f"{G}/o", "--objective", "meanflow"], message)
+      for flag, value, message in NUMBERS],
+    ("mnist_train", ["--label-dropout", "1", "--out-dir", f"{G}/o"], "--label-dropout 1 drops every label"),
+    ("mnist_train", ["--objective", "mean", "--out-dir", f"{G}/o"], "unknown --objective 'mean'"),
+    ("mnist_train", ["--existing", "keep", "--out-dir", f"{G}/o"], "unknown --existing 'keep'"),
+    ("mnist_train", ["--num-classes", "5", "--out-dir", f"{G}/o"], "MNIST has 1 channel and 10 classes"),
+    ("mnist_train", ["--channel-mult", "x"], "invalid comma-separated integers"),
+    ("mnist_train", ["--resume", f"{G}/mnist.pth", "--init-from", f"{G}/mnist.pth"], "give one of the two"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--solver", "rk45"], "unknown solver 'rk45'"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--steps", "0"], "steps must be >= 1"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--guidance", "inf"], "guidance must be a finite number"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--digits", "3,10"], "--digits must be between 0 and 9"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--digits", "a"], "--digits takes comma-separated digits"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--per-digit", "100000"], "--per-digit must lie in 1..1000"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--batch-size", "0"], "batch_size must be >= 1"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--solver", "meanflow"], "jumps along average velocities"),
+    ("evaluate", ["mnist", "--checkpoint", f"{G}/mnist.pth", "--n", "15", "--data-root", "{data}"], "--n must be"),
+    ("evaluate", ["fid", "--checkpoint", f"{G}/mnist.pth", "--real-dir", f"{G}/afolder"], "compare unlike things"),
+    ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--count", "0", "--out-dir", f"{G}/p0"], "--count"),
+    ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--count", str(10**13), "--out-dir", f"{G}/p1"], "GB"),
+    ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--states", "--solver", "dopri5", "--out-dir", f"{G}/p2"],
+     "--states keeps the points of a fixed-step grid"),
+    ("reflow", ["train", "--pairs", f"{G}/pairs", "--drop-farthest", "1"], "--drop-farthest must lie in [0, 1)"),
+    ("reflow", ["train", "--pairs", f"{G}/pairs", "--val-size", "50"], "--val-size must lie between"),
+    ("reflow", ["distill", "--pairs", f"{G}/pairs", "--k", "0", "--init-from", f"{G}/tiny.pth", "--val-size", "4"],
+     "--k must be >= 1"),
+    ("reflow", ["distill", "--pairs", f"{G}/pairs", "--objective", "meanflow", "--init-from", f"{G}/tiny.pth"],
+     "holds endpoints only"),
+    ("reflow", ["distill", "--pairs", f"{G}/pairs", "--val-size", "4"], "pass --init-from PATH"),
+    ("benchmark", ["train-speed", "mnist", "--steps", "0"], "--steps must be >= 1"),
+    # class: a model of other data or kind
+    ("mnist_train", ["--data-root", "{data}", "--subset", "64", "--batch-size", "32", "--init-from", f"{G}/tiny.pth",
+                     "--out-dir", f"{G}/o"], "image_size: 8 vs 28"),
+    ("mnist_train", ["--data-root", "{data}", "--subset", "64", "--batch-size", "32", "--resume", f"{G}/export",
+                     "--out-dir", f"{G}/o"], "is an exported folder"),
+    ("mnist_train", ["--data-root", "{data}", "--subset", "64", "--batch-size", "32", "--objective", "meanflow",
+                     "--mf-teacher", f"{G}/tiny.pth", "--out-dir", f"{G}/o"], "--mf-teacher"),
+    # class: outputs that cannot be written, and another run's files
+    ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/notes.txt"], "is a file"),
+    ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/o", "--checkpoint", f"{G}/afolder"], "is a folder"),
+    ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/o", "--sample-dir", f"{G}/notes.txt/s"], "is a file"),
+    ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/run", "--existing", "refuse"],
+     "holds an earlier run (log.jsonl): continue it with --resume auto"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_every_bad_input_is_one_line_and_touches_nothing(given, mnist_root, script, args, message, capsys):
+    before = checksums(given)
+    argv = [a.replace(G, str(given)).replace("{data}", str(mnist_root)) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: SCRIPTS[script].main(argv))
+    code = stop.value.code  # cli.run's "error: ..." (printed by the interpreter on exit), or argparse's status 2
+    err = [*capsys.readouterr().err.splitlines(), *([code] if isinstance(code, str) else [])]
+    said = "\n".join(line for line in err if line.strip() and not line.startswith(("usage:", " ")))
+    assert code not in (0, None) and "Traceback" not in said, said
+    assert message in said and len([line for line in said.splitlines() if "error: " in line]) == 1, said
+    assert checksums(given) == before
+
+
+API = [
+    (lambda g: sample_from_checkpoint(g / "missing.pth"), CheckpointError, "not found"),
+    (lambda g: sample_from_checkpoint(g / "mnist.pth", labels=[1.5]), ValueError, "class indices"),
+    (lambda g: sample_from_checkpoint(g / "mnist.pth", labels=[10]), ValueError, "label 10 is out of range"),
+    (lambda g: sample_from_checkpoint(g / "mnist.pth", steps=0), ValueError, "steps must be >= 1"),
+    (lambda g: sample_from_checkpoint(g / "mnist.pth", solver="ode45"), ValueError, "unknown solver"),
+    (lambda g: sample_from_checkpoint(g / "mnist.pth", guidance=float("nan")), ValueError, "finite"),
+    (lambda g: sample_from_checkpoint(g / "mnist.pth", out_path=g / "notes.txt" / "x.png"), (ValueError, OSError),
+     "notes.txt"),
+    (lambda g: editing.invert_from_checkpoint(g / "mnist.pth", torch.full((1, 1, 28, 28), float("nan")),
+                                              labels=[0]), ValueError, "NaN"),
+    (lambda g: editing.invert_from_checkpoint(g / "mnist.pth", torch.rand(1, 1, 28, 28), labels=torch.tensor([0.5])),
+     ValueError, "integers"),
+    (lambda g: editing.invert_from_checkpoint(g / "mnist.pth", torch.rand(1, 1, 8, 8), labels=[0]), ValueError,
+     "images must be (B, 1, 28, 28)"),
+    (lambda g: ConditionalUNet.from_pretrained(str(g / "nope")), ValueError, "no such folder"),
+    (lambda g: ConditionalUNet.from_pretrained(str(g / "afolder")), ValueError, "is not an exported model folder"),
+    (lambda g: load_checkpoint(g / "notes.txt"), CheckpointError, "truncated or not a PyTorch checkpoint"),
+    (lambda g: reflow.load_pairs(g / "badpairs", val_size=2), ValueError, "shard_00001.pt is truncated"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", API, ids=[f"api-{i}" for i in range(len(API))])
+def test_the_python_entry_points_raise_one_clear_error(given, call, error, message):
+    before = checksums(given)
+    with pytest.raises(error) as raised:
+        call(given)
+    assert message in str(raised.value) and "\n" not in str(raised.value).strip()
+    assert checksums(given) == before
