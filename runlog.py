@@ -92,8 +92,9 @@ def earlier_run(out_dir: Path, checkpoint: Path) -> list[Path]:
 
 
 def keep_earlier_run(out_dir: Path, checkpoint: Path, existing: str) -> str | None:
-    """Before a fresh run writes anything: move another run's folder aside to OUT_DIR.N (its --checkpoint file into
-    it), or with existing "refuse" raise ValueError naming the choices; returns what was moved, or None."""
+    """Before a fresh run writes anything: move another run's folder aside to OUT_DIR.N and its --checkpoint file (when
+    outside it) to NAME.N.pth beside itself, or with existing "refuse" raise ValueError naming the choices; returns
+    what was moved, or None."""
     found = earlier_run(out_dir, checkpoint)
     if not found:
         return None
@@ -101,13 +102,14 @@ def keep_earlier_run(out_dir: Path, checkpoint: Path, existing: str) -> str | No
         raise ValueError(f"{out_dir} holds an earlier run ({', '.join(p.name for p in found[:4])}"
                          f"{', ...' if len(found) > 4 else ''}): continue it with --resume auto, train into another "
                          "--out-dir, or pass --existing move to keep it as a numbered copy")
-    aside = next(Path(f"{out_dir}.{n}") for n in range(1, 10_000) if not Path(f"{out_dir}.{n}").exists())
-    out_dir.rename(aside) if out_dir.is_dir() else aside.mkdir(parents=True)
-    moved = f"{out_dir} -> {aside}"
-    if checkpoint.is_file():  # a --checkpoint outside out_dir; inside, it moved with the folder
-        checkpoint.rename(aside / checkpoint.name)
-        moved += f", {checkpoint} -> {aside / checkpoint.name}"
-    return f"kept the earlier run in {out_dir}: moved {moved}"
+    numbered = lambda n: (Path(f"{out_dir}.{n}"), checkpoint.with_name(f"{checkpoint.stem}.{n}{checkpoint.suffix}"))
+    n = next(n for n in range(1, 100_000) if not any(p.exists() for p in numbered(n)))
+    moves = [(out_dir, numbered(n)[0])] if any(p.parent == out_dir for p in found) else []
+    if checkpoint.is_file() and out_dir not in checkpoint.parents:  # inside, it moves with the folder
+        moves.append((checkpoint, numbered(n)[1]))
+    for src, dst in moves:
+        src.rename(dst)
+    return f"kept the earlier run: moved {', '.join(f'{src} -> {dst}' for src, dst in moves)}"
 
 
 def check_writable(folder: Path, flag: str) -> None:

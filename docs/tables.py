@@ -29,7 +29,23 @@ def equal_time(folder: str = "meanflow/zen4-alphaflow") -> list[str]:
     return lines
 
 
-TABLES = {"meanflow.md": {"meanflow-equal-time": equal_time}}  # page -> {table name: its rows}
+def one_step(name: str = "one-step/zen4.json") -> list[str]:
+    """One step from make train's flow: each route's excess Fréchet at 1 and 2 NFE by both readers, and its ratio to the
+    flow's own excess at its recorded sampler (the first row)."""
+    rows = json.loads((DOCS / name).read_text())["rows"]
+    flow = rows[0]["readings"][0]
+    lines = ["| route | minutes after the flow | total minutes | sampler | NFE | CNN (x flow) | BN-CNN (x flow) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        added = "—" if row["added_minutes"] is None else f"{row['added_minutes']:.1f}"
+        for r in row["readings"]:
+            lines.append(f"| {row['route']} | {added} | {row['total_minutes']:.1f} | {r['sampler']} | {r['nfe']} | "
+                         f"{r['cnn']:.1f} ({r['cnn'] / flow['cnn']:.1f}x, {r['cnn_accuracy']:.1%}) | "
+                         f"{r['bn']:.2f} ({r['bn'] / flow['bn']:.1f}x, {r['bn_accuracy']:.1%}) |")
+    return lines
+
+
+TABLES = {"meanflow.md": {"meanflow-equal-time": equal_time, "one-step": one_step}}  # page -> {table: its rows}
 
 
 def main(argv: list[str]) -> int:

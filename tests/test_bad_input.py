@@ -129,6 +129,8 @@ CASES = [
 def test_every_bad_input_is_one_line_and_touches_nothing(given, mnist_root, script, args, message, capsys):
     before = checksums(given)
     argv = [a.replace(G, str(given)).replace("{data}", str(mnist_root)) for a in args]
+    if script in ("mnist_train", "rf_train") and "--checkpoint" not in args:  # never the repo's own checkpoints/
+        argv += ["--checkpoint", str(given / "o" / "best.pth")]
     with pytest.raises(SystemExit) as stop:
         run_main(lambda: SCRIPTS[script].main(argv))
     code = stop.value.code  # cli.run's "error: ..." (printed by the interpreter on exit), or argparse's status 2

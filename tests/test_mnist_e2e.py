@@ -206,10 +206,11 @@ def test_running_mnist_train_twice_with_defaults_loses_nothing_of_the_first_run(
     assert after_refusal == before
     capsys.readouterr()
     second = mnist_train.main(flags)
-    assert "kept the earlier run in checkpoints/mnist: moved checkpoints/mnist -> checkpoints/mnist.1" in \
-        capsys.readouterr().out
+    assert ("kept the earlier run: moved checkpoints/mnist -> checkpoints/mnist.1, checkpoints/flow_matching_mnist.pth "
+            "-> checkpoints/flow_matching_mnist.1.pth") in capsys.readouterr().out
     aside = Path("checkpoints/mnist.1")
     for name, value in before.items():  # every file of the first run, byte for byte, under checkpoints/mnist.1
-        moved = aside / name.name if name == Path("flow_matching_mnist.pth") else aside / name.relative_to("mnist")
+        moved = (Path("checkpoints/flow_matching_mnist.1.pth") if name == Path("flow_matching_mnist.pth") else
+                 aside / name.relative_to("mnist"))
         assert digest(moved) == value, name
     assert all(Path(f).is_file() and not f.startswith(str(aside)) for f in second["files"])
