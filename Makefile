@@ -44,7 +44,7 @@ one-step: setup
 		--shard-size 2000 --states && \
 	$(BIN)/python reflow.py distill --objective meanflow --pairs checkpoints/mnist-one-step-paths --init-from $(FLOW) \
 		--batch-size 128 --lr 1e-3 --warmup-steps 20 --amp auto --val-size 200 --time-budget $(ONE_STEP_MINUTES) \
-		--out-dir checkpoints/mnist-one-step --checkpoint checkpoints/mnist_one_step.pth $(ARGS) && \
+		--out-dir checkpoints/mnist-one-step --out checkpoints/mnist_one_step.pth $(ARGS) && \
 	echo "make one-step: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s from $(FLOW) to checkpoints/mnist_one_step.pth (paths and training)"
 	$(BIN)/python mnist_test.py --checkpoint checkpoints/mnist_one_step.pth --out samples/mnist_one_step.png
 

@@ -65,6 +65,22 @@ def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+class Renamed(argparse.Action):
+    """An old spelling kept for users' scripts: sets dest to const and says the new spelling on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is now {self.metavar} (the old spelling still works)", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.const is not None else values)
+
+
+def add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    """--weights ema | raw, the one spelling of that choice in every script (--raw-weights: the old one)."""
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                        help="the EMA weights (default: ema) or the raw ones")
+    parser.add_argument("--raw-weights", dest="weights", action=Renamed, nargs=0, const="raw",
+                        metavar="--weights raw", help=argparse.SUPPRESS)
+
+
 def config_from(args: argparse.Namespace | dict, config: Any, exclude: Sequence[str] = ()) -> Any:
     """A copy of the dataclass instance config with the fields that args sets (but those in exclude: flags of the
     same name that add_flags left to the script)."""
@@ -98,6 +114,9 @@ def parse_configs(configs: Sequence[Any], presets: dict[str, dict[str, Any]] | N
     for cfg in configs:
         assert is_dataclass(cfg)
         add_flags(parser, cfg, presets=presets)
+        for old, new in getattr(cfg, "renamed", {}).items():  # hidden: --help shows the one spelling
+            parser.add_argument(old, dest=new, action=Renamed, metavar=flag(new), default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     preset = args.pop("preset", None) or default_preset
     overrides = dict(presets[preset]) if presets and preset else {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 from budget import LR_SCHEDULES
@@ -14,6 +15,8 @@ from unet import UNetConfig
 @dataclass
 class TrainConfig:
     """How to train; every field is a command-line flag of the training scripts."""
+
+    renamed: ClassVar[dict[str, str]] = {"--checkpoint": "out"}  # old spellings users' scripts may hold: still taken
 
     epochs: int = 20  # passes over the training set
     batch_size: int = 64  # global batch, split over GPUs / DDP ranks
@@ -37,7 +40,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic cuDNN kernels, no TF32 (slower); off = cudnn.benchmark + TF32
     out_dir: str = "checkpoints"  # epoch_N.pth, last.pth, log.jsonl, loss.png, config.json
-    checkpoint: str = "{out_dir}/best.pth"  # copy of the epoch chosen by --select-by
+    out: str = "{out_dir}/best.pth"  # the checkpoint to use: a copy of the epoch chosen by --select-by
     select_by: str = "val-loss"  # which epoch the checkpoint holds: val-loss (the lowest) | last
     sample_dir: str = "{out_dir}/samples"  # one sample grid PNG per epoch
     resume: str = ""  # checkpoint to resume from, or "auto" for OUT_DIR/last.pth

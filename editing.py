@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from checkpoint import MNIST_TRAINED
-from cli import add_flags, config_from, run
+from cli import add_flags, add_weights_flag, config_from, run
 from data import DataError, ImageFolder, find_images, load_mnist, readable
 from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, Loaded, SampleConfig, check_guidance, check_labels, check_request,
                       flow_batches, label_tensor, load_for_sampling, save_grid)
@@ -208,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--checkpoint", default=MNIST_TRAINED)
         s.add_argument("--data-root", default=None, help="folder holding MNIST/raw: MNIST test digits")
         s.add_argument("--image-dir", default=None, help="folder of images (class sub-folders for conditional models)")
-        s.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+        add_weights_flag(s)
         s.add_argument("--out", default=f"samples/{name}.png" if name != "invert" else "samples/noise.pt")
         # a meanflow jump (forwards only) inverts with the default ODE solver; interpolation picks its own guidance
         add_flags(s, SampleConfig(), exclude=("seed", "guidance") if name == "interpolate" else ("seed",))
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     sample.check()
     # invert runs both ways at the recorded guidance; swap inverts at w = 1 and redraws at the recorded guidance
     loaded = load_for_sampling(args.checkpoint, sample.solver, sample.steps, sample.guidance, sample.device,
-                               not args.raw_weights)
+                               args.weights == "ema")
     solver, steps = inversion_sampler(loaded, sample.solver, sample.steps)
     if args.command == "interpolate":
         return interpolate_pairs(loaded, args.data_root, args.image_dir, args.pairs, args.frames, solver, steps,

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, save_checkpoint
-from cli import add_flags, config_from, run
+from cli import add_flags, add_weights_flag, config_from, run
 from data import ImageFolder, TensorImages, load_mnist
 from device import progress
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
@@ -398,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--checkpoint", required=True)
         s.add_argument("--n", type=int, default=200 if name == "straightness" else 1000,
                        help="noise samples" if name == "straightness" else "generated (and real) images")
-        s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="sample with the EMA or raw weights")
+        add_weights_flag(s)
         s.add_argument("--json", default=None, help="also write the result here")
         add_flags(s, SampleConfig(), NOT_SAMPLED.get(name, ()))
     sub.choices["mnist"].add_argument("--data-root", default="data", help="folder holding MNIST/raw (real test digits)")

@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 
 from checkpoint import MNIST_TRAINED, mnist_checkpoint
-from cli import add_flags, config_from, run
+from cli import add_flags, add_weights_flag, config_from, run
 from sampling import SampleConfig, load_for_sampling, sample_model, save_grid
 
 MAX_PER_DIGIT = 1000  # a row of 1,000 digits is a 60,000-pixel-wide PNG already
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--digits", type=parse_digits, default=list(range(10)), help="digits to draw, e.g. 0,3,7")
     p.add_argument("--per-digit", type=int, default=8, help="samples per digit (one grid row each)")
     p.add_argument("--out", default="samples/mnist_test.png", help="grid PNG to write")
-    p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
+    add_weights_flag(p)
     add_flags(p, SampleConfig())
     args = p.parse_args(argv)
     sample = config_from(args, SampleConfig())
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if note:
         print(note)
     loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, sample.device,
-                               use_ema=not args.raw_weights)
+                               use_ema=args.weights == "ema")
     samples = sample_model(loaded.model, len(labels), labels, loaded.solver, loaded.steps, loaded.guidance, sample.seed,
                            sample.batch_size)
     save_grid(samples.images, args.out, samples.labels, loaded.ckpt.get("class_names"))

@@ -34,7 +34,7 @@ class MNISTData:
 
 DEFAULTS = [
     TrainConfig(epochs=20, batch_size=64, lr=1e-4, out_dir="checkpoints/mnist",
-                checkpoint="checkpoints/flow_matching_mnist.pth"),  # the seed's published file name
+                out="checkpoints/flow_matching_mnist.pth"),  # the seed's published file name
     UNetConfig(image_size=28, in_channels=1, num_classes=10),
     MNISTData(),
     MeanFlowConfig(),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from checkpoint import (CARD, CONFIG, FLOW_CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, clean_state_dict, ema_weights,
                         load_checkpoint, sync_folder)
-from cli import run
+from cli import add_weights_flag, run
 
 TRAINING_KEYS = ("epoch", "step", "loss", "val_loss", "best_val_loss")  # the summary a card and flow_config.json carry
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> Path:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True, help="folder to write")
     e.add_argument("--force", action="store_true", help="replace --out if it holds an exported model already")
-    e.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    add_weights_flag(e)
     e.add_argument("--notes", default=None, help="a Markdown file whose text goes into the model card")
     e.add_argument("--metrics", default=None, help="a JSON file of measured figures (evaluate.py mnist --json)")
     args = p.parse_args(argv)

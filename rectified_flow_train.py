@@ -44,7 +44,7 @@ class FolderData:
 
 DEFAULTS = [
     TrainConfig(epochs=1000, batch_size=64, lr=1e-5, weight_decay=0.01, warmup_steps=1000, hflip=True, num_workers=4,
-                out_dir="checkpoints", checkpoint="{out_dir}/rf_best.pth"),
+                out_dir="checkpoints", out="{out_dir}/rf_best.pth"),
     UNetConfig(image_size=128, in_channels=3, base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                attention_resolutions=(16,), dropout=0.1, num_classes=None),
     FolderData(),

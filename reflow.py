@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint, sha256
-from cli import add_flags, config_from, parse_configs, run
+from cli import add_flags, add_weights_flag, config_from, parse_configs, run
 from config import TrainConfig, check_train_config
 from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
 from flow import MeanFlowConfig
@@ -266,14 +266,14 @@ def main(argv: list[str] | None = None) -> dict:
     q.add_argument("--out-dir", default="runs/reflow/pairs", help="shards and manifest.json go here")
     q.add_argument("--count", type=int, default=20_000, help="pairs K to draw (class-balanced)")
     q.add_argument("--shard-size", type=int, default=5000, help="pairs per shard file (a crash loses at most one)")
-    q.add_argument("--raw-weights", action="store_true", help="draw from the raw weights instead of the EMA")
+    add_weights_flag(q)
     q.add_argument("--states", action="store_true", help="also keep each path's points on the solver's grid "
                    "(`distill --objective meanflow` trains on them)")
     add_flags(q, SampleConfig())  # pair i's noise depends only on (seed, i); docs/few-step.md draws them at w = 1
     args = p.parse_args(argv)
     sample = config_from(args, SampleConfig())
     sample.check()
-    return draw_pairs(args.checkpoint, args.out_dir, args.count, args.shard_size, sample, not args.raw_weights,
+    return draw_pairs(args.checkpoint, args.out_dir, args.count, args.shard_size, sample, args.weights == "ema",
                       args.states)
 
 

@@ -178,12 +178,12 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
 def check_outputs(cfg: TrainConfig) -> None:
     """A fresh run moves another run's files in --out-dir aside (or refuses: --existing); every output folder must be
     writable. Run on the main process before the process group exists, so no other rank has written anything."""
-    checkpoint = output_path(cfg.checkpoint, cfg)
+    checkpoint = output_path(cfg.out, cfg)
     if checkpoint.is_dir():
-        raise ValueError(f"--checkpoint {checkpoint} is a folder: give a file path (e.g. {checkpoint}/best.pth)")
+        raise ValueError(f"--out {checkpoint} is a folder: give a file path (e.g. {checkpoint}/best.pth)")
     if not cfg.resume and (moved := keep_earlier_run(Path(cfg.out_dir), checkpoint, cfg.existing)):
         tqdm.write(moved)
-    for folder, name in ((Path(cfg.out_dir), "--out-dir"), (checkpoint.parent, "--checkpoint"),
+    for folder, name in ((Path(cfg.out_dir), "--out-dir"), (checkpoint.parent, "--out"),
                          (output_path(cfg.sample_dir, cfg), "--sample-dir")):
         check_writable(folder, name)
 
@@ -266,7 +266,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: 
             log.close()
         if run.rt.ddp:
             dist.destroy_process_group()
-    best_path, last = output_path(cfg.checkpoint, cfg), Path(cfg.out_dir) / "last.pth"
+    best_path, last = output_path(cfg.out, cfg), Path(cfg.out_dir) / "last.pth"
     return {"step": step, "epoch": step // run.sampler.batches, "loss": loss, "best_val_loss": best_val,
             "checkpoint": str(best_path) if best_path.is_file() else None, "elapsed_s": time.perf_counter() - start,
             "files": [str(p) for p in (best_path, last) if run.rt.main and p.is_file()],
@@ -381,7 +381,7 @@ def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start
         save_checkpoint(epoch_path, checkpoint_state(run, step, loss, val, best_val))
         publish(epoch_path, out_dir / "last.pth")
         if improved or cfg.select_by == "last":
-            publish(epoch_path, output_path(cfg.checkpoint, cfg))
+            publish(epoch_path, output_path(cfg.out, cfg))
         if cfg.keep_last:
             (out_dir / f"epoch_{number - cfg.keep_last}.pth").unlink(missing_ok=True)
         grid = draw_grid(ema.model, output_path(cfg.sample_dir, cfg) / f"epoch_{number}.png",

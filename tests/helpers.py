@@ -28,7 +28,7 @@ def blobs(n: int = 96, seed: int = 0) -> TensorImages:
 def tiny_config(tmp: Path, **overrides) -> TrainConfig:
     """A TrainConfig writing everything under tmp."""
     base = dict(epochs=2, batch_size=16, lr=2e-3, log_every=2, out_dir=str(tmp / "ck"),
-                checkpoint=str(tmp / "best.pth"),
+                out=str(tmp / "best.pth"),
                 sample_dir=str(tmp / "samples"), val_t_points=2, keep_last=0)
     return TrainConfig(**{**base, **overrides})
 

@@ -118,7 +118,7 @@ CASES = [
                      "--mf-teacher", f"{G}/tiny.pth", "--out-dir", f"{G}/o"], "--mf-teacher"),
     # class: outputs that cannot be written, and another run's files
     ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/notes.txt"], "is a file"),
-    ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/o", "--checkpoint", f"{G}/afolder"], "is a folder"),
+    ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/o", "--out", f"{G}/afolder"], "is a folder"),
     ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/o", "--sample-dir", f"{G}/notes.txt/s"], "is a file"),
     ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/run", "--existing", "refuse"],
      "holds an earlier run (log.jsonl): continue it with --resume auto"),
@@ -129,8 +129,8 @@ CASES = [
 def test_every_bad_input_is_one_line_and_touches_nothing(given, mnist_root, script, args, message, capsys):
     before = checksums(given)
     argv = [a.replace(G, str(given)).replace("{data}", str(mnist_root)) for a in args]
-    if script in ("mnist_train", "rf_train") and "--checkpoint" not in args:  # never the repo's own checkpoints/
-        argv += ["--checkpoint", str(given / "o" / "best.pth")]
+    if script in ("mnist_train", "rf_train") and "--out" not in args:  # never the repo's own checkpoints/
+        argv += ["--out", str(given / "o" / "best.pth")]
     with pytest.raises(SystemExit) as stop:
         run_main(lambda: SCRIPTS[script].main(argv))
     code = stop.value.code  # cli.run's "error: ..." (printed by the interpreter on exit), or argparse's status 2

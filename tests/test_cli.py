@@ -1,3 +1,5 @@
+import argparse
+import inspect
 from dataclasses import dataclass, fields
 
 import pytest
@@ -48,3 +50,17 @@ def test_help_shows_one_default_per_flag_and_groups_each_config(capsys):
     assert "passes (default: 20)" in text and "(default: the recorded one)" in text
     assert text.count("default:") == len(fields(A)) + len(fields(SampleConfig))
     assert "How to sample: the flags of every script that draws from a checkpoint:" in text
+
+
+def test_the_weights_choice_has_one_spelling_and_the_old_one_still_works(capsys):
+    import mnist_test
+    import reflow
+    from cli import add_weights_flag
+
+    p = argparse.ArgumentParser()
+    add_weights_flag(p)
+    assert p.parse_args([]).weights == "ema" and p.parse_args(["--weights", "raw"]).weights == "raw"
+    assert p.parse_args(["--raw-weights"]).weights == "raw"
+    assert "--raw-weights is now --weights raw" in capsys.readouterr().err
+    for module in (mnist_test, reflow):
+        assert "add_weights_flag(" in inspect.getsource(module) and "\"--raw-weights\"" not in inspect.getsource(module)

@@ -138,7 +138,7 @@ def test_re_meanflow_trains_on_pairs_without_the_farthest_share(tmp_path):
     assert distance(kept).max() <= distance(full).sort().values[44]
     summary = reflow.main(["train", "--pairs", str(tmp_path / "pairs"), "--val-size", "10", "--objective", "meanflow",
                            "--drop-farthest", "0.1", "--epochs", "1", "--batch-size", "15", "--warmup-steps", "0",
-                           "--out-dir", str(tmp_path / "mf"), "--checkpoint", str(tmp_path / "mf" / "best.pth"),
+                           "--out-dir", str(tmp_path / "mf"), "--out", str(tmp_path / "mf" / "best.pth"),
                            "--sample-dir", str(tmp_path / "mf" / "samples")])
     ckpt = load_checkpoint(summary["checkpoint"])
     assert summary["step"] == 3 and ckpt["kind"] == "meanflow" and ckpt["sampler"]["solver"] == "meanflow"
@@ -199,7 +199,7 @@ def test_pairs_with_states_train_a_one_step_model_on_the_parents_grid(tmp_path):
     x1, _, x0, path = train_set[0]
     assert path.shape == (5, 1, 8, 8) and torch.equal(path[0], x0) and torch.equal(path[-1], x1)
     flags = ["--val-size", "8", "--objective", "meanflow", "--epochs", "1", "--batch-size", "8", "--warmup-steps", "0",
-             "--init-from", str(parent), "--out-dir", str(tmp_path / "mf"), "--checkpoint", str(tmp_path / "mf.pth"),
+             "--init-from", str(parent), "--out-dir", str(tmp_path / "mf"), "--out", str(tmp_path / "mf.pth"),
              "--sample-dir", str(tmp_path / "mf" / "samples")]
     summary = reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), *flags])
     ckpt = load_checkpoint(summary["checkpoint"])

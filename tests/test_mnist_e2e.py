@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mnist")
     summary = mnist_train.main([
         "--data-root", str(SHARED_DATA), "--no-download", "--subset", "2400", "--epochs", "2", *TINY_FLAGS,
-        "--out-dir", str(tmp / "ck"), "--checkpoint", str(tmp / "mnist.pth"), "--sample-dir", str(tmp / "samples")])
+        "--out-dir", str(tmp / "ck"), "--out", str(tmp / "mnist.pth"), "--sample-dir", str(tmp / "samples")])
     return tmp, summary
 
 

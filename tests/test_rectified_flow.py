@@ -36,7 +36,7 @@ def photo_run(tmp_path_factory):
             shutil.copy(src, tmp / "photos" / cls)
     summary = rectified_flow_train.main([
         "--data-root", str(tmp / "photos"), "--val-fraction", "0.1", "--epochs", "4", "--keep-last", "2", *SMALL,
-        "--out-dir", str(tmp / "ck"), "--checkpoint", str(tmp / "ck" / "rf_best.pth"),
+        "--out-dir", str(tmp / "ck"), "--out", str(tmp / "ck" / "rf_best.pth"),
         "--sample-dir", str(tmp / "samples")])
     return tmp, summary
 

@@ -125,7 +125,7 @@ def test_mnist_pipeline_pairs_reflow_distill_then_one_step_sampling(tmp_path, mn
                       "--base-channels", "8", "--num-res-blocks", "1", "--attention-resolutions", "7",
                       "--batch-size", "32",
                       "--lr", "2e-3", "--val-size", "32", "--val-t-points", "1", "--out-dir", str(tmp_path / "rf1"),
-                      "--checkpoint", str(tmp_path / "rf1" / "best.pth"), "--device", "cpu"])
+                      "--out", str(tmp_path / "rf1" / "best.pth"), "--device", "cpu"])
     parent = tmp_path / "rf1" / "best.pth"
     assert load_checkpoint(parent)["kind"] == "1-rectified"
     pairs(parent, tmp_path / "pairs", "--count", "160", "--shard-size", "80")

@@ -86,7 +86,7 @@ def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
         summary = rectified_flow_train.main([*args, "--out-dir", str(tmp_path / "runs" / run)])
         assert summary["checkpoint"] == str(tmp_path / "runs" / run / "rf_best.pth")
         assert (tmp_path / "runs" / run / "samples" / "epoch_1.png").is_file()
-    best = tmp_path / "deep" / "new" / "best.pth"  # a --checkpoint in a folder nobody created
+    best = tmp_path / "deep" / "new" / "best.pth"  # an --out in a folder nobody created, by its old name
     rectified_flow_train.main([*args, "--out-dir", str(tmp_path / "runs" / "c"), "--checkpoint", str(best)])
     assert load_checkpoint(best)["epoch"] == 1
 
