@@ -17,8 +17,8 @@ TORCH_INDEX ?=
 # make one-step: make train's flow into a one-step model. PAIRS paths drawn from the flow (its recorded sampler), then
 # ONE_STEP_MINUTES of training on them; both together about make train's own minutes (docs/one-step.md).
 FLOW ?= checkpoints/flow_matching_mnist.pth
-PAIRS ?= 8000
-ONE_STEP_MINUTES ?= 2.2
+PAIRS ?= 4000
+ONE_STEP_MINUTES ?= 3.1
 
 .PHONY: setup train one-step test clean clean-venv
 
@@ -43,7 +43,7 @@ one-step: setup
 	$(BIN)/python reflow.py pairs --checkpoint $(FLOW) --out-dir checkpoints/mnist-one-step-paths --count $(PAIRS) \
 		--shard-size 2000 --states && \
 	$(BIN)/python reflow.py distill --objective meanflow --pairs checkpoints/mnist-one-step-paths --init-from $(FLOW) \
-		--batch-size 128 --lr 1e-3 --warmup-steps 20 --amp auto --val-size 200 --time-budget $(ONE_STEP_MINUTES) \
+		--batch-size 128 --lr 2e-3 --warmup-steps 20 --amp auto --val-size 200 --time-budget $(ONE_STEP_MINUTES) \
 		--out-dir checkpoints/mnist-one-step --out checkpoints/mnist_one_step.pth $(ARGS) && \
 	echo "make one-step: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s from $(FLOW) to checkpoints/mnist_one_step.pth (paths and training)"
 	$(BIN)/python mnist_test.py --checkpoint checkpoints/mnist_one_step.pth --out samples/mnist_one_step.png

@@ -8,27 +8,6 @@ import sys
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
-# meanflow.md's equal-time table: checkpoint -> its model's name, and whether its recorded-sampler row is bold
-EQUAL_TIME = {"runs/eq2/fm/flow.pth": ("1-rectified", True), "runs/eq2/2rf/flow.pth": ("2-rectified", False),
-              "runs/eq2/d1/flow.pth": ("distilled-1", True),
-              "runs/eq/mf_base/flow.pth": ("MeanFlow, no curriculum (afternoon)", False),
-              "runs/eq/mf_c100/flow.pth": ("MeanFlow, α-Flow curriculum", True),
-              "runs/eq/mf_c100_fm/flow.pth": ("MeanFlow, α-Flow curriculum", False)}
-
-
-def equal_time(folder: str = "meanflow/zen4-alphaflow") -> list[str]:
-    """MeanFlow against reflow + distillation: a row per model and sampler, excess Fréchet by both readers."""
-    first, second = (json.loads((DOCS / folder / sub / "fewstep.json").read_text())["rows"] for sub in ("", "bn-cnn"))
-    lines = ["| model | training minutes | sampler | NFE | CNN | BN-CNN |", "|---|---|---|---|---|---|"]
-    for row, other in zip(first, second):
-        name, bold = EQUAL_TIME[row["checkpoint"]]
-        b, recorded = ("**" if bold and row["recommended"] else ""), " (recorded)" if row["recommended"] else ""
-        lines.append(f"| {name} | {row['minutes']:.2f} | {row['solver']} {row['steps']}, w = {row['guidance']:g}"
-                     f"{recorded} | {row['nfe']} | {b}{row['excess']:.1f}{b} ({row['accuracy']:.1%}) | "
-                     f"{b}{other['excess']:.2f}{b} ({other['accuracy']:.1%}) |")
-    return lines
-
-
 def one_step(name: str = "one-step/zen4.json") -> list[str]:
     """One step from make train's flow: each route's excess Fréchet at 1 and 2 NFE by both readers, and its ratio to the
     flow's own excess at its recorded sampler (the first row)."""
@@ -45,7 +24,7 @@ def one_step(name: str = "one-step/zen4.json") -> list[str]:
     return lines
 
 
-TABLES = {"meanflow.md": {"meanflow-equal-time": equal_time, "one-step": one_step}}  # page -> {table: its rows}
+TABLES = {"one-step.md": {"one-step": one_step}}  # page -> {table name: its rows}
 
 
 def main(argv: list[str]) -> int:

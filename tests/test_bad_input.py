@@ -81,6 +81,9 @@ CASES = [
     # class: values no run can use
     *[("mnist_train", [flag, value, "--out-dir", f"{G}/o", "--objective", "meanflow"], message)
       for flag, value, message in NUMBERS],
+    *[("rf_train", [flag, value, "--out-dir", f"{G}/o", "--data-root", f"{G}/afolder"], message)
+      for flag, value, message in NUMBERS if flag != "--mf-sigma"],
+    ("rf_train", ["--image-size", "30", "--data-root", f"{G}/afolder"], "image size 30 cannot go through"),
     ("mnist_train", ["--label-dropout", "1", "--out-dir", f"{G}/o"], "--label-dropout 1 drops every label"),
     ("mnist_train", ["--objective", "mean", "--out-dir", f"{G}/o"], "unknown --objective 'mean'"),
     ("mnist_train", ["--existing", "keep", "--out-dir", f"{G}/o"], "unknown --existing 'keep'"),
@@ -109,6 +112,16 @@ CASES = [
      "holds endpoints only"),
     ("reflow", ["distill", "--pairs", f"{G}/pairs", "--val-size", "4"], "pass --init-from PATH"),
     ("benchmark", ["train-speed", "mnist", "--steps", "0"], "--steps must be >= 1"),
+    ("benchmark", ["fewstep", "--checkpoints", f"{G}/missing.pth", "--data-root", G], "not found"),
+    ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--shard-size", "0", "--out-dir", f"{G}/p3"], "--shard-size"),
+    ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--guidance", "nan", "--out-dir", f"{G}/p4"], "finite"),
+    ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--weights", "best", "--out-dir", f"{G}/p5"],
+     "invalid choice: 'best'"),
+    ("editing", ["swap", "--checkpoint", f"{G}/mnist.pth", "--solver", "rk45", "--data-root", G], "unknown solver"),
+    ("editing", ["invert", "--checkpoint", f"{G}/mnist.pth", "--steps", "0", "--data-root", G], "steps must be"),
+    ("evaluate", ["straightness", "--checkpoint", f"{G}/missing.pth"], "not found"),
+    ("evaluate", ["likelihood", "--checkpoint", f"{G}/mnist.pth"], "give the images"),
+    ("pretrained", ["export", "--checkpoint", f"{G}/notes.txt", "--out", f"{G}/e3"], "truncated or not"),
     # class: a model of other data or kind
     ("mnist_train", ["--data-root", "{data}", "--subset", "64", "--batch-size", "32", "--init-from", f"{G}/tiny.pth",
                      "--out-dir", f"{G}/o"], "image_size: 8 vs 28"),
