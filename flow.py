@@ -113,7 +113,6 @@ class MeanFlowConfig:
     mf_weight_power: float = 1.0  # adaptive loss weight 1 / (||error||^2 + 1e-3)^p per image; 0 = plain MSE
     mf_guidance: float | None = None  # guidance w folded in (default: 1.5 with classes and label dropout, else 1)
     mf_curriculum: float = 1.0  # share of training over which α-Flow's curriculum anneals flow matching into MeanFlow
-    mf_teacher: str = ""  # a flow (e.g. the --init-from one) whose guided velocity replaces x1 - x0 in the target
 
     def check(self, can_guide: bool) -> None:
         """Raise ValueError for a setting that cannot train (can_guide: the model learns the null label)."""
@@ -193,8 +192,7 @@ def interval_target(plain: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: t
 
 def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg: MeanFlowConfig, *,
                    num_classes: int | None, label_dropout: float, guidance: float = 1.0, x0: torch.Tensor | None = None,
-                   plain: nn.Module | None = None, alpha: float = 0.0,
-                   teacher: nn.Module | None = None) -> torch.Tensor:
+                   plain: nn.Module | None = None, alpha: float = 0.0) -> torch.Tensor:
     """MeanFlow loss (Geng et al. 2025, Eq. 9-10) for data x1 (B, C, H, W) in [-1, 1]: ||u(x_t, t, t_end) -
     sg(target)||² per image, weighted by sg(1 / (||error||² + c)^p) (p = cfg.mf_weight_power; 0 is the MSE). The first
     round(share·B) items get an interval t < t_end (interval_target), the rest t_end = t, where the target is v = x1 -
@@ -202,8 +200,7 @@ def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg
     w)·u(x_t, t, t | no label) for the items that kept their label, so one evaluation samples guided. The target runs
     without autograd on plain (the unwrapped module; net, under the caller's autocast, is what gradients flow through).
     alpha > 0 scales the interval items' weight by α, as α-Flow's released code does, so that under the adaptive weight
-    the gradient keeps MeanFlow's scale while the error shrinks like α. With a teacher (a flow), v is its guided
-    velocity at x_t instead: the marginal velocity the one-step model must integrate, not one image's x1 - x0."""
+    the gradient keeps MeanFlow's scale while the error shrinks like α."""
     plain = net if plain is None else plain
     x0 = torch.randn_like(x1) if x0 is None else x0
     t, t_end = mean_flow_times(x1.shape[0], cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, x1.device)
@@ -212,9 +209,7 @@ def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg
     xt, v = interpolate(x0, x1, t), (x1 - x0).float()
     k = round(cfg.mf_share * x1.shape[0])  # the items with t_end > t come first (mean_flow_times)
     with torch.no_grad():  # the target: velocities under the caller's autocast, the derivative in fp32
-        if teacher is not None:  # (a dropped label gets the teacher's unconditional velocity)
-            v = guided_velocity(teacher, y, guidance)(t, xt).float()
-        elif guidance != 1.0 and y is not None:
+        if guidance != 1.0 and y is not None:
             kept = (y != num_classes).view(-1, 1, 1, 1)
             v_uncond = plain(xt, t, torch.full_like(y, num_classes)).float()
             v = torch.where(kept, guidance * v + (1 - guidance) * v_uncond, v)

@@ -32,7 +32,6 @@ from checkpoint import CheckpointError, load_checkpoint, model_config_from, save
 from cli import add_flags, add_weights_flag, config_from, parse_configs, run
 from config import TrainConfig, check_train_config
 from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
-from flow import MeanFlowConfig
 from solvers import FIXED_STEP
 from sampling import MEANFLOW_SAMPLER, SampleConfig, check_request, flow_batches, load_for_sampling, make_noise
 from trainer import train
@@ -159,11 +158,9 @@ def read_shard(path: Path) -> dict:
                          "same `reflow.py pairs` command again to redraw it") from e
 
 
-def load_pairs(folder: str | Path, val_size: int, drop_farthest: float = 0.0,
-               states: bool = False) -> tuple[Pairs, Pairs, dict]:
-    """(train pairs, the last val_size pairs held out, manifest); every shard must be present. drop_farthest: the
-    share of training pairs with the largest ||x1 - x0|| left out (Re-MeanFlow's filter: the pairs whose paths
-    the flow bent most); states: items carry their paths (pairs drawn with --states)."""
+def load_pairs(folder: str | Path, val_size: int, states: bool = False) -> tuple[Pairs, Pairs, dict]:
+    """(train pairs, the last val_size pairs held out, manifest); every shard must be present; states: items carry
+    their paths (pairs drawn with --states)."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise ValueError(f"no {MANIFEST} in {folder}: draw pairs first with "
@@ -183,10 +180,8 @@ def load_pairs(folder: str | Path, val_size: int, drop_farthest: float = 0.0,
     if not 0 < val_size < len(x1):
         raise ValueError(f"--val-size must lie between 1 and {len(x1) - 1} (of {len(x1)} pairs)")
     cut = len(x1) - val_size
-    distance = (x1[:cut].float() / 127.5 - 1 - x0[:cut].float()).flatten(1).norm(dim=1)
-    keep = distance.argsort()[:cut - round(drop_farthest * cut)].sort().values  # (in the order drawn)
     part = lambda idx: Pairs(x1[idx], y[idx], x0[idx], xs[idx] if xs is not None else None)  # noqa: E731
-    return part(keep), part(slice(cut, None)), manifest
+    return part(slice(cut)), part(slice(cut, None)), manifest
 
 
 @dataclass
@@ -197,7 +192,6 @@ class PairData:
     val_size: int = 1000  # the last N pairs, held out for the validation loss
     k: int = 1  # distill only: Euler steps of the distilled model (1, 2, 4, ...)
     recommend_steps: int = 2  # train only: the Euler steps recorded as this model's sampler
-    drop_farthest: float = 0.0  # share of training pairs left out, those with the largest ||x1 - x0|| (Re-MeanFlow)
 
 
 DEFAULTS = [
@@ -206,21 +200,21 @@ DEFAULTS = [
     TrainConfig(epochs=4, batch_size=64, lr=2e-4, lr_schedule="cosine", warmup_steps=100, out_dir="runs/reflow",
                 init_from="parent", select_by="last"),  # out_dir: runs/reflow/<kind> unless given
     PairData(),
-    MeanFlowConfig(mf_guidance=1.0),  # train --objective meanflow (Re-MeanFlow); the pairs carry their guidance
 ]
 
 
 def stage(command: str, argv: list[str]) -> dict:
     """reflow.py train / distill: the shared training loop on fixed pairs, from the parent's weights."""
     title = f"reflow.py {command}: " + (__doc__ or "").splitlines()[0]
-    (cfg, data, meanflow), _ = parse_configs(DEFAULTS, None, None, argv, title)
+    (cfg, data), _ = parse_configs(DEFAULTS, None, None, argv, title)
     check_train_config(replace(cfg, init_from=""))  # here --init-from also names the stage's model: kept on resume
     if cfg.t_grid:
         raise ValueError("--t-grid is set by `reflow.py distill --k`")
-    if not 0 <= data.drop_farthest < 1:
-        raise ValueError(f"--drop-farthest must lie in [0, 1), got {data.drop_farthest}")
-    grid = command == "distill" and cfg.objective == "meanflow"  # the parent's average velocities on its grid
-    train_set, val_set, manifest = load_pairs(data.pairs, data.val_size, data.drop_farthest, states=grid)
+    if cfg.objective == "meanflow" and command == "train":
+        raise ValueError("reflow.py train trains a velocity on pairs; the one-step model from a flow's paths is "
+                         "`reflow.py distill --objective meanflow` (docs/one-step.md)")
+    grid = cfg.objective == "meanflow"  # distill: the parent's average velocities on its grid
+    train_set, val_set, manifest = load_pairs(data.pairs, data.val_size, states=grid)
     init_from = manifest["parent"] if cfg.init_from == "parent" else cfg.init_from
     if command == "distill" and cfg.init_from == "parent":
         raise ValueError("distill starts from the reflowed model: pass --init-from PATH (its best.pth)")
@@ -233,8 +227,8 @@ def stage(command: str, argv: list[str]) -> dict:
                "pairs": {k: manifest[k] for k in ("parent", *PAIR_SETTINGS)}}
     # A stage's sampler is unguided, whatever its parent recommends: its point is few NFE, and a guided
     # step costs two. Guidance stays a choice at sampling time (--guidance).
-    if cfg.objective == "meanflow":
-        kind, sampler = "meanflow", dict(MEANFLOW_SAMPLER)
+    if cfg.objective == "meanflow":  # no label is dropped: the null label keeps no average velocity, so no guidance
+        kind, sampler, cfg = "meanflow", dict(MEANFLOW_SAMPLER), replace(cfg, label_dropout=0.0)
     elif command == "train":
         kind = f"{rectified_order(manifest['parent_kind']) + 1}-rectified"
         sampler = {"solver": "euler", "steps": data.recommend_steps, "guidance": 1.0}
@@ -246,8 +240,7 @@ def stage(command: str, argv: list[str]) -> dict:
     out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
     cfg = replace(cfg, init_from="" if cfg.resume else init_from, out_dir=out_dir)
     summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),
-                    extra={"kind": kind, "lineage": lineage, "sampler": sampler, "dataset": "reflow-pairs"},
-                    meanflow=meanflow)
+                    extra={"kind": kind, "lineage": lineage, "sampler": sampler, "dataset": "reflow-pairs"})
     print(f"done: {kind}, {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min); sample with {sampler}")
     return summary

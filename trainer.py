@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from budget import Horizon, learning_rate
-from checkpoint import (CheckpointError, check_resume, load_checkpoint, load_ema_weights, model_config_from,
-                        model_from_checkpoint, publish, restore, save_checkpoint)
+from checkpoint import check_resume, load_checkpoint, load_ema_weights, publish, restore, save_checkpoint
 from config import TrainConfig, check_train_config, objective_model_config, output_path
 from data import ShardedSampler
 from device import (Runtime, StopRequest, global_mean, ignore_sigint, keep_freed_memory, launched_ranks, live_bars,
@@ -51,7 +50,6 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     rt: Runtime  # where it runs: device, rank, autocast, memory format
-    teacher: nn.Module | None = None  # meanflow --mf-teacher: the frozen flow whose velocity the target takes
 
 
 def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
@@ -101,7 +99,7 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
             meanflow = meanflow or MeanFlowConfig()
             loss = mean_flow_loss(parts.net, x, y, meanflow, num_classes=num_classes, label_dropout=cfg.label_dropout,
                                   guidance=meanflow.guidance(can_guide(num_classes, cfg.label_dropout)), x0=x0,
-                                  plain=parts.model, alpha=alpha, teacher=parts.teacher)
+                                  plain=parts.model, alpha=alpha)
         else:
             loss = flow_matching_loss(parts.net, x, y, num_classes, cfg.label_dropout, cfg.t_schedule, x0, cfg.t_grid)
     parts.optimizer.zero_grad(set_to_none=True)
@@ -160,8 +158,6 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
         meanflow.check(guided := can_guide(model_cfg.num_classes, cfg.label_dropout))
         meanflow = replace(meanflow, mf_guidance=meanflow.guidance(guided))  # resolved once: checkpoints record it
     rt, parts = setup(cfg, model_cfg)
-    if meanflow and meanflow.mf_teacher:
-        parts = replace(parts, teacher=load_teacher(meanflow.mf_teacher, model_cfg, rt.device))
     per_rank = cfg.batch_size // rt.world
     sampler = ShardedSampler(len(train_set), per_rank, cfg.seed, rt.rank, rt.world)
     if sampler.batches == 0:
@@ -186,19 +182,6 @@ def check_outputs(cfg: TrainConfig) -> None:
     for folder, name in ((Path(cfg.out_dir), "--out-dir"), (checkpoint.parent, "--out"),
                          (output_path(cfg.sample_dir, cfg), "--sample-dir")):
         check_writable(folder, name)
-
-
-def load_teacher(path: str, model_cfg: UNetConfig, device: torch.device) -> ConditionalUNet:
-    """The frozen flow of --mf-teacher (EMA weights, eval mode): a velocity model of the data the run trains on."""
-    ckpt = load_checkpoint(path, map_location=device)
-    if model_config_from(ckpt).average_velocity:
-        raise CheckpointError(f"--mf-teacher {path} is a meanflow model: the teacher gives velocities, pass a flow")
-    teacher = model_from_checkpoint(ckpt).to(device).requires_grad_(False)
-    for name in ("image_size", "in_channels", "num_classes"):
-        if getattr(teacher.config, name) != getattr(model_cfg, name):
-            raise CheckpointError(f"--mf-teacher {path} has {name} {getattr(teacher.config, name)}, this run "
-                                  f"{getattr(model_cfg, name)}: the teacher must model the same data")
-    return teacher
 
 
 def resume(run: Run) -> tuple[int, float]:

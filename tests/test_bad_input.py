@@ -2,6 +2,7 @@
 what to do), exit non-zero without a traceback, and leave every file they were given untouched (checksums)."""
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ def given(tmp_path_factory) -> Path:
     tiny_checkpoint(root / "mnist.pth", TINY_MNIST)
     tiny_checkpoint(root / "tiny.pth", TINY)
     pretrained.export(root / "mnist.pth", root / "export")
+    tiny_checkpoint(root / "three.pth", replace(TINY_MNIST, num_classes=3))  # digits' shape, other classes
+    pretrained.export(root / "three.pth", root / "export3")
     (root / "notes.txt").write_text("not a checkpoint")
     (root / "afolder").mkdir()
     (root / "cut.pth").write_bytes((root / "mnist.pth").read_bytes()[:3000])
@@ -104,7 +107,7 @@ CASES = [
     ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--count", str(10**13), "--out-dir", f"{G}/p1"], "GB"),
     ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--states", "--solver", "dopri5", "--out-dir", f"{G}/p2"],
      "--states keeps the points of a fixed-step grid"),
-    ("reflow", ["train", "--pairs", f"{G}/pairs", "--drop-farthest", "1"], "--drop-farthest must lie in [0, 1)"),
+    ("reflow", ["train", "--pairs", f"{G}/pairs", "--objective", "meanflow"], "distill --objective meanflow"),
     ("reflow", ["train", "--pairs", f"{G}/pairs", "--val-size", "50"], "--val-size must lie between"),
     ("reflow", ["distill", "--pairs", f"{G}/pairs", "--k", "0", "--init-from", f"{G}/tiny.pth", "--val-size", "4"],
      "--k must be >= 1"),
@@ -128,7 +131,7 @@ CASES = [
     ("mnist_train", ["--data-root", "{data}", "--subset", "64", "--batch-size", "32", "--resume", f"{G}/export",
                      "--out-dir", f"{G}/o"], "is an exported folder"),
     ("mnist_train", ["--data-root", "{data}", "--subset", "64", "--batch-size", "32", "--objective", "meanflow",
-                     "--mf-teacher", f"{G}/tiny.pth", "--out-dir", f"{G}/o"], "--mf-teacher"),
+                     "--init-from", f"{G}/export3", "--out-dir", f"{G}/o"], "num_classes: 3 vs 10"),
     # class: outputs that cannot be written, and another run's files
     ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/notes.txt"], "is a file"),
     ("mnist_train", ["--data-root", "{data}", "--out-dir", f"{G}/o", "--out", f"{G}/afolder"], "is a folder"),

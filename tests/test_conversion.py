@@ -1,5 +1,5 @@
-"""One step from a flow: the warm start across objectives (u(x, t, t_end) = v(x, t) at step 0), the teacher's
-velocity as MeanFlow's target, Re-MeanFlow on reflow pairs, lineage, exact resume and the refusals."""
+"""One step from a flow: the warm start across objectives (u(x, t, t_end) = v(x, t) at step 0), the paths on the
+flow's grid and the regression onto them, lineage, exact resume and the refusals."""
 import os
 import signal
 from dataclasses import replace
@@ -11,7 +11,7 @@ import torch
 import reflow
 import trainer
 from checkpoint import CheckpointError, load_checkpoint, load_ema_weights, model_config_from, save_checkpoint, sha256
-from flow import MeanFlowConfig, grid_map_loss, guided_velocity, interpolate, mean_flow_loss
+from flow import MeanFlowConfig, grid_map_loss
 from helpers import TINY, assert_same_weights, blobs, tiny_checkpoint, tiny_config
 from sampling import SampleConfig
 from solvers import solve
@@ -38,34 +38,10 @@ def test_a_flow_starts_a_meanflow_model_with_u_equal_to_v_at_every_interval():
         assert not torch.equal(student(x, t, y, t_end), student(x, t_end, y, t_end))  # not trivially constant
 
 
-def test_the_teacher_velocity_is_the_target_where_t_end_equals_t(monkeypatch):
-    """mf_share 0 and plain MSE: the loss is the squared distance to the teacher's guided velocity at x_t, not to
-    x1 - x0; a dropped label gets the teacher's unconditional velocity."""
-    torch.manual_seed(0)
-    teacher, student = ConditionalUNet(TINY).eval(), ConditionalUNet(replace(TINY, average_velocity=True))
-    with torch.no_grad():
-        for p in [*teacher.parameters(), *student.parameters()]:
-            p.add_(0.1 * torch.randn_like(p))
-    x1, x0, y = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    monkeypatch.setattr("flow.drop_labels", lambda y, p, null_class: y)  # label 3 is the null label already
-    t = torch.full((4,), 0.3)
-    monkeypatch.setattr("flow.mean_flow_times", lambda n, share, mu, sigma, device: (t, t))
-    cfg = MeanFlowConfig(mf_share=0.0, mf_weight_power=0.0)
-    loss = mean_flow_loss(student.eval(), x1, y, cfg, num_classes=3, label_dropout=0.1, guidance=2.0, x0=x0,
-                          teacher=teacher)
-    with torch.no_grad():
-        xt = interpolate(x0, x1, t)
-        target = guided_velocity(teacher, y, 2.0)(t, xt)
-        expected = (student(xt, t, y, t) - target).square().mean()
-        assert torch.allclose(target[3], teacher(xt[3:], t[3:], y[3:])[0], atol=1e-6)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert loss.item() != pytest.approx((student(xt, t, y, t) - (x1 - x0)).square().mean().item(), rel=1e-2)
-
-
 def convert(tmp_path: Path, name: str, parent: Path, **overrides):
     cfg = tiny_config(tmp_path / name, objective="meanflow", **{"init_from": str(parent), **overrides})
     return train(cfg, TINY, blobs(), blobs(24, seed=1), extra={"kind": "meanflow"},
-                 meanflow=MeanFlowConfig(mf_curriculum=0.3, mf_teacher=str(parent)))
+                 meanflow=MeanFlowConfig(mf_curriculum=0.3))
 
 
 def test_a_converted_run_records_its_parent_and_resumes_bit_exactly(tmp_path, monkeypatch):
@@ -74,7 +50,7 @@ def test_a_converted_run_records_its_parent_and_resumes_bit_exactly(tmp_path, mo
     straight = convert(tmp_path, "straight", parent)
     ckpt = load_checkpoint(straight["checkpoint"])
     assert ckpt["lineage"] == {"parent": str(parent), "parent_sha256": sha256(parent), "parent_kind": "1-rectified"}
-    assert ckpt["model_config"]["average_velocity"] and ckpt["train_config"]["mf_teacher"] == str(parent)
+    assert ckpt["model_config"]["average_velocity"] and ckpt["kind"] == "meanflow"
     last = load_checkpoint(tmp_path / "straight" / "ck" / "last.pth")
     assert last["optimizer_state"]["state"][0]["step"] == 12  # a fresh optimizer: its steps are this run's alone
     original, calls = trainer.EMA.update, []
@@ -115,36 +91,6 @@ def test_a_parent_of_other_data_or_kind_is_one_line_and_nothing_is_written(tmp_p
         train(cfg, TINY, blobs(), None)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run" / "ck").exists() or not any((tmp_path / "run" / "ck").iterdir())
-
-
-def test_a_teacher_that_is_not_a_flow_of_this_data_is_refused(tmp_path):
-    other, meanflow = tmp_path / "other.pth", tmp_path / "mf.pth"
-    tiny_checkpoint(other, replace(TINY, num_classes=5))
-    tiny_checkpoint(meanflow, replace(TINY, average_velocity=True))
-    for path, message in ((other, "has num_classes 5, this run 3"), (meanflow, "is a meanflow model")):
-        with pytest.raises(CheckpointError, match=message):
-            train(tiny_config(tmp_path / "run", objective="meanflow"), TINY, blobs(), None,
-                  meanflow=MeanFlowConfig(mf_teacher=str(path)))
-
-
-def test_re_meanflow_trains_on_pairs_without_the_farthest_share(tmp_path):
-    parent = tmp_path / "flow.pth"
-    tiny_checkpoint(parent)
-    reflow.draw_pairs(parent, tmp_path / "pairs", count=60, shard_size=30)
-    full, _, _ = reflow.load_pairs(tmp_path / "pairs", val_size=10)
-    kept, _, _ = reflow.load_pairs(tmp_path / "pairs", val_size=10, drop_farthest=0.1)
-    distance = lambda p: (p.x1.float() / 127.5 - 1 - p.x0.float()).flatten(1).norm(dim=1)  # noqa: E731
-    assert len(full) == 50 and len(kept) == 45
-    assert distance(kept).max() <= distance(full).sort().values[44]
-    summary = reflow.main(["train", "--pairs", str(tmp_path / "pairs"), "--val-size", "10", "--objective", "meanflow",
-                           "--drop-farthest", "0.1", "--epochs", "1", "--batch-size", "15", "--warmup-steps", "0",
-                           "--out-dir", str(tmp_path / "mf"), "--out", str(tmp_path / "mf" / "best.pth"),
-                           "--sample-dir", str(tmp_path / "mf" / "samples")])
-    ckpt = load_checkpoint(summary["checkpoint"])
-    assert summary["step"] == 3 and ckpt["kind"] == "meanflow" and ckpt["sampler"]["solver"] == "meanflow"
-    assert ckpt["lineage"]["parent_sha256"] == sha256(parent) and ckpt["model_config"]["average_velocity"]
-    with pytest.raises(ValueError, match="--drop-farthest must lie in"):
-        reflow.main(["train", "--pairs", str(tmp_path / "pairs"), "--drop-farthest", "1"])
 
 
 def test_solving_with_states_visits_the_grid_with_the_same_arithmetic():
@@ -204,5 +150,24 @@ def test_pairs_with_states_train_a_one_step_model_on_the_parents_grid(tmp_path):
     summary = reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), *flags])
     ckpt = load_checkpoint(summary["checkpoint"])
     assert summary["step"] == 4 and ckpt["kind"] == "meanflow" and ckpt["model_config"]["average_velocity"]
+    last = load_checkpoint(tmp_path / "mf" / "last.pth")
+    assert last["train_config"]["label_dropout"] == 0.0  # the null label learns no average velocity: no guidance
+    original, calls = trainer.EMA.update, []  # interrupted after 3 of 4 steps, then resumed: the same weights
+
+    def interrupted(self, model):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self, model)
+
+    parts = [*flags[:-6], "--out-dir", str(tmp_path / "parts"), "--out", str(tmp_path / "parts.pth"),
+             "--sample-dir", str(tmp_path / "parts" / "samples")]
+    trainer.EMA.update = interrupted
+    try:
+        assert reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), *parts])["step"] == 3
+    finally:
+        trainer.EMA.update = original
+    reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), *parts, "--resume", "auto"])  # (--init-from: its model)
+    assert_same_weights(last, load_checkpoint(tmp_path / "parts" / "last.pth"))
     with pytest.raises(ValueError, match="holds endpoints only, not the paths between them"):
         reflow.main(["distill", "--pairs", str(tmp_path / "plain"), *flags])
