@@ -103,7 +103,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.is_dir():
         return load_folder(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: train one first or pass --checkpoint PATH")
+        raise CheckpointError(f"checkpoint {path} not found: check the path (make train writes {MNIST_TRAINED})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # garbage, or a pickle naming objects that weights-only loading refuses

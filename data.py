@@ -93,7 +93,8 @@ def load_mnist(root: str | Path, train: bool, image_size: int = 28, download: bo
         raise DataError(
             f"MNIST not found under {root}/MNIST/raw ({str(e).splitlines()[0]}). Put the four files "
             "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), "
-            f"t10k-labels-idx1-ubyte(.gz) in {root}/MNIST/raw, or run online with --download"
+            f"t10k-labels-idx1-ubyte(.gz) in {root}/MNIST/raw, or give --data-root the folder that holds MNIST/raw"
+            + (" (mnist_train.py downloads it there when online)" if not download else "")
         ) from e
     return TensorImages(ds.data, ds.targets, image_size)
 

@@ -36,7 +36,8 @@ def mnist_1rf(device: str | None = None) -> ConditionalUNet:
 
 
 def mnist_one_step(device: str | None = None) -> ConditionalUNet:
-    """The committed one-step MNIST model (pretrained/mnist-meanflow): one MeanFlow jump, 1 network evaluation."""
+    """The committed one-step MNIST model (pretrained/mnist-meanflow, made from mnist-1rf by `make one-step`): one jump
+    along its average velocity, 1 network evaluation."""
     return from_checkpoint(PRETRAINED / "mnist-meanflow", device)
 
 
