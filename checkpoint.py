@@ -193,7 +193,7 @@ def load_folder(folder: str | Path) -> dict:
         state = load_file(folder / WEIGHTS)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{folder / WEIGHTS} is truncated or not a safetensors file ({e})") from e
-    ckpt = {k: config.get(k) for k in ("model_config", "class_names", "kind", "lineage")}
+    ckpt = {k: config.get(k) for k in ("model_config", "class_names", "kind", "lineage", "dataset")}
     model_config_from(ckpt)  # a config.json from another model fails here, with its keys named
     ckpt.update({k: v for k, v in config["training"].items() if k != "train_config"})
     ckpt["train_config"] = {"label_dropout": config.get("label_dropout")}

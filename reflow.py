@@ -240,7 +240,8 @@ def stage(command: str, argv: list[str]) -> dict:
     out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
     cfg = replace(cfg, init_from="" if cfg.resume else init_from, out_dir=out_dir)
     summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),
-                    extra={"kind": kind, "lineage": lineage, "sampler": sampler, "dataset": "reflow-pairs"})
+                    extra={"kind": kind, "lineage": lineage, "sampler": sampler,
+                           "dataset": source.get("dataset") or "reflow-pairs"})  # the parent's data, in its paths
     print(f"done: {kind}, {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min); sample with {sampler}")
     return summary

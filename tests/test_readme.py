@@ -73,13 +73,14 @@ def one(rows: list[dict], **match) -> dict:
 
 
 def test_the_readme_quotes_figures_as_the_json_behind_them_has_them():
-    equal_time = json_rows("meanflow/zen4-alphaflow/fewstep.json")
-    meanflow = one(equal_time, checkpoint="runs/eq/mf_c100/flow.pth", recommended=True)
-    distilled = one(equal_time, checkpoint="runs/eq2/d1/flow.pth", recommended=True)
-    flow = one(equal_time, checkpoint="runs/eq2/fm/flow.pth", recommended=True)
-    assert (f"one step (1 NFE) after {distilled['minutes']:.1f} min of training, MNIST | excess Fréchet "
-            f"{meanflow['excess']:.1f} (MeanFlow, one run) vs {distilled['excess']:.1f} (reflow + distillation); the "
-            f"first flow at {flow['nfe']} NFE after {flow['minutes']:.1f} min: {flow['excess']:.1f}") in README
+    rows = json_rows("one-step/zen4.json")
+    flow = rows[0]["readings"][0]
+    made = [r for r in rows if r["command"] == "make one-step"]
+    assert len(made) == 1
+    jump = made[0]["readings"][0]
+    assert (f"one step from `make train`'s flow: `make one-step`, {made[0]['added_minutes']:.1f} min more | 1 NFE: "
+            f"excess Fréchet {jump['cnn']:.1f}, {jump['bn']:.2f} by the BatchNorm CNN; the flow at {flow['nfe']} NFE: "
+            f"{flow['cnn']:.1f}, {flow['bn']:.2f} |") in README
     inversion = json_rows("inversion/inversion.json")
     euler8 = one(inversion, kind="2-rectified", solver="euler", steps=8)["psnr"]
     bpd = [one(inversion, kind=kind, solver="dopri5")["bpd"] for kind in ("2-rectified", "1-rectified")]
