@@ -91,9 +91,13 @@ def test_random_shift_moves_each_image_by_its_own_offset_within_the_limit():
     assert len({tuple(w) for w in where.tolist()}) == 25  # all 5 x 5 offsets occur across the batch
 
 
-def test_missing_classifier_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="run `python evaluate.py train-classifier` first"):
+def test_missing_classifier_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="make it first with `python evaluate.py train-classifier --data-root DIR "
+                                              "--out .*none.pth`"):
         load_classifier(tmp_path / "none.pth")
+    monkeypatch.chdir(tmp_path)  # the second reader's default path, absent here: the advice names its --arch
+    with pytest.raises(CheckpointError, match="--arch bn-cnn --out checkpoints/mnist_classifier_bn.pth"):
+        load_classifier("checkpoints/mnist_classifier_bn.pth")
     foreign = {"kind": "mnist-classifier", "arch": "vit", "model_state": {}, "test_accuracy": 0.9}
     torch.save(foreign, tmp_path / "vit.pth")
     with pytest.raises(CheckpointError, match="arch 'vit', which this evaluate.py does not know"):

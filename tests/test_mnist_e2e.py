@@ -73,7 +73,7 @@ def test_mnist_test_writes_a_labelled_grid(trained, tmp_path):
     assert "solver heun" in result.stdout and "NFE 16 per image" in result.stdout  # 4 steps x 2 x 2 passes
     assert "guidance 1.1" in result.stdout  # the sampler the checkpoint records
     width, height = Image.open(out).size
-    assert height == 2 * (3 * 30 + 2) and width == 2 * (16 + 5 * 30 + 2)  # 3 rows x 5 digits, scaled 2x
+    assert height == 2 * (3 * 30 + 2) and width == 2 * (8 + 5 * 30 + 2)  # 3 rows x 5 digits, scaled 2x; names: 8 px
 
 
 def test_generate_sample_keeps_the_seed_signature(trained):

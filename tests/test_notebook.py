@@ -93,5 +93,6 @@ def test_the_setup_cell_clones_and_installs_outside_a_clone(tmp_path):
     setup.source = setup.source.replace(setup.source.split("REPO_URL = ")[1].split()[0], repr(str(ROOT)))  # local
     nb.cells = [setup, nbformat.v4.new_code_cell("import sampling; print(ROOT, sampling.__file__)")]
     execute(nb, tmp_path)
-    root, module = nb.cells[-1].outputs[-1].text.split()
+    stdout = [o for o in nb.cells[-1].outputs if o.get("name") == "stdout"]  # (stderr may carry import warnings)
+    root, module = stdout[-1].text.split()
     assert Path(root) == tmp_path / "flow-image-generator" and Path(module) == Path(root) / "sampling.py"
