@@ -196,16 +196,21 @@ def reference_sets(labels: torch.Tensor, n: int, seed: int = REFERENCE_SEED) -> 
     return torch.cat(reference), torch.cat(floor)
 
 
+def check_reference_size(n: int, labels: torch.Tensor) -> None:
+    """--n must give two disjoint class-balanced sets of n test digits (labels: the test split's)."""
+    most = int(torch.bincount(labels, minlength=10).min()) // 2 * 10
+    if n < 20 or n % 10 or n > most:
+        raise ValueError(f"--n must be a multiple of 10 between 20 and {most}: the reference and floor sets are two "
+                         "disjoint class-balanced sets of n test digits (n / 10 of each digit)")
+
+
 def mnist_quality(model: nn.Module, classifier: Reader, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
                   steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500,
                   rtol: float = 1e-3, atol: float = 1e-3) -> dict:
     """Conditional accuracy and Fréchet distance of n generated digits (n/10 per digit) against a reference of n real
     test digits (reference_sets), beside the real-vs-real floor (n other test digits against the same reference) and
     the excess over it, which is what compares models."""
-    most = int(torch.bincount(real.labels, minlength=10).min()) // 2 * 10
-    if n < 20 or n % 10 or n > most:
-        raise ValueError(f"--n must be a multiple of 10 between 20 and {most}: the reference and floor sets are two "
-                         "disjoint class-balanced sets of n test digits (n / 10 of each digit)")
+    check_reference_size(n, real.labels)
     labels = balanced_labels(n, 10)
     samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
     preds, fake_feats = predict(classifier, samples.images * 2 - 1)
@@ -365,8 +370,9 @@ def sampled_metrics(command: str, checkpoint: str, sample: SampleConfig, n: int,
               f"{guidance}, seed {sample.seed}) vs {result['n_real']} real images of {real_dir}  Inception FID "
               f"{result['fid']:.2f}")
         return result
-    reader, accuracy = load_classifier(classifier, next(model.parameters()).device)
     real = load_mnist(data_root, train=False, download=False)
+    check_reference_size(n, real.labels)  # before the reader: a bad --n needs none
+    reader, accuracy = load_classifier(classifier, next(model.parameters()).device)
     result = {**mnist_quality(model, reader, real, n, solver, steps, guidance, sample.seed, sample.batch_size),
               "weights": weights, "classifier_accuracy": accuracy}
     print(f"N={result['n']}  solver {solver}  steps {steps}  NFE {result['nfe']} per image  conditional accuracy "

@@ -69,7 +69,7 @@ CASES = [
     ("mnist_test", ["--checkpoint", f"{G}/cut.pth"], "truncated or not a PyTorch checkpoint"),
     ("mnist_test", ["--checkpoint", f"{G}/afolder"], "is not an exported model folder"),
     ("evaluate", ["mnist", "--checkpoint", f"{G}/missing.pth"], "not found"),
-    ("evaluate", ["mnist", "--checkpoint", f"{G}/mnist.pth", "--classifier", f"{G}/nope.pth", "--data-root", G],
+    ("evaluate", ["mnist", "--checkpoint", f"{G}/mnist.pth", "--classifier", f"{G}/nope.pth", "--data-root", "{data}"],
      "make it first with `python evaluate.py train-classifier"),
     ("evaluate", ["train-classifier", "--data-root", f"{G}/nowhere"], "MNIST"),
     ("reflow", ["pairs", "--checkpoint", f"{G}/missing.pth", "--out-dir", f"{G}/newpairs"], "not found"),
