@@ -1,4 +1,7 @@
 """Tiny models, data and checkpoints that make trainer and sampling tests take seconds."""
+import os
+import signal
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -64,3 +67,24 @@ def assert_same_weights(a: dict, b: dict) -> None:
     for i, state in a["optimizer_state"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(state[name], b["optimizer_state"]["state"][i][name]), (i, name)
+
+
+@contextmanager
+def ctrl_c_at_step(step: int):
+    """Within the block, a SIGINT lands inside training step `step` (at its EMA update), as a Ctrl-C would: the trainer
+    finishes that step, saves last.pth and stops."""
+    import trainer
+
+    original, calls = trainer.EMA.update, []
+
+    def interrupted(self, model):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self, model)
+
+    trainer.EMA.update = interrupted
+    try:
+        yield
+    finally:
+        trainer.EMA.update = original

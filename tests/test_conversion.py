@@ -1,7 +1,5 @@
 """One step from a flow: the warm start across objectives (u(x, t, t_end) = v(x, t) at step 0), the paths on the
 flow's grid and the regression onto them, lineage, exact resume and the refusals."""
-import os
-import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,10 +7,9 @@ import pytest
 import torch
 
 import reflow
-import trainer
 from checkpoint import CheckpointError, load_checkpoint, load_ema_weights, model_config_from, save_checkpoint, sha256
 from flow import MeanFlowConfig, grid_map_loss
-from helpers import TINY, assert_same_weights, blobs, tiny_checkpoint, tiny_config
+from helpers import TINY, assert_same_weights, blobs, ctrl_c_at_step, tiny_checkpoint, tiny_config
 from sampling import SampleConfig
 from solvers import solve
 from trainer import train
@@ -44,7 +41,7 @@ def convert(tmp_path: Path, name: str, parent: Path, **overrides):
                  meanflow=MeanFlowConfig(mf_curriculum=0.3))
 
 
-def test_a_converted_run_records_its_parent_and_resumes_bit_exactly(tmp_path, monkeypatch):
+def test_a_converted_run_records_its_parent_and_resumes_bit_exactly(tmp_path):
     parent = tmp_path / "flow.pth"
     tiny_checkpoint(parent)
     straight = convert(tmp_path, "straight", parent)
@@ -53,17 +50,8 @@ def test_a_converted_run_records_its_parent_and_resumes_bit_exactly(tmp_path, mo
     assert ckpt["model_config"]["average_velocity"] and ckpt["kind"] == "meanflow"
     last = load_checkpoint(tmp_path / "straight" / "ck" / "last.pth")
     assert last["optimizer_state"]["state"][0]["step"] == 12  # a fresh optimizer: its steps are this run's alone
-    original, calls = trainer.EMA.update, []
-
-    def interrupted(self, model):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        original(self, model)
-
-    monkeypatch.setattr(trainer.EMA, "update", interrupted)
-    assert convert(tmp_path, "parts", parent)["step"] == 5
-    monkeypatch.setattr(trainer.EMA, "update", original)
+    with ctrl_c_at_step(5):
+        assert convert(tmp_path, "parts", parent)["step"] == 5
     resumed = convert(tmp_path, "parts", parent, resume="auto", init_from="")
     assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"),
                         load_checkpoint(tmp_path / "parts" / "ck" / "last.pth"))
@@ -152,21 +140,10 @@ def test_pairs_with_states_train_a_one_step_model_on_the_parents_grid(tmp_path):
     assert summary["step"] == 4 and ckpt["kind"] == "meanflow" and ckpt["model_config"]["average_velocity"]
     last = load_checkpoint(tmp_path / "mf" / "last.pth")
     assert last["train_config"]["label_dropout"] == 0.0  # the null label learns no average velocity: no guidance
-    original, calls = trainer.EMA.update, []  # interrupted after 3 of 4 steps, then resumed: the same weights
-
-    def interrupted(self, model):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        original(self, model)
-
     parts = [*flags[:-6], "--out-dir", str(tmp_path / "parts"), "--out", str(tmp_path / "parts.pth"),
              "--sample-dir", str(tmp_path / "parts" / "samples")]
-    trainer.EMA.update = interrupted
-    try:
+    with ctrl_c_at_step(3):  # interrupted inside step 3 of 4, then resumed: the same weights
         assert reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), *parts])["step"] == 3
-    finally:
-        trainer.EMA.update = original
     reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), *parts, "--resume", "auto"])  # (--init-from: its model)
     assert_same_weights(last, load_checkpoint(tmp_path / "parts" / "last.pth"))
     with pytest.raises(ValueError, match="holds endpoints only, not the paths between them"):

@@ -2,8 +2,6 @@
 limits, one-step sampling from the checkpoint alone, DDP, exact resume and the stop on a non-finite loss."""
 import json
 import math
-import os
-import signal
 from dataclasses import replace
 
 import pytest
@@ -15,7 +13,7 @@ import trainer
 from checkpoint import load_checkpoint
 from flow import (MeanFlowConfig, curriculum_alpha, difference_derivative, flow_matching_loss, interval_target,
                   mean_flow_loss, total_derivative)
-from helpers import TINY, assert_same_weights, blobs, tiny_config
+from helpers import TINY, assert_same_weights, blobs, ctrl_c_at_step, tiny_config
 from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_from_checkpoint, sample_model
 from test_trainer import run_ddp_worker
 from config import run_kind
@@ -226,21 +224,12 @@ def test_a_meanflow_run_records_its_one_step_sampler_and_samples_in_one_evaluati
 
 
 @pytest.mark.parametrize("curriculum", [0.0, 1.0])
-def test_meanflow_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, curriculum):
+def test_meanflow_resume_equals_an_uninterrupted_run(tmp_path, curriculum):
     make = lambda name, **kw: tiny_config(tmp_path / name, objective="meanflow", **kw)  # noqa: E731
     mf = MeanFlowConfig(mf_guidance=2.0, mf_curriculum=curriculum)
     train(make("straight"), TINY, blobs(), None, meanflow=mf)
-    original, calls = trainer.EMA.update, []
-
-    def interrupted(self, model):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        original(self, model)
-
-    monkeypatch.setattr(trainer.EMA, "update", interrupted)
-    assert train(make("parts"), TINY, blobs(), None, meanflow=mf)["step"] == 5
-    monkeypatch.setattr(trainer.EMA, "update", original)
+    with ctrl_c_at_step(5):
+        assert train(make("parts"), TINY, blobs(), None, meanflow=mf)["step"] == 5
     train(make("parts", resume="auto"), TINY, blobs(), None, meanflow=mf)
     assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"),
                         load_checkpoint(tmp_path / "parts" / "ck" / "last.pth"))
