@@ -368,7 +368,7 @@ def parser() -> argparse.ArgumentParser:
                    help="whose presets and flags: mnist_train or rectified_flow_train")
     s.add_argument("--steps", type=int, default=20, help="timed steps")
     s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    s.add_argument("--out", default="benchmarks/train_speed.json")
+    s.add_argument("--out", default="benchmarks/train_speed.json", help="JSON to write (default: %(default)s)")
     commands = {"nfe": "sample quality per solver and steps", "guidance": "sample quality per guidance scale",
                 "fewstep": "1-RF vs reflowed vs distilled: quality at 1-8 NFE and straightness"}
     for name, helptext in commands.items():
@@ -377,15 +377,17 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("--checkpoints", required=True, help="comma-separated: the 1-rectified flow first, then "
                            "its descendants")
         else:
-            q.add_argument("--checkpoint", default=MNIST_TRAINED)
+            q.add_argument("--checkpoint", default=MNIST_TRAINED, help="checkpoint or exported folder to read "
+                           "(default: %(default)s)")
         add_flags(q, Reading())
         add_flags(q, SampleConfig(), NOT_SAMPLED[name])
     q = sub.choices["nfe"]
-    q.add_argument("--solvers", default="euler,midpoint,heun,rk4")
+    q.add_argument("--solvers", default="euler,midpoint,heun,rk4", help="fixed-step solvers (default: %(default)s)")
     q.add_argument("--steps", default="2,4,8,16,32", help="steps per fixed-step solver")
     q.add_argument("--tolerances", default="1e-2,1e-3,1e-4", help="dopri5 rtol=atol values; empty to skip")
     q.add_argument("--ref-steps", type=int, default=2000, help="rk4 steps of the reference (the seed's 2000); 0 = none")
-    sub.choices["guidance"].add_argument("--scales", default="1,1.5,2,3,5")
+    sub.choices["guidance"].add_argument("--scales", default="1,1.5,2,3,5", help="guidance scales w (default: "
+                                         "%(default)s)")
     f = sub.choices["fewstep"]
     f.add_argument("--nfe", default="1,2,4,8", help="Euler NFE budgets per model")
     f.add_argument("--n-straightness", type=int, default=200,
@@ -394,12 +396,12 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--minutes", default="", help="comma-separated total training minutes per checkpoint: "
                    "adds a plot of quality against training time")
     z = sub.add_parser("fid-sizes", help="FID vs N (real-vs-real floor and generated), Inception throughput")
-    z.add_argument("--checkpoint", required=True)
+    z.add_argument("--checkpoint", required=True, help="an image-folder checkpoint or exported folder")
     z.add_argument("--real-dir", required=True, help="folder of real images (all of them are used)")
     z.add_argument("--n", type=int, default=5000, help="generated images (class-balanced)")
     z.add_argument("--sizes", default="1000,2000,5000", help="subset sizes N whose FID is reported")
     z.add_argument("--stats-cache", default=STATS_DIR, help="folder of cached real FID statistics")
-    z.add_argument("--out-dir", default="benchmarks")
+    z.add_argument("--out-dir", default="benchmarks", help="where fid_sizes.json goes (default: %(default)s)")
     add_flags(z, SampleConfig())
     inv = sub.add_parser("inversion", help="invert-then-regenerate PSNR, noise Gaussianity and bits/dim against NFE")
     inv.add_argument("--checkpoints", required=True, help="comma-separated, e.g. the 1-rectified flow, then reflowed")
@@ -407,15 +409,15 @@ def parser() -> argparse.ArgumentParser:
                      help="solver:steps (dopri5:tolerance), comma-separated")
     inv.add_argument("--exact-n", type=int, default=0,
                      help="digits for exact vs Hutchinson divergence (slow); 0 = none")
-    inv.add_argument("--exact-setting", default="euler:8")
+    inv.add_argument("--exact-setting", default="euler:8", help="the setting of the exact check (default: %(default)s)")
     inv.add_argument("--n", type=int, default=100, help="MNIST test digits (class-balanced)")
-    inv.add_argument("--data-root", default="data")
-    inv.add_argument("--out-dir", default="benchmarks")
+    inv.add_argument("--data-root", default="data", help="folder holding MNIST/raw (default: %(default)s)")
+    inv.add_argument("--out-dir", default="benchmarks", help="where inversion.json goes (default: %(default)s)")
     add_flags(inv, SampleConfig(), NOT_SAMPLED["inversion"])
     lib = sub.add_parser("library-path", help="sample_from_checkpoint in a fresh process against mnist_test.py")
-    lib.add_argument("--checkpoint", default=MNIST_TRAINED)
+    lib.add_argument("--checkpoint", default=MNIST_TRAINED, help="checkpoint to sample (default: %(default)s)")
     lib.add_argument("--n", type=int, default=1000, help="digits per request")
-    lib.add_argument("--out", default="benchmarks/library_path.json")
+    lib.add_argument("--out", default="benchmarks/library_path.json", help="JSON to write (default: %(default)s)")
     return p
 
 

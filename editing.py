@@ -205,11 +205,13 @@ def parser() -> argparse.ArgumentParser:
                            ("swap", "redraw images as every class (one grid row per image)"),
                            ("interpolate", "frames between pairs of images through their noises (a row per pair)")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--checkpoint", default=MNIST_TRAINED)
+        s.add_argument("--checkpoint", default=MNIST_TRAINED,
+                       help="checkpoint or exported folder (default: %(default)s)")
         s.add_argument("--data-root", default=None, help="folder holding MNIST/raw: MNIST test digits")
         s.add_argument("--image-dir", default=None, help="folder of images (class sub-folders for conditional models)")
         add_weights_flag(s)
-        s.add_argument("--out", default=f"samples/{name}.png" if name != "invert" else "samples/noise.pt")
+        s.add_argument("--out", default=f"samples/{name}.png" if name != "invert" else "samples/noise.pt",
+                       help="file to write (default: %(default)s)")
         # a meanflow jump (forwards only) inverts with the default ODE solver; interpolation picks its own guidance
         add_flags(s, SampleConfig(), exclude=("seed", "guidance") if name == "interpolate" else ("seed",))
         if name != "interpolate":
@@ -217,7 +219,7 @@ def parser() -> argparse.ArgumentParser:
                            help="which images, e.g. 0-7 or 0,5,9")
     sub.choices["swap"].add_argument("--to", type=parse_indices, default=None, help="target classes (default: all)")
     sub.choices["interpolate"].add_argument("--pairs", default="0:1", help="index pairs, e.g. 0:1,2:3")
-    sub.choices["interpolate"].add_argument("--frames", type=int, default=8)
+    sub.choices["interpolate"].add_argument("--frames", type=int, default=8, help="frames per pair (default: 8)")
     return p
 
 

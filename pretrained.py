@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="checkpoint (.pth) -> folder: model.safetensors, config.json, "
                        "flow_config.json, README.md")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, help="checkpoint (.pth) to export")
     e.add_argument("--out", required=True, help="folder to write")
     e.add_argument("--force", action="store_true", help="replace --out if it holds an exported model already")
     add_weights_flag(e)
