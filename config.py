@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from budget import LR_SCHEDULES
 from cli import flag
 from flow import OBJECTIVES, T_SCHEDULES
-from runlog import LOGGERS
+from runlog import LOGGERS, check_writable, keep_earlier_run
 from unet import UNetConfig
 
 
@@ -104,3 +104,17 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
                          "trains average velocities: use one of the two")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+
+
+def check_outputs(cfg: TrainConfig) -> str | None:
+    """A fresh run moves another run's files in --out-dir aside (or refuses: --existing) and returns what it moved;
+    every output folder must be writable. For the main process before the process group exists, so no other rank
+    has written anything."""
+    checkpoint = output_path(cfg.out, cfg)
+    if checkpoint.is_dir():
+        raise ValueError(f"--out {checkpoint} is a folder: give a file path (e.g. {checkpoint}/best.pth)")
+    moved = None if cfg.resume else keep_earlier_run(Path(cfg.out_dir), checkpoint, cfg.existing)
+    for folder, name in ((Path(cfg.out_dir), "--out-dir"), (checkpoint.parent, "--out"),
+                         (output_path(cfg.sample_dir, cfg), "--sample-dir")):
+        check_writable(folder, name)
+    return moved

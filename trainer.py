@@ -21,14 +21,14 @@ from tqdm import tqdm
 
 from budget import Horizon, learning_rate
 from checkpoint import check_resume, load_checkpoint, load_ema_weights, publish, restore, save_checkpoint
-from config import TrainConfig, check_train_config, objective_model_config, output_path
+from config import TrainConfig, check_outputs, check_train_config, objective_model_config, output_path
 from data import ShardedSampler
 from device import (Runtime, StopRequest, global_mean, ignore_sigint, keep_freed_memory, launched_ranks, live_bars,
                     setup_runtime)
 from ema import EMA
 from flow import (MeanFlowConfig, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
                   validation_sums)
-from runlog import RunLog, check_finite, check_writable, keep_earlier_run, plot_losses
+from runlog import RunLog, check_finite, plot_losses
 from sampling import can_guide, draw_grid, grid_forwards, recommended_sampler
 from unet import ConditionalUNet, UNetConfig
 
@@ -151,8 +151,8 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     if cfg.hflip and getattr(train_set, "paired", False):
         raise ValueError("--hflip cannot be used with reflow pairs: a flipped image is not the pair of its noise")
     model_cfg = objective_model_config(cfg, model_cfg)
-    if launched_ranks()[0] == 0:  # before any work: the run's folders writable, another run's files kept
-        check_outputs(cfg)
+    if launched_ranks()[0] == 0 and (moved := check_outputs(cfg)):  # before any work: another run's files kept
+        tqdm.write(moved)
     if cfg.objective == "meanflow":
         meanflow = meanflow or MeanFlowConfig()
         meanflow.check(guided := can_guide(model_cfg.num_classes, cfg.label_dropout))
@@ -169,19 +169,6 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     horizon = Horizon(cfg.epochs * sampler.batches, sampler.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
     return Run(cfg, model_cfg, meanflow if cfg.objective == "meanflow" else None, rt, parts, sampler, loader, val_set,
                horizon, extra)
-
-
-def check_outputs(cfg: TrainConfig) -> None:
-    """A fresh run moves another run's files in --out-dir aside (or refuses: --existing); every output folder must be
-    writable. Run on the main process before the process group exists, so no other rank has written anything."""
-    checkpoint = output_path(cfg.out, cfg)
-    if checkpoint.is_dir():
-        raise ValueError(f"--out {checkpoint} is a folder: give a file path (e.g. {checkpoint}/best.pth)")
-    if not cfg.resume and (moved := keep_earlier_run(Path(cfg.out_dir), checkpoint, cfg.existing)):
-        tqdm.write(moved)
-    for folder, name in ((Path(cfg.out_dir), "--out-dir"), (checkpoint.parent, "--out"),
-                         (output_path(cfg.sample_dir, cfg), "--sample-dir")):
-        check_writable(folder, name)
 
 
 def resume(run: Run) -> tuple[int, float]:
