@@ -285,7 +285,7 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
                dynamic_ncols=True)
     for x, y, *pair in bar:
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True) if conditional else None
-        x0, path = (p.to(rt.device, non_blocking=True) if p is not None else None for p in [*pair, None, None][:2])
+        x0, path = ([p.to(rt.device, non_blocking=True) for p in pair] + [None, None])[:2]  # pairs' noise, their paths
         lr, alpha = learning_rate(cfg, step, horizon.schedule), curriculum_alpha(step / horizon.schedule, curriculum)
         loss = train_step(parts, cfg, x, y, step, lr, x0, run.meanflow, alpha, path)
         first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, step + 1)
