@@ -33,15 +33,16 @@ from checkpoint import MNIST_TRAINED
 from cli import add_flags, config_from, parse_configs, run
 from config import objective_model_config
 from data import load_mnist
-from device import cpu_class, cpu_name, isa_caps
+from cpu import cpu_class, cpu_name, isa_caps
 from editing import gaussianity, invert_model, psnr, regenerate
 from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
                       straightness_of, test_digits)
 from likelihood import image_bits_per_dim
 from runlog import figure
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
-from sampling import DEFAULT_STEPS, Loaded, SampleConfig, check_guidance, checkpoint_can_guide, load_for_sampling
-from trainer import setup, train_step
+from sampling import Loaded, SampleConfig, check_guidance, checkpoint_can_guide, load_for_sampling
+from solvers import Sampler
+from trainer import Batch, setup, train_step
 
 
 def machine() -> dict:
@@ -75,7 +76,7 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = train_step(parts, cfg, x, y, step, meanflow=meanflow)
+        loss = train_step(parts, cfg, Batch(x, y), step, meanflow=meanflow)
     loss.item()  # wait for the device
     seconds = time.perf_counter() - start
     return {"script": script, "preset": preset, "images_per_s": steps * cfg.batch_size / seconds,
@@ -107,12 +108,12 @@ def quality_rows(loaded: Loaded, settings: list[dict], reading: Reading, sample:
     if reading.real_dir:
         real = real_stats(reading.real_dir, model.config.image_size, reading.n_real or n, reading.stats_cache, device)
         floor = read_floor(Path(reading.out_dir) / "fid_sizes.json", real.key, n)
-        measure = lambda s: {**fid_quality(model, real, n, seed=seed, batch_size=batch, **s), "real_key": real.key,
+        measure = lambda s: {**fid_quality(model, real, n, Sampler(**s), seed, batch), "real_key": real.key,
                              **floor}
     else:
         classifier, accuracy = load_classifier(reading.classifier, device)
         real = load_mnist(reading.data_root, train=False, download=False)
-        measure = lambda s: {**mnist_quality(model, classifier, real, n, seed=seed, batch_size=batch, **s),
+        measure = lambda s: {**mnist_quality(model, classifier, real, n, Sampler(**s), seed, batch),
                              "classifier_accuracy": accuracy}
     rows = []
     for s in settings:
@@ -145,7 +146,7 @@ def few_step_rows(paths: list[str], nfe: list[int], reading: Reading, sample: Sa
     for i, path in enumerate(paths):
         loaded = load_for_sampling(path, device=sample.device)
         model, kind = loaded.model, loaded.ckpt.get("kind", "1-rectified")
-        solver, steps, guidance = loaded.solver, loaded.steps, loaded.guidance
+        solver, steps, guidance = loaded.sampler.solver, loaded.sampler.steps, loaded.sampler.guidance
         jump = "meanflow" if model.config.average_velocity else "euler"
         # every NFE budget unguided, and with the recorded guidance where it has one (a guided step costs two NFE)
         settings = [dict(solver=jump, steps=k // passes, guidance=w) for k in nfe
@@ -166,15 +167,15 @@ def few_step_rows(paths: list[str], nfe: list[int], reading: Reading, sample: Sa
     return rows
 
 
-def parse_setting(text: str) -> dict:
-    """'euler:4' -> euler, 4 steps; 'dopri5:1e-5' -> dopri5 at rtol = atol = 1e-5."""
+def parse_setting(text: str) -> Sampler:
+    """'euler:4' -> euler, 4 steps; 'dopri5:1e-5' -> dopri5 at rtol = atol = 1e-5 (unguided)."""
     solver, _, value = text.partition(":")
     if solver == "dopri5":
-        return dict(solver=solver, steps=0, rtol=float(value or 1e-5), atol=float(value or 1e-5))
-    return dict(solver=solver, steps=int(value or DEFAULT_STEPS), rtol=1e-3, atol=1e-3)
+        return Sampler(solver, 0, 1.0, float(value or 1e-5), float(value or 1e-5))
+    return Sampler(solver, int(value or Sampler.steps))
 
 
-def inversion_rows(paths: list[str], settings: list[dict], data_root: str, n: int, sample: SampleConfig,
+def inversion_rows(paths: list[str], settings: list[Sampler], data_root: str, n: int, sample: SampleConfig,
                    exact_n: int = 0, exact_setting: str = "euler:8") -> list[dict]:
     """Per checkpoint and solver setting, on n class-balanced MNIST test digits under their labels (w = 1):
     invert-then-regenerate PSNR, how Gaussian the inverted noise is, and bits/dim (Hutchinson, one probe);
@@ -185,16 +186,16 @@ def inversion_rows(paths: list[str], settings: list[dict], data_root: str, n: in
         loaded = load_for_sampling(path, device=sample.device)
         model, kind = loaded.model, loaded.ckpt.get("kind", "1-rectified")
         for setting in settings:
-            inverted = invert_model(model, images, labels, guidance=1.0, batch_size=batch, **setting)
-            back = regenerate(model, inverted.noise, labels, guidance=1.0, batch_size=batch, **setting)
-            like = image_bits_per_dim(model, pixels, labels, seed=sample.seed, batch_size=batch, **setting)
-            row = {"kind": kind, "checkpoint": path, **setting, "nfe": inverted.nfe, "n": n,
+            inverted = invert_model(model, images, labels, setting, batch)
+            back = regenerate(model, inverted.noise, labels, setting, batch)
+            like = image_bits_per_dim(model, pixels, labels, setting, seed=sample.seed, batch_size=batch)
+            row = {"kind": kind, "checkpoint": path, **setting.record(), "nfe": inverted.nfe, "n": n,
                    "psnr": psnr(back, images).mean().item(), "invert_seconds": inverted.seconds,
                    **{f"noise_{k}": v for k, v in gaussianity(inverted.noise).items()},
                    "bpd": like["bpd"], "bpd_se": like["bpd_se"], "likelihood_seconds": like["seconds"]}
             rows.append(row)
-            where = setting["rtol"] if setting["solver"] == "dopri5" else setting["steps"]
-            print(f"{kind:>12} {setting['solver']:>8} {where:>6}"
+            where = setting.rtol if setting.solver == "dopri5" else setting.steps
+            print(f"{kind:>12} {setting.solver:>8} {where:>6}"
                   f"  NFE {row['nfe']:>4}  PSNR {row['psnr']:6.2f} dB  noise std {row['noise_std']:.3f} "
                   f"KS {row['noise_ks']:.3f}  {row['bpd']:.3f} ± {row['bpd_se']:.3f} bits/dim  "
                   f"({row['invert_seconds']:.1f} + {row['likelihood_seconds']:.1f} s)", flush=True)
@@ -207,13 +208,13 @@ def divergence_check(model: torch.nn.Module, kind: str, path: str, pixels: torch
                      setting_text: str, sample: SampleConfig) -> dict:
     """Bits/dim of the same digits with the exact divergence and with Hutchinson's estimate."""
     setting = parse_setting(setting_text)
-    pair = {name: image_bits_per_dim(model, pixels, labels, divergence=name, seed=sample.seed,
-                                     batch_size=sample.batch_size, **setting) for name in ("exact", "hutchinson")}
+    pair = {name: image_bits_per_dim(model, pixels, labels, setting, name, seed=sample.seed,
+                                     batch_size=sample.batch_size) for name in ("exact", "hutchinson")}
     diff = torch.tensor(pair["hutchinson"]["per_image"]) - torch.tensor(pair["exact"]["per_image"])
     print(f"{kind}: exact {pair['exact']['bpd']:.4f} vs Hutchinson {pair['hutchinson']['bpd']:.4f} bits/dim on "
           f"{len(pixels)} digits ({setting_text}); per-image difference {diff.mean():.4f} ± {diff.std():.4f} (sd); "
           f"{pair['exact']['seconds']:.0f} vs {pair['hutchinson']['seconds']:.1f} s", flush=True)
-    return {"kind": kind, "checkpoint": path, **setting, "n": len(pixels), "divergence_check": True,
+    return {"kind": kind, "checkpoint": path, **setting.record(), "n": len(pixels), "divergence_check": True,
             "bpd_exact": pair["exact"]["bpd"], "bpd_hutchinson": pair["hutchinson"]["bpd"],
             "diff_mean": diff.mean().item(), "diff_sd": diff.std().item(),
             "exact_seconds": pair["exact"]["seconds"], "hutchinson_seconds": pair["hutchinson"]["seconds"]}
@@ -268,7 +269,7 @@ def fid_sizes(checkpoint: str, real_dir: str, n: int, sizes: list[int], sample: 
     same half. The real statistics of the whole folder are cached on the way, so `evaluate.py fid --n-real ALL` reuses
     them."""
     loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, sample.device)
-    model, solver, steps, guidance = loaded.model, loaded.solver, loaded.steps, loaded.guidance
+    model, sampler = loaded.model, loaded.sampler
     device, sizes, files = next(model.parameters()).device, sorted(sizes), real_files(real_dir, None)
     if sizes[0] < 2 or sizes[-1] > min(len(files) // 2, n):
         raise ValueError(f"--sizes must lie between 2 and {min(len(files) // 2, n)}: half of the "
@@ -284,12 +285,13 @@ def fid_sizes(checkpoint: str, real_dir: str, n: int, sizes: list[int], sample: 
     stats = cache_stats(real, real_dir, model.config.image_size, stats_cache)
     mu, sigma = gaussian_stats(real[1::2])
     rows = [subset_fids("real", real[0::2], k, mu, sigma) for k in sizes]
-    fake, samples = generated_features(model, n, solver, steps, guidance, sample.seed, sample.batch_size)
+    fake, samples = generated_features(model, n, sampler, sample.seed, sample.batch_size)
     rows += [subset_fids("generated", fake, k, mu, sigma) for k in sizes]
     return {"real_dir": str(Path(real_dir).resolve()), "n_real": len(files), "real_key": stats.key,
             "reference": f"the odd-numbered half of the folder ({len(real[1::2])} images)",
             "inception_images_per_s": len(files) / seconds, "checkpoint": checkpoint, "n": n,
-            "solver": solver, "steps": steps, "nfe": samples.nfe, "guidance": guidance, "seed": sample.seed,
+            "solver": sampler.solver, "steps": sampler.steps, "nfe": samples.nfe, "guidance": sampler.guidance,
+            "seed": sample.seed,
             "rows": rows}
 
 
@@ -434,11 +436,12 @@ def sweep(args: argparse.Namespace, reading: Reading, sample: SampleConfig) -> t
         return rows, out_dir / "fewstep.json"
     loaded = load_for_sampling(args.checkpoint, sample.solver, sample.steps, sample.guidance, sample.device)
     if args.command == "guidance":
-        settings = [dict(solver=loaded.solver, steps=loaded.steps, guidance=float(w)) for w in args.scales.split(",")]
+        drawn = loaded.sampler
+        settings = [dict(solver=drawn.solver, steps=drawn.steps, guidance=float(w)) for w in args.scales.split(",")]
         rows = quality_rows(loaded, settings, reading, sample)
-        plot(rows, "guidance", out_dir / "guidance.png", f"{loaded.solver}, {loaded.steps} steps, N={reading.n}")
+        plot(rows, "guidance", out_dir / "guidance.png", f"{drawn.solver}, {drawn.steps} steps, N={reading.n}")
         return rows, out_dir / "guidance.json"
-    w = loaded.guidance
+    w = loaded.sampler.guidance
     settings = [dict(solver=s, steps=int(k), guidance=w)
                 for s in args.solvers.split(",") for k in args.steps.split(",")]
     settings += [dict(solver="dopri5", steps=0, guidance=w, rtol=float(t), atol=float(t))

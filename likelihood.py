@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from device import progress
-from flow import guided_velocity, nfe_per_image
+from progress import progress
 from sampling import check_labels, check_request
-from solvers import Velocity, solve
+from solvers import Sampler, Velocity, guided_velocity, solve
 
 DIVERGENCES = ("exact", "hutchinson")
 BINS = 256  # 8-bit pixels
@@ -40,6 +39,13 @@ class LikelihoodConfig:
     divergence: str = "hutchinson"  # exact (a backward pass per dimension: small images only) | hutchinson
     probes: int = 1  # Rademacher probes per image (hutchinson)
     marginal: bool = False  # log p(x) under the unconditional velocity (null label) instead of log p(x | y)
+
+    def sampler(self) -> Sampler:
+        """The ODE these settings integrate, unguided."""
+        return Sampler(self.solver, self.steps, 1.0, self.tolerance, self.tolerance)
+
+
+ACCURATE = LikelihoodConfig().sampler()  # the default: dopri5 at tolerance 1e-5
 
 
 def divergence(f, x: torch.Tensor, probes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +75,10 @@ def rademacher(k: int, shape: tuple[int, ...], seed: int, device: torch.device |
     return (torch.randint(0, 2, (k, *shape), generator=g) * 2 - 1).to(device, dtype)
 
 
-def log_likelihood(v: Velocity, x: torch.Tensor, solver: str = "dopri5", steps: int = 32, rtol: float = 1e-5,
-                   atol: float = 1e-5, probes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(log p(x) (B,) in nats, noise x_0 (B, ...), NFE) for points x (B, ...) at t = 1 under the flow dx/dt = v(t, x).
+def log_likelihood(v: Velocity, x: torch.Tensor, sampler: Sampler = ACCURATE, probes: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(log p(x) (B,) in nats, noise x_0 (B, ...), NFE) for points x (B, ...) at t = 1 under the flow dx/dt = v(t, x),
+    integrated back to t = 0 with sampler's solver (its guidance is v's business).
 
     probes None takes the exact divergence, else Hutchinson's with these probes (K, B, ...). Runs in x's dtype,
     autocast off: the divergence sums D Jacobian entries, which bf16's 8-bit mantissa would bias.
@@ -84,7 +91,7 @@ def log_likelihood(v: Velocity, x: torch.Tensor, solver: str = "dopri5", steps: 
 
     start = torch.cat([x.flatten(1), torch.zeros(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
     with torch.autocast(x.device.type, enabled=False):
-        end, nfe = solve(augmented, start, solver, steps, rtol, atol, span=(1.0, 0.0))
+        end, nfe = solve(augmented, start, sampler.solver, sampler.steps, sampler.rtol, sampler.atol, span=(1.0, 0.0))
     noise, integral = end[:, :dims], end[:, dims]  # integral = ∫_1^0 div v dt = -∫_0^1 div v dt
     log_prior = -0.5 * (noise.square().sum(1) + dims * math.log(2 * math.pi))
     return log_prior + integral, noise.view(shape), nfe
@@ -104,8 +111,7 @@ def bits_per_dim(log_p: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def image_bits_per_dim(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor | None = None,
-                       guidance: float = 1.0, solver: str = "dopri5", steps: int = 32, rtol: float = 1e-5,
-                       atol: float = 1e-5, divergence: str = "hutchinson", probes: int = 1, seed: int = 0,
+                       sampler: Sampler = ACCURATE, divergence: str = "hutchinson", probes: int = 1, seed: int = 0,
                        batch_size: int = 100) -> dict:
     """Bits/dim (N,) of uint8 images (N, C, H, W) under a model's flow, conditional on labels (N,) where given
     (a label equal to num_classes, the null token, gives the unconditional log p(x)).
@@ -117,7 +123,7 @@ def image_bits_per_dim(model: nn.Module, pixels: torch.Tensor, labels: torch.Ten
         raise ValueError(f"unknown divergence {divergence!r}: choose one of {', '.join(DIVERGENCES)}")
     if divergence == "hutchinson" and probes < 1:
         raise ValueError(f"hutchinson needs probes >= 1, got {probes}")
-    check_request(len(pixels), batch_size, solver, steps)
+    check_request(len(pixels), batch_size)
     cfg = model.config
     want = (cfg.in_channels, cfg.image_size, cfg.image_size)
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != want:
@@ -129,12 +135,12 @@ def image_bits_per_dim(model: nn.Module, pixels: torch.Tensor, labels: torch.Ten
         x = dequantize(pixels[i:i + batch_size], seed + i).to(device)
         y = labels[i:i + batch_size].to(device) if labels is not None else None
         eps = rademacher(probes, tuple(x.shape), seed + i, device) if divergence == "hutchinson" else None
-        log_p, _, nfe = log_likelihood(guided_velocity(model, y, guidance), x, solver, steps, rtol, atol, eps)
+        log_p, _, nfe = log_likelihood(guided_velocity(model, y, sampler.guidance), x, sampler, eps)
         bpd.append(bits_per_dim(log_p, x[0].numel()).cpu())
-        nfes.append(nfe_per_image(nfe, y, guidance))
+        nfes.append(sampler.nfe(nfe, y is not None))
     bpd = torch.cat(bpd)
     return {"bpd": bpd.mean().item(), "bpd_se": (bpd.std() / len(bpd) ** 0.5).item() if len(bpd) > 1 else float("nan"),
             "per_image": bpd.tolist(), "nfe": round(sum(nfes) / len(nfes)), "seconds": time.perf_counter() - start,
-            "n": len(bpd), "solver": solver, "steps": steps, "rtol": rtol, "atol": atol, "divergence": divergence,
-            "probes": probes if divergence == "hutchinson" else 0, "guidance": guidance,
+            "n": len(bpd), **sampler.record(), "divergence": divergence,
+            "probes": probes if divergence == "hutchinson" else 0,
             "conditional": labels is not None, "seed": seed}

@@ -15,9 +15,10 @@ import torch
 
 from cli import parse_configs, run
 from data import load_mnist
-from sampling import DEFAULT_GUIDANCE, DEFAULT_SOLVER, DEFAULT_STEPS, MEANFLOW_SAMPLER, can_guide, sample_model
+from sampling import MEANFLOW_SAMPLER, sample_model
 from config import TrainConfig, check_train_config, run_kind
-from flow import MeanFlowConfig
+from flow import MeanFlowConfig, can_guide
+from solvers import Sampler
 from trainer import train
 from unet import UNetConfig, check_config
 
@@ -53,18 +54,17 @@ PRESETS = {
 }
 
 
-def mnist_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> dict:
+def mnist_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> Sampler:
     """The sampler MNIST checkpoints record: midpoint, 4 steps, w = 1.1 where guidance exists (else 1); mild guidance
     measured better than none on both metrics (docs/sampling.md)."""
     if cfg.objective == "meanflow":
-        return dict(MEANFLOW_SAMPLER)
-    guided = can_guide(model_cfg.num_classes, cfg.label_dropout)
-    return {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "guidance": 1.1 if guided else 1.0}
+        return MEANFLOW_SAMPLER
+    return Sampler(guidance=1.1 if can_guide(model_cfg.num_classes, cfg.label_dropout) else 1.0)
 
 
-def generate_sample(model: torch.nn.Module, img_size: tuple[int, int, int] = (1, 28, 28), steps: int = DEFAULT_STEPS,
+def generate_sample(model: torch.nn.Module, img_size: tuple[int, int, int] = (1, 28, 28), steps: int = Sampler.steps,
                     labels: list[int] | torch.Tensor | None = None, num_samples: int = 1,
-                    solver: str = DEFAULT_SOLVER, guidance: float = DEFAULT_GUIDANCE,
+                    solver: str = Sampler.solver, guidance: float = Sampler.guidance,
                     seed: int | None = None) -> torch.Tensor:
     """Images (B, *img_size) in [0, 1] from a ConditionalUNet; B = len(labels) or num_samples (the seed's helper)."""
     cfg = model.config
@@ -74,7 +74,7 @@ def generate_sample(model: torch.nn.Module, img_size: tuple[int, int, int] = (1,
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     n = len(labels) if labels is not None else num_samples
-    return sample_model(model.eval(), n, labels, solver, steps, guidance, seed).images
+    return sample_model(model.eval(), n, labels, Sampler(solver, steps, guidance), seed).images
 
 
 def default_preset() -> str:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_set = torch.utils.data.Subset(digits, range(cut, len(digits)))
     summary = train(cfg, model_cfg, train_set, val_set, class_names=[str(d) for d in range(10)],
                     extra={"kind": run_kind(cfg), "dataset": "mnist", "preset": preset,
-                           "sampler": mnist_sampler(model_cfg, cfg)}, meanflow=meanflow)
+                           "sampler": mnist_sampler(model_cfg, cfg).record()}, meanflow=meanflow)
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary

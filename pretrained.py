@@ -21,6 +21,7 @@ from pathlib import Path
 from checkpoint import (CARD, CONFIG, FLOW_CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, clean_state_dict, ema_weights,
                         load_checkpoint, sync_folder)
 from cli import add_weights_flag, run
+from solvers import Sampler
 
 TRAINING_KEYS = ("epoch", "step", "loss", "val_loss", "best_val_loss")  # the summary a card and flow_config.json carry
 
@@ -75,13 +76,12 @@ def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema",
 
 def model_card(config: dict, n_params: int, notes: str = "") -> str:
     """README.md of an exported folder: what the model is, how it was trained, how to load and sample it."""
-    cfg, train, sampler = config["model_config"], config["training"], config.get("sampler") or {}
+    cfg, train, sampler = config["model_config"], config["training"], config.get("sampler")
     tc, val = train.get("train_config") or {}, train.get("best_val_loss")
     classes = config.get("class_names")
     conditioning = (f"class-conditional ({len(classes)} classes: {', '.join(map(str, classes))})" if classes else
                     "class-conditional" if cfg.get("num_classes") else "unconditional")
-    sampler_text = (f"{sampler['solver']}, {sampler['steps']} step(s), guidance w = {sampler['guidance']}"
-                    if sampler else "midpoint, 4 steps, w = 1 (the repo's default)")
+    sampler_text = f"{Sampler.recorded(sampler)}{'' if sampler else ' (the repo default)'}"
     data = f"datasets: [{config['dataset']}]\n" if config.get("dataset") not in (None, "folder") else ""
     lines = [  # the header is the metadata the Hugging Face Hub reads; the weights are MIT-licensed, as the code
         f"---\nlicense: mit\nlibrary_name: pytorch\n{data}tags: [rectified-flow, flow-matching, {config['kind']}]\n---",

@@ -22,9 +22,10 @@ import torch
 from cli import parse_configs, run
 from data import image_folder_splits, load_celeba
 # sample_from_checkpoint: re-exported, the seed's import path
-from sampling import MEANFLOW_SAMPLER, can_guide, sample_from_checkpoint
+from sampling import MEANFLOW_SAMPLER, sample_from_checkpoint
 from config import TrainConfig, check_train_config, run_kind
-from flow import MeanFlowConfig
+from flow import MeanFlowConfig, can_guide
+from solvers import Sampler
 from trainer import train
 from unet import UNetConfig, check_config
 
@@ -82,19 +83,18 @@ def main(argv: list[str] | None = None) -> dict:
         val_set = torch.utils.data.Subset(val_set, range(data_cfg.val_size))
     summary = train(cfg, model_cfg, train_set, val_set, class_names,
                     extra={"kind": run_kind(cfg), "dataset": data_cfg.dataset, "data_root": data_cfg.data_root,
-                           "preset": preset, "sampler": folder_sampler(model_cfg, cfg)}, meanflow=meanflow)
+                           "preset": preset, "sampler": folder_sampler(model_cfg, cfg).record()}, meanflow=meanflow)
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary
 
 
-def folder_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> dict:
+def folder_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> Sampler:
     """The sampler photo checkpoints record: Euler, 8 steps, w = 2 where guidance exists (else 1), chosen by
     Inception FID on CIFAR-10 (docs/results-cifar.md)."""
     if cfg.objective == "meanflow":
-        return dict(MEANFLOW_SAMPLER)
-    guided = can_guide(model_cfg.num_classes, cfg.label_dropout)
-    return {"solver": "euler", "steps": 8, "guidance": 2.0 if guided else 1.0}
+        return MEANFLOW_SAMPLER
+    return Sampler("euler", 8, 2.0 if can_guide(model_cfg.num_classes, cfg.label_dropout) else 1.0)
 
 
 def check_data_flags(data_cfg: FolderData, model_cfg: UNetConfig) -> None:

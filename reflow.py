@@ -31,9 +31,10 @@ from torch.utils.data import Dataset
 from checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint, sha256
 from cli import add_flags, add_weights_flag, config_from, parse_configs, run
 from config import TrainConfig, check_train_config
-from device import keep_freed_memory, launched_ranks, rank_device, resolve_device
-from solvers import FIXED_STEP
-from sampling import MEANFLOW_SAMPLER, SampleConfig, check_request, flow_batches, load_for_sampling, make_noise
+from cpu import keep_freed_memory
+from device import launched_ranks, rank_device, resolve_device
+from sampling import MEANFLOW_SAMPLER, SampleConfig, check_request, load_for_sampling
+from solvers import FIXED_STEP, Sampler, flow_batches, make_noise
 from trainer import train
 
 MANIFEST = "manifest.json"
@@ -90,20 +91,21 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
     if count < 1 or shard_size < 1:
         raise ValueError("--count and --shard-size must be >= 1")
     device = rank_device(resolve_device(sample.device), local_rank)
+    check_request(count, sample.batch_size)
     loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, device, use_ema)
-    check_request(count, sample.batch_size, loaded.solver, loaded.steps, loaded.guidance)
-    if states and loaded.solver not in FIXED_STEP:
-        raise ValueError(f"--states keeps the points of a fixed-step grid: {loaded.solver} has none (use euler, "
+    drawn_with = loaded.sampler
+    if states and drawn_with.solver not in FIXED_STEP:
+        raise ValueError(f"--states keeps the points of a fixed-step grid: {drawn_with.solver} has none (use euler, "
                          "midpoint, heun or rk4)")
     order = rectified_order(loaded.ckpt.get("kind"))
     keep_freed_memory()
     cfg, out_dir = loaded.model.config, Path(out_dir)
     manifest = {"parent": str(checkpoint), "parent_sha256": sha256(checkpoint), "parent_kind": f"{order}-rectified",
-                "solver": loaded.solver, "steps": loaded.steps, "guidance": loaded.guidance, "seed": sample.seed,
-                "count": count, "shard_size": shard_size, "use_ema": use_ema, "states": states,
+                "solver": drawn_with.solver, "steps": drawn_with.steps, "guidance": drawn_with.guidance,
+                "seed": sample.seed, "count": count, "shard_size": shard_size, "use_ema": use_ema, "states": states,
                 "model_config": asdict(cfg),
                 "class_names": loaded.ckpt.get("class_names")}
-    check_room(out_dir, count, cfg.in_channels * cfg.image_size**2 * (3 + 2 * (loaded.steps - 1) * states))
+    check_room(out_dir, count, cfg.in_channels * cfg.image_size**2 * (3 + 2 * (drawn_with.steps - 1) * states))
     write_manifest(out_dir, manifest)
     start_time, drawn, nfe = time.perf_counter(), 0, 0
     for j in range(rank, -(-count // shard_size), world):
@@ -114,8 +116,7 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
                            start=first)
         # class-balanced: pair i has label i mod num_classes
         labels = torch.arange(first, last) % cfg.num_classes if cfg.num_classes is not None else None
-        path, nfe = flow_batches(loaded.model, noise, labels, loaded.solver, loaded.steps, loaded.guidance,
-                                 batch_size=sample.batch_size, states=states)
+        path, nfe = flow_batches(loaded.model, noise, labels, drawn_with, batch_size=sample.batch_size, states=states)
         x1 = ((path[:, -1] if states else path) + 1) * 127.5  # like the data: 8-bit pixels
         y = labels if labels is not None else torch.zeros(last - first, dtype=torch.long)
         inner = {"xs": path[:, 1:-1].half()} if states else {}
@@ -125,8 +126,8 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
         print(f"rank {rank}: shard {j} ({first}-{last - 1}) written", flush=True)
     seconds = time.perf_counter() - start_time
     if rank == 0:
-        print(f"pairs in {out_dir}: {drawn} drawn by this process in {seconds / 60:.1f} min ({loaded.solver}, "
-              f"{loaded.steps} steps, NFE {nfe}, guidance {loaded.guidance})")
+        print(f"pairs in {out_dir}: {drawn} drawn by this process in {seconds / 60:.1f} min ({drawn_with.solver}, "
+              f"{drawn_with.steps} steps, NFE {nfe}, guidance {drawn_with.guidance})")
     return {"drawn": drawn, "seconds": seconds, "nfe": nfe, **manifest}
 
 
@@ -228,19 +229,19 @@ def stage(command: str, argv: list[str]) -> dict:
     # A stage's sampler is unguided, whatever its parent recommends: its point is few NFE, and a guided
     # step costs two. Guidance stays a choice at sampling time (--guidance).
     if cfg.objective == "meanflow":  # no label is dropped: the null label keeps no average velocity, so no guidance
-        kind, sampler, cfg = "meanflow", dict(MEANFLOW_SAMPLER), replace(cfg, label_dropout=0.0)
+        kind, sampler, cfg = "meanflow", MEANFLOW_SAMPLER, replace(cfg, label_dropout=0.0)
     elif command == "train":
         kind = f"{rectified_order(manifest['parent_kind']) + 1}-rectified"
-        sampler = {"solver": "euler", "steps": data.recommend_steps, "guidance": 1.0}
+        sampler = Sampler("euler", data.recommend_steps)
     else:
         if data.k < 1:
             raise ValueError(f"--k must be >= 1, got {data.k}")
         kind, cfg = f"distilled-{data.k}", replace(cfg, t_grid=data.k)
-        sampler = {"solver": "euler", "steps": data.k, "guidance": 1.0}
+        sampler = Sampler("euler", data.k)
     out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
     cfg = replace(cfg, init_from="" if cfg.resume else init_from, out_dir=out_dir)
     summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),
-                    extra={"kind": kind, "lineage": lineage, "sampler": sampler,
+                    extra={"kind": kind, "lineage": lineage, "sampler": sampler.record(),
                            "dataset": source.get("dataset") or "reflow-pairs"})  # the parent's data, in its paths
     print(f"done: {kind}, {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min); sample with {sampler}")

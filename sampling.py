@@ -16,19 +16,15 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
-from device import keep_freed_memory, progress, resolve_device
-from flow import integrate, make_noise
-from solvers import NFE_PER_STEP, check_solver
+from cpu import keep_freed_memory
+from device import resolve_device
+from flow import can_guide
+from solvers import Sampler, flow_batches, make_noise
 from unet import ConditionalUNet
 
-# The one rule for the sampler: a checkpoint's recorded sampler (recommended_sampler), wherever it is sampled;
-# these defaults only for a bare model or a checkpoint that records none. Why each was chosen: docs/results-mnist.md.
-DEFAULT_SOLVER = "midpoint"
-DEFAULT_STEPS = 4  # midpoint: 2 NFE per step -> 8 network evaluations per image
-DEFAULT_GUIDANCE = 1.0  # no guidance
 # what --objective meanflow checkpoints record: one jump along the average velocity from noise to data, 1 NFE
 # (guidance, where wanted, is folded into training by --mf-guidance; why: docs/meanflow.md)
-MEANFLOW_SAMPLER = {"solver": "meanflow", "steps": 1, "guidance": 1.0}
+MEANFLOW_SAMPLER = Sampler("meanflow", 1, 1.0)
 
 
 @dataclass
@@ -42,43 +38,37 @@ class SampleConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     batch_size: int = 256  # images per network batch: memory and speed, not results
 
+    def sampler(self, record: dict | None = None) -> Sampler:
+        """The sampler these flags ask for: each left unset takes the record's (a checkpoint's), else the default."""
+        return Sampler.recorded(record, self.solver, self.steps, self.guidance)
+
     def check(self) -> None:
         """Raise ValueError for a field no sampler can use, before any checkpoint is read."""
-        check_request(1, self.batch_size, *recommended_sampler({}, self.solver, self.steps, self.guidance))
+        check_request(1, self.batch_size)
+        self.sampler()
 
 
 @dataclass
 class Samples:
-    """Images (B, C, H, W) in [0, 1], their labels (or None), and what drawing them cost. nfe: network evaluations per
-    image; a guided step's cond + uncond passes count 2 (flow.nfe_per_image)."""
+    """Images (B, C, H, W) in [0, 1], their labels (or None), what drawing them cost (nfe: network evaluations per
+    image, Sampler.nfe) and the sampler that drew them."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     nfe: int
     seconds: float
-    solver: str = DEFAULT_SOLVER  # how they were drawn
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
+    sampler: Sampler
 
 
-def check_request(n: int, batch_size: int, solver: str, steps: int, guidance: float = DEFAULT_GUIDANCE) -> None:
-    """Raise ValueError for a request that cannot be drawn, before any checkpoint is read or noise drawn."""
-    for name, value in (("batch_size", batch_size), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
+def check_request(n: int, batch_size: int) -> None:
+    """Raise ValueError for a count that cannot be drawn, before any checkpoint is read or noise drawn (the sampler
+    checks itself when made)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise ValueError(f"batch_size must be a whole number, got {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if n < 1:
         raise ValueError(f"nothing to draw: {n} images asked for (give at least one label, or n >= 1)")
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance must be a finite number (1 = none, 0 = unconditional), got {guidance}")
-    check_solver(solver, steps)
-
-
-def can_guide(num_classes: int | None, label_dropout: float | None) -> bool:
-    """Whether training taught the null label that guidance needs: classes and label dropout (None, unknown
-    in checkpoints older than the field, is assumed)."""
-    return num_classes is not None and (label_dropout is None or label_dropout > 0)
 
 
 def checkpoint_can_guide(ckpt: dict) -> bool:
@@ -96,16 +86,6 @@ def check_guidance(ckpt: dict, guidance: float) -> None:
             "or train with --label-dropout 0.1 to use guidance")
 
 
-def recommended_sampler(ckpt: dict, solver: str | None = None, steps: int | None = None,
-                        guidance: float | None = None) -> tuple[str, int, float]:
-    """(solver, steps, guidance) to sample ckpt with: the caller's choices, else those the checkpoint records
-    (reflow stages record theirs), else the defaults."""
-    sampler = ckpt.get("sampler") or {}
-    return (sampler.get("solver", DEFAULT_SOLVER) if solver is None else solver,
-            sampler.get("steps", DEFAULT_STEPS) if steps is None else steps,
-            sampler.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance)
-
-
 def check_labels(labels: torch.Tensor | None, num_classes: int | None, n: int | None = None,
                  null_ok: bool = False) -> None:
     """Raise ValueError unless labels fit the model's classes (and, given n, are one per image of n);
@@ -121,30 +101,11 @@ def check_labels(labels: torch.Tensor | None, num_classes: int | None, n: int | 
         raise ValueError(f"label {int(bad[0])} is out of range: this model knows classes 0-{num_classes - 1}")
 
 
-@torch.no_grad()
-def flow_batches(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, solver: str, steps: int,
-                 guidance: float, backwards: bool = False, batch_size: int = 256, rtol: float = 1e-3,
-                 atol: float = 1e-3, states: bool = False) -> tuple[torch.Tensor, int]:
-    """The one batched driver: noise x (N, C, H, W) to images in [-1, 1], or with backwards images to their noise
-    (flow.integrate), batch by batch on the model's device; returns (results on the CPU, NFE per image
-    averaged over batches: adaptive dopri5 varies, fixed-step solvers do not); states: each path on the solver's grid
-    (flow.integrate)."""
-    device, out, nfes = next(model.parameters()).device, [], []
-    for i in progress(range(0, len(x), batch_size), "inverting" if backwards else "sampling"):
-        y = labels[i:i + batch_size].to(device) if labels is not None else None
-        result, nfe = integrate(model, x[i:i + batch_size].to(device), y, solver, steps, guidance, rtol, atol,
-                                backwards, states)
-        out.append(result.cpu())
-        nfes.append(nfe)
-    return torch.cat(out), round(sum(nfes) / len(nfes))
-
-
-def sample_model(model: nn.Module, n: int, labels: torch.Tensor | None = None, solver: str = DEFAULT_SOLVER,
-                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int | None = 0,
-                 batch_size: int = 256, rtol: float = 1e-3, atol: float = 1e-3) -> Samples:
+def sample_model(model: nn.Module, n: int, labels: torch.Tensor | None = None, sampler: Sampler = Sampler(),
+                 seed: int | None = 0, batch_size: int = 256) -> Samples:
     """Draw n images on the model's device; conditional models without labels cycle through the classes; seed None
     is random."""
-    check_request(n, batch_size, solver, steps, guidance)
+    check_request(n, batch_size)
     keep_freed_memory()  # here, not only in the scripts: a notebook's sampling gets it too
     cfg = model.config
     if labels is None and cfg.num_classes is not None:
@@ -153,8 +114,8 @@ def sample_model(model: nn.Module, n: int, labels: torch.Tensor | None = None, s
     seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
     noise = make_noise(n, (cfg.in_channels, cfg.image_size, cfg.image_size), seed, "cpu")
     start = time.perf_counter()
-    x, nfe = flow_batches(model, noise, labels, solver, steps, guidance, batch_size=batch_size, rtol=rtol, atol=atol)
-    return Samples((x + 1) / 2, labels, nfe, time.perf_counter() - start, solver, steps, guidance)
+    x, nfe = flow_batches(model, noise, labels, sampler, batch_size=batch_size)
+    return Samples((x + 1) / 2, labels, nfe, time.perf_counter() - start, sampler)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None,
@@ -199,18 +160,15 @@ def grid_request(num_classes: int | None) -> tuple[int, torch.Tensor | None]:
     return len(labels), labels
 
 
-def grid_forwards(num_classes: int | None, sampler: tuple[str, int, float]) -> int:
-    """Network evaluations of one sample grid drawn with sampler (solver, steps, guidance)."""
-    solver, steps, guidance = sampler
-    passes = 2 if num_classes is not None and guidance != 1 else 1  # guided: conditional + unconditional
-    return grid_request(num_classes)[0] * steps * NFE_PER_STEP.get(solver, 6) * passes  # dopri5: ~6 a step
+def grid_forwards(num_classes: int | None, sampler: Sampler) -> int:
+    """Network evaluations of one sample grid drawn with sampler."""
+    return grid_request(num_classes)[0] * sampler.planned_nfe(num_classes is not None)
 
 
-def draw_grid(model: ConditionalUNet, path: Path, sampler: tuple[str, int, float], class_names: list[str] | None
-              ) -> Path:
+def draw_grid(model: ConditionalUNet, path: Path, sampler: Sampler, class_names: list[str] | None) -> Path:
     """A training run's sample grid at path: one row per class (up to 10), or 64 images, drawn with sampler."""
     n, labels = grid_request(model.config.num_classes)
-    samples = sample_model(model, n, labels, *sampler, seed=0)
+    samples = sample_model(model, n, labels, sampler, seed=0)
     return save_grid(samples.images, path, samples.labels, class_names)
 
 
@@ -220,9 +178,7 @@ class Loaded:
 
     model: ConditionalUNet
     ckpt: dict
-    solver: str
-    steps: int
-    guidance: float
+    sampler: Sampler
 
 
 def load_for_sampling(checkpoint: str | Path | dict, solver: str | None = None, steps: int | None = None,
@@ -231,14 +187,14 @@ def load_for_sampling(checkpoint: str | Path | dict, solver: str | None = None, 
     """Read a checkpoint (or take the dict load_checkpoint gave), resolve its sampler and build its model.
 
     The one path from a file to a model that samples: solver, steps and guidance left at None take what the
-    checkpoint records (recommended_sampler); guidance is refused where training never taught the null label.
+    checkpoint records (Sampler.recorded); guidance is refused where training never taught the null label.
     """
+    Sampler.recorded(None, solver, steps, guidance)  # the caller's choices refused before the file is read
     device = resolve_device(device)
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
-    solver, steps, guidance = recommended_sampler(ckpt, solver, steps, guidance)
-    check_request(1, 1, solver, steps, guidance)
-    check_guidance(ckpt, guidance)
-    return Loaded(model_from_checkpoint(ckpt, use_ema).to(device), ckpt, solver, steps, guidance)
+    sampler = Sampler.recorded(ckpt.get("sampler"), solver, steps, guidance)
+    check_guidance(ckpt, sampler.guidance)
+    return Loaded(model_from_checkpoint(ckpt, use_ema).to(device), ckpt, sampler)
 
 
 def label_tensor(labels: Sequence[int | str] | torch.Tensor, class_names: list[str] | None) -> torch.Tensor:
@@ -280,12 +236,12 @@ def sample_from_checkpoint(checkpoint_path: str | Path | dict, out_path: str | P
     draw, use load_for_sampling and sample_model.
     """
     n = len(labels) if labels is not None else batch_size
-    check_request(n, batch_size, *recommended_sampler({}, solver, steps, guidance))
+    check_request(n, batch_size)
     loaded = load_for_sampling(checkpoint_path, solver, steps, guidance, device, use_ema)
     class_names = loaded.ckpt.get("class_names")
     if labels is not None:
         labels = label_tensor(labels, class_names)
-    samples = sample_model(loaded.model, n, labels, loaded.solver, loaded.steps, loaded.guidance, seed, batch_size)
+    samples = sample_model(loaded.model, n, labels, loaded.sampler, seed, batch_size)
     if out_path is not None:
         save_grid(samples.images, out_path, samples.labels, class_names)
     return samples.images

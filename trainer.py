@@ -15,21 +15,24 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from budget import Horizon, learning_rate
 from checkpoint import check_resume, load_checkpoint, load_ema_weights, publish, restore, save_checkpoint
 from config import TrainConfig, check_outputs, check_train_config, objective_model_config, output_path
 from data import ShardedSampler
-from device import (Runtime, StopRequest, global_mean, ignore_sigint, keep_freed_memory, launched_ranks, live_bars,
-                    setup_runtime)
+from cpu import keep_freed_memory
+from device import Runtime, StopRequest, global_mean, ignore_sigint, launched_ranks, setup_runtime
 from ema import EMA
-from flow import (MeanFlowConfig, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
-                  validation_sums)
+from flow import (MeanFlowConfig, can_guide, curriculum_alpha, flow_matching_loss, grid_map_loss, interpolate,
+                  mean_flow_loss)
+from progress import live_bars
 from runlog import RunLog, check_finite, plot_losses
-from sampling import can_guide, draw_grid, grid_forwards, recommended_sampler
+from sampling import draw_grid, grid_forwards
+from solvers import Sampler, make_noise
 from unet import ConditionalUNet, UNetConfig
 
 VAL_NOISE_START = 1234  # validation item i uses noise sample VAL_NOISE_START + i of seed 0: a fixed validation loss
@@ -77,13 +80,22 @@ def setup(cfg: TrainConfig, model_cfg: UNetConfig) -> tuple[Runtime, Parts]:
     return rt, build(cfg, model_cfg, rt)
 
 
-def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor | None, step: int,
-               lr: float | None = None, x0: torch.Tensor | None = None, meanflow: MeanFlowConfig | None = None,
-               alpha: float = 0.0, path: torch.Tensor | None = None) -> torch.Tensor:
-    """One optimizer step on a batch on the device (x: (B, C, H, W) in [-1, 1]; x0: reflow pairs' noise, or None
-    for fresh noise; alpha: meanflow's α-Flow step; path: pairs' states on the parent's grid, which meanflow then
-    regresses on); returns the loss."""
-    rt = parts.rt
+class Batch(NamedTuple):
+    """A training batch on the device: images x (B, C, H, W) in [-1, 1] and labels y (B,) or None; for reflow pairs
+    also the noise x0 each image was drawn from, and with `pairs --states` its path on the parent's grid
+    (B, K + 1, C, H, W), which meanflow then regresses on."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    x0: torch.Tensor | None = None
+    path: torch.Tensor | None = None
+
+
+def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: float | None = None,
+               meanflow: MeanFlowConfig | None = None, alpha: float = 0.0) -> torch.Tensor:
+    """One optimizer step on a batch (meanflow: its config as the run resolved it; alpha: its α-Flow step); returns
+    the loss."""
+    rt, (x, y, x0, path) = parts.rt, batch
     torch.manual_seed(step_seed(cfg.seed, rt.rank, step))
     if rt.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -91,17 +103,15 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
     for group in parts.optimizer.param_groups:
         group["lr"] = cfg.lr if lr is None else lr
-    num_classes = parts.model.config.num_classes
     with rt.autocast():
         if cfg.objective == "meanflow" and path is not None:
             loss = grid_map_loss(parts.net, path, y)
         elif cfg.objective == "meanflow":  # the target runs on the plain module, the loss through parts.net
-            meanflow = meanflow or MeanFlowConfig()
-            loss = mean_flow_loss(parts.net, x, y, meanflow, num_classes=num_classes, label_dropout=cfg.label_dropout,
-                                  guidance=meanflow.guidance(can_guide(num_classes, cfg.label_dropout)), x0=x0,
+            loss = mean_flow_loss(parts.net, x, y, meanflow or MeanFlowConfig(), label_dropout=cfg.label_dropout, x0=x0,
                                   plain=parts.model, alpha=alpha)
         else:
-            loss = flow_matching_loss(parts.net, x, y, num_classes, cfg.label_dropout, cfg.t_schedule, x0, cfg.t_grid)
+            loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout,
+                                      cfg.t_schedule, x0, cfg.t_grid)
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
@@ -113,12 +123,23 @@ def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor 
     return loss.detach()
 
 
+@torch.no_grad()
 def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int, t_points: int,
                     conditional: bool) -> float:
-    """Mean flow-matching loss on held-out data with fixed noise and t grid (flow.validation_sums): comparable across
-    epochs, batch sizes and numbers of processes, each rank taking a contiguous share."""
+    """Mean flow-matching loss on held-out data (items (x1, y), or reflow pairs (x1, y, x0)) at a fixed grid of t_points
+    times; item i's noise is sample VAL_NOISE_START + i of seed 0 (pairs bring their own), so the loss compares across
+    epochs, batch sizes and numbers of processes, each rank taking a contiguous share (sums in fp64)."""
     start, stop = len(data) * rt.rank // rt.world, len(data) * (rt.rank + 1) // rt.world
-    sums = validation_sums(model, data, start, stop, batch_size, t_points, conditional, rt.device, VAL_NOISE_START)
+    ts, sums = (torch.arange(t_points) + 0.5) / t_points, torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for first in range(start, stop, batch_size):
+        idx = range(first, min(first + batch_size, stop))
+        x, y, *pair = default_collate([data[i] for i in idx])
+        x, y = x.to(rt.device), y.to(rt.device) if conditional else None
+        noise = None if pair else make_noise(len(idx), (t_points, *x.shape[1:]), 0, rt.device, VAL_NOISE_START + first)
+        for k, t in enumerate(ts):
+            x0, tb = pair[0].to(rt.device) if pair else noise[:, k], t.expand(len(x)).to(rt.device)
+            sums[0] += F.mse_loss(model(interpolate(x0, x, tb), tb, y), x - x0, reduction="sum").double()
+            sums[1] += x.numel()
     if rt.ddp:
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
@@ -133,11 +154,12 @@ class Run:
     meanflow: MeanFlowConfig | None
     rt: Runtime
     parts: Parts
-    sampler: ShardedSampler
+    order: ShardedSampler  # which images each step of each epoch takes, on this rank
     loader: DataLoader
     val_set: Dataset | None
     horizon: Horizon
     extra: dict  # kind, sampler, lineage, class names: what the script that trains records in every checkpoint
+    sampler: Sampler  # what the epoch ends' sample grids are drawn with: the one extra["sampler"] records
 
     def say(self, text: str) -> None:
         """A line on rank 0, above the progress bar."""
@@ -159,16 +181,16 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
         meanflow = replace(meanflow, mf_guidance=meanflow.guidance(guided))  # resolved once: checkpoints record it
     rt, parts = setup(cfg, model_cfg)
     per_rank = cfg.batch_size // rt.world
-    sampler = ShardedSampler(len(train_set), per_rank, cfg.seed, rt.rank, rt.world)
-    if sampler.batches == 0:
+    order = ShardedSampler(len(train_set), per_rank, cfg.seed, rt.rank, rt.world)
+    if order.batches == 0:
         raise ValueError(f"{len(train_set)} training images do not fill one batch of {per_rank} per process: "
                          "lower --batch-size")
-    loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
+    loader = DataLoader(train_set, batch_size=per_rank, sampler=order, drop_last=True, num_workers=cfg.num_workers,
                         pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                         worker_init_fn=ignore_sigint)
-    horizon = Horizon(cfg.epochs * sampler.batches, sampler.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
-    return Run(cfg, model_cfg, meanflow if cfg.objective == "meanflow" else None, rt, parts, sampler, loader, val_set,
-               horizon, extra)
+    horizon = Horizon(cfg.epochs * order.batches, order.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
+    return Run(cfg, model_cfg, meanflow if cfg.objective == "meanflow" else None, rt, parts, order, loader, val_set,
+               horizon, extra, Sampler.recorded(extra.get("sampler")))
 
 
 def resume(run: Run) -> tuple[int, float]:
@@ -184,11 +206,11 @@ def resume(run: Run) -> tuple[int, float]:
         return 0, math.inf
     ckpt = load_checkpoint(path, map_location=run.rt.device)
     run.extra["lineage"] = run.extra.get("lineage") or ckpt.get("lineage")  # a resumed conversion keeps its parent
-    check_resume(ckpt, run.model_cfg, cfg.batch_size, run.sampler.batches, run.rt.world, path)
+    check_resume(ckpt, run.model_cfg, cfg.batch_size, run.order.batches, run.rt.world, path)
     restore(ckpt, parts.model, parts.ema, parts.optimizer, parts.scaler)
     if run.horizon.restore(ckpt):  # finish the run as it was planned, not a new budget
         run.say(f"time budget: keeping the resumed run's end at step {run.horizon.schedule}")
-    step, batches = ckpt["step"], run.sampler.batches
+    step, batches = ckpt["step"], run.order.batches
     run.say(f"resumed from {path} at step {step} (epoch {step // batches}, {step % batches} steps into the next)")
     return step, ckpt.get("best_val_loss", math.inf)
 
@@ -196,8 +218,8 @@ def resume(run: Run) -> tuple[int, float]:
 def checkpoint_state(run: Run, step: int, loss: float, val: float | None, best_val: float) -> dict:
     """The checkpoint dict: enough to resume exactly and to sample."""
     p, configs = run.parts, {**asdict(run.cfg), **(asdict(run.meanflow) if run.meanflow else {})}
-    return {"epoch": math.ceil(step / run.sampler.batches), "step": step, "loss": loss, "val_loss": val,
-            "best_val_loss": best_val, "steps_per_epoch": run.sampler.batches, "world_size": run.rt.world,
+    return {"epoch": math.ceil(step / run.order.batches), "step": step, "loss": loss, "val_loss": val,
+            "best_val_loss": best_val, "steps_per_epoch": run.order.batches, "world_size": run.rt.world,
             **run.horizon.state(), "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
             "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
             "model_config": asdict(run.model_cfg), "train_config": configs, **run.extra}
@@ -211,7 +233,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: 
     run = prepare(cfg, model_cfg, train_set, val_set, {**(extra or {}), "class_names": class_names}, meanflow)
     # resume: weights, optimizer, step and the planned end of an earlier run
     step, best_val = resume(run)
-    run.horizon.start(grid_forwards(run.model_cfg.num_classes, recommended_sampler(run.extra))
+    run.horizon.start(grid_forwards(run.model_cfg.num_classes, run.sampler)
                       + (len(val_set) * cfg.val_t_points // run.rt.world if val_set is not None else 0),
                       cfg.batch_size // run.rt.world, fit_early=not run.rt.ddp)
     log = open_log(run, step if cfg.resume else None)
@@ -237,7 +259,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: 
         if run.rt.ddp:
             dist.destroy_process_group()
     best_path, last = output_path(cfg.out, cfg), Path(cfg.out_dir) / "last.pth"
-    return {"step": step, "epoch": step // run.sampler.batches, "loss": loss, "best_val_loss": best_val,
+    return {"step": step, "epoch": step // run.order.batches, "loss": loss, "best_val_loss": best_val,
             "checkpoint": str(best_path) if best_path.is_file() else None, "elapsed_s": time.perf_counter() - start,
             "files": [str(p) for p in (best_path, last) if run.rt.main and p.is_file()],
             "model": run.parts.model, "ema": run.parts.ema.model}
@@ -248,8 +270,8 @@ def open_log(run: Run, resumed: int | None) -> RunLog | None:
     cfg, rt, parts = run.cfg, run.rt, run.parts
     n_params = sum(p.numel() for p in parts.model.parameters())
     budgeted = run.horizon.clock is not None
-    run.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {run.sampler.size} images, "
-            f"{run.sampler.batches} steps/epoch, batch {cfg.batch_size}, "
+    run.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {run.order.size} images, "
+            f"{run.order.batches} steps/epoch, batch {cfg.batch_size}, "
             f"{f'for {cfg.time_budget:g} min' if budgeted and cfg.time_budget else f'until step {run.horizon.total}'}"
             f"{f' (at most {cfg.time_limit:g} min)' if budgeted and cfg.time_limit else ''}; autocast {rt.amp}, "
             f"{'channels_last' if rt.channels_last else 'NCHW'}, lr {cfg.lr:g} {cfg.lr_schedule}")
@@ -272,8 +294,8 @@ class Epoch(NamedTuple):
 def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: StopRequest) -> Epoch:
     """Optimizer steps from `step` to the epoch's end, or to an early stop."""
     cfg, rt, parts, horizon = run.cfg, run.rt, run.parts, run.horizon
-    first, epoch, conditional = step, step // run.sampler.batches, run.model_cfg.num_classes is not None
-    run.sampler.set_epoch(epoch, step - epoch * run.sampler.batches)
+    first, epoch, conditional = step, step // run.order.batches, run.model_cfg.num_classes is not None
+    run.order.set_epoch(epoch, step - epoch * run.order.batches)
     parts.net.train()
     loss_sum, window_start, window_sum = torch.zeros((), device=rt.device), step, 0.0
     first_bad = torch.full((), -1, device=rt.device)  # the first step whose loss was not finite, kept on the device
@@ -284,14 +306,15 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{horizon.epochs()}", disable=not live, leave=False,
                dynamic_ncols=True)
     for x, y, *pair in bar:
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True) if conditional else None
-        x0, path = ([p.to(rt.device, non_blocking=True) for p in pair] + [None, None])[:2]  # pairs' noise, their paths
+        batch = Batch(*(t.to(rt.device, non_blocking=True) if t is not None else None
+                        for t in (x, y if conditional else None, *pair)))  # pairs: their noise, and their paths
         lr, alpha = learning_rate(cfg, step, horizon.schedule), curriculum_alpha(step / horizon.schedule, curriculum)
-        loss = train_step(parts, cfg, x, y, step, lr, x0, run.meanflow, alpha, path)
+        loss = train_step(parts, cfg, batch, step, lr, run.meanflow, alpha)
         first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, step + 1)
         loss_sum += loss
         step += 1
-        if step % cfg.log_every == 0:  # a host sync; besides it, only DDP's per-step stop check syncs
+        log_step = step % cfg.log_every == 0
+        if log_step:  # the loop's one host sync (and, under DDP, its collectives: the loss, the stop check)
             total = global_mean(loss_sum, rt)
             check_finite(total, first_bad, window_start, step, run.cfg.out_dir)
             mean, window_start, window_sum = (total - window_sum) / (step - window_start), step, total
@@ -301,12 +324,12 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
             if log:
                 log.write({"kind": "step", "step": step, "epoch": epoch, "loss": mean, "lr": lr,
                            **({"mf_alpha": alpha} if curriculum else {})})
-        at_epoch_end = step % run.sampler.batches == 0
-        if horizon.step_ended(step, at_epoch_end, step % cfg.log_every == 0, rt, run.say):
+        at_epoch_end = step % run.order.batches == 0
+        if horizon.step_ended(step, at_epoch_end, log_step, rt, run.say):
             bar.set_description(f"epoch {epoch + 1}/{horizon.epochs()}", refresh=False)
         if at_epoch_end or step == horizon.schedule:
             break  # the epoch's last step, or the run's (--time-budget): the epoch end saves
-        if stop.agreed(rt) or step >= horizon.total:
+        if stop.agreed(rt, log_step) or step >= horizon.total:
             bar.close()
             loss = global_mean(loss_sum, rt) / (step - first)
             check_finite(loss, first_bad, first, step, run.cfg.out_dir)
@@ -328,7 +351,7 @@ def save_last(run: Run, step: int, loss: float, best_val: float, reason: str) ->
     if run.rt.main:
         path = Path(run.cfg.out_dir) / "last.pth"
         save_checkpoint(path, checkpoint_state(run, step, loss, None, best_val))
-        run.say(f"{reason} at step {step}, inside epoch {step // run.sampler.batches + 1}: saved {path}; "
+        run.say(f"{reason} at step {step}, inside epoch {step // run.order.batches + 1}: saved {path}; "
                 "continue with --resume auto")
 
 
@@ -342,7 +365,7 @@ def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start
     improved = (val if val is not None else loss) < best_val
     best_val = (val if val is not None else loss) if improved else best_val
     if rt.main:
-        number, out_dir = math.ceil(step / run.sampler.batches), Path(cfg.out_dir)
+        number, out_dir = math.ceil(step / run.order.batches), Path(cfg.out_dir)
         record = {"kind": "epoch", "epoch": number, "step": step, "loss": loss, "val_loss": val,
                   "images_per_s": epoch.steps * cfg.batch_size / epoch.seconds, "epoch_s": epoch.seconds,
                   "elapsed_s": time.perf_counter() - start, "lr": run.parts.optimizer.param_groups[0]["lr"]}
@@ -355,7 +378,7 @@ def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start
         if cfg.keep_last:
             (out_dir / f"epoch_{number - cfg.keep_last}.pth").unlink(missing_ok=True)
         grid = draw_grid(ema.model, output_path(cfg.sample_dir, cfg) / f"epoch_{number}.png",
-                         recommended_sampler(run.extra), run.extra["class_names"])
+                         run.sampler, run.extra["class_names"])
         log.image("samples", grid, step)
         plot_losses(out_dir / "log.jsonl", out_dir / "loss.png")
         val_text = f"val {val:.4f}{' (best)' if improved else ''}  " if val is not None else ""

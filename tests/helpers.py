@@ -11,6 +11,8 @@ from checkpoint import save_checkpoint
 from data import TensorImages
 from ema import EMA
 from config import TrainConfig
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from unet import ConditionalUNet, UNetConfig
 
 TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
@@ -88,3 +90,22 @@ def ctrl_c_at_step(step: int):
         yield
     finally:
         trainer.EMA.update = original
+
+
+class Field(torch.nn.Module):
+    """A closed-form (average) velocity f(x, t, y, t_end) as a model, with the config that the losses read."""
+
+    def __init__(self, f, num_classes: int | None = None):
+        super().__init__()
+        self.f, self.config = f, UNetConfig(num_classes=num_classes)
+
+    def forward(self, x, t, y=None, t_end=None):
+        return self.f(x, t, y, t_end)
+
+
+def total_derivative(model, x, t, t_end, y, v):
+    """(u, du/dt) at x (B, C, H, W), t, t_end (B,): u = model(x, t, y, t_end) and its derivative along dx/dt = v with
+    t_end fixed, d/dt u = v·∂_x u + ∂_t u, by one forward-mode JVP with tangent (v, 1) in (x, t): the paper's
+    derivative, the oracle that flow.difference_derivative is checked against."""
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels (CPU flash, CUDA) have no forward-mode AD
+        return torch.func.jvp(lambda x, t: model(x, t, y, t_end), (x, t), (v, torch.ones_like(t)))

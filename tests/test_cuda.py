@@ -77,7 +77,7 @@ def test_ddp_over_nccl_with_one_process(tmp_path):
 
 def test_sampling_on_the_gpu_matches_the_cpu(tmp_path):
     run(tmp_path)
-    gpu = sample_model(load_for_sampling(tmp_path / "best.pth", steps=4, device="cuda").model, 6, steps=4, seed=3)
-    cpu = sample_model(load_for_sampling(tmp_path / "best.pth", steps=4, device="cpu").model, 6, steps=4, seed=3)
+    gpu = sample_model(load_for_sampling(tmp_path / "best.pth", steps=4, device="cuda").model, 6, seed=3)
+    cpu = sample_model(load_for_sampling(tmp_path / "best.pth", steps=4, device="cpu").model, 6, seed=3)
     assert gpu.images.shape == (6, 1, 8, 8) and gpu.nfe == 8
     torch.testing.assert_close(gpu.images, cpu.images, rtol=0, atol=2e-3)  # the same noise: the same images

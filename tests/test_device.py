@@ -41,14 +41,15 @@ def test_a_gpu_index_beyond_the_visible_ones_is_refused(monkeypatch):
 FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from device import keep_freed_memory
+    from cpu import keep_freed_memory
     keep_freed_memory()
 elif sys.argv[1] == "library":  # what a notebook does: import the library and sample, no script's main()
     from sampling import sample_model
+    from solvers import Sampler
     from unet import ConditionalUNet, UNetConfig
     cfg = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                     attention_resolutions=(4,), num_classes=None)
-    sample_model(ConditionalUNet(cfg).eval(), 1, steps=1)
+    sample_model(ConditionalUNet(cfg).eval(), 1, sampler=Sampler(steps=1))
 for _ in range(20):  # a 64 MB tensor, allocated and freed: page faults of each round
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(2**24).sum()

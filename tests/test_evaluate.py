@@ -13,6 +13,7 @@ from evaluate import (MnistClassifier, frechet_distance, frechet_from_stats, loa
                       tensors, train_classifier)
 from helpers import TINY_MNIST, tiny_checkpoint
 from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_model
+from solvers import Sampler
 from unet import ConditionalUNet
 
 
@@ -141,7 +142,7 @@ def test_benchmark_fewstep_compares_models_at_equal_nfe_and_their_own_sampler(cl
                                "sampler": {"solver": "euler", "steps": 1, "guidance": 1.0}})
     meanflow = tmp_path / "mf.pth"
     tiny_checkpoint(meanflow, replace(TINY_MNIST, average_velocity=True))
-    save_checkpoint(meanflow, {**load_checkpoint(meanflow), "kind": "meanflow", "sampler": dict(MEANFLOW_SAMPLER)})
+    save_checkpoint(meanflow, {**load_checkpoint(meanflow), "kind": "meanflow", "sampler": MEANFLOW_SAMPLER.record()})
     rows = benchmark.main(["fewstep", "--checkpoints", f"{tiny_mnist_checkpoint},{one_step},{meanflow}",
                            "--classifier", str(clf), "--data-root", str(root), "--n", "20", "--nfe", "1,2",
                            "--n-straightness", "10", "--guided", "1.5", "--minutes", "5,15,10", "--device", "cpu",
@@ -206,7 +207,7 @@ def test_the_reference_and_floor_are_disjoint_class_balanced_random_test_digits(
     monkeypatch.setattr(evaluate, "predict", lambda clf, images: (seen.append(images), predict(clf, images))[1])
     torch.manual_seed(0)
     model, real = ConditionalUNet(TINY_MNIST).eval(), indexed_digits(400)
-    result = mnist_quality(model, MnistClassifier(), real, 100, solver="euler", steps=1)
+    result = mnist_quality(model, MnistClassifier(), real, 100, Sampler("euler", 1))
     generated, reference, floor = seen
     index = lambda images: ((images[:, 0, 0, 0] + 1) * 127.5).round().long() * 256 + (  # noqa: E731
         (images[:, 0, 0, 1] + 1) * 127.5).round().long()
@@ -242,7 +243,7 @@ def test_committed_models_draw_the_digits_their_cards_say(classifier, name):
     card = json.loads((folder / "flow_config.json").read_text())["metrics"]
     loaded = load_for_sampling(folder)
     labels = torch.arange(300) % 10
-    samples = sample_model(loaded.model, 300, labels, loaded.solver, loaded.steps, loaded.guidance, seed=1)
+    samples = sample_model(loaded.model, 300, labels, loaded.sampler, seed=1)
     preds, _ = predict(load_classifier(clf)[0], samples.images * 2 - 1)
     # the card's figure is by a 99.2% classifier at N = 4,000; this one is weaker (1 epoch) and N smaller
     accuracy = (preds == labels).float().mean().item()

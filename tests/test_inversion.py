@@ -5,9 +5,9 @@ import torch
 import editing
 from checkpoint import load_checkpoint, model_from_checkpoint
 from editing import class_swap, gaussianity, interpolate, invert_from_checkpoint, invert_model, psnr, regenerate, slerp
-from flow import integrate
 from helpers import TINY, TINY_MNIST, blobs, tiny_checkpoint, tiny_config
-from sampling import DEFAULT_SOLVER, DEFAULT_STEPS, MEANFLOW_SAMPLER
+from sampling import MEANFLOW_SAMPLER
+from solvers import Sampler, integrate
 from trainer import train
 from unet import ConditionalUNet, UNetConfig
 
@@ -26,8 +26,8 @@ def trained(tmp_path_factory):
 def test_invert_then_generate_returns_the_image_with_dopri5(trained):
     _, model, images, labels = trained
     images, labels = images[:4], labels[:4]
-    noise = invert_model(model, images, labels, "dopri5", 1, rtol=1e-6, atol=1e-6).noise
-    back = regenerate(model, noise, labels, "dopri5", 1, 1.0, rtol=1e-6, atol=1e-6)
+    noise = invert_model(model, images, labels, Sampler("dopri5", 1, 1.0, 1e-6, 1e-6)).noise
+    back = regenerate(model, noise, labels, Sampler("dopri5", 1, 1.0, 1e-6, 1e-6))
     assert (back - images).abs().max() < 1e-3
     assert not torch.allclose(noise, images * 2 - 1, atol=0.1)  # the noise is somewhere else entirely
 
@@ -36,8 +36,8 @@ def test_reconstruction_error_falls_with_steps(trained):
     _, model, images, labels = trained
     errors = []
     for steps in (1, 2, 4, 8, 16):
-        noise = invert_model(model, images, labels, "euler", steps).noise
-        errors.append((regenerate(model, noise, labels, "euler", steps, 1.0) - images).square().mean().item())
+        noise = invert_model(model, images, labels, Sampler("euler", steps)).noise
+        errors.append((regenerate(model, noise, labels, Sampler("euler", steps)) - images).square().mean().item())
     assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < errors[0] / 8
 
@@ -46,11 +46,11 @@ def test_invert_from_checkpoint_takes_the_recorded_sampler(trained):
     path, model, images, labels = trained
     ckpt = load_checkpoint(path)
     ckpt["sampler"] = {"solver": "euler", "steps": 3, "guidance": 1.5}
-    expected = invert_model(model, images, labels, "euler", 3, 1.5).noise
+    expected = invert_model(model, images, labels, Sampler("euler", 3, 1.5)).noise
     assert torch.equal(invert_from_checkpoint(ckpt, images, labels), expected)
     # a one-jump meanflow sampler runs forwards only: inversion takes the default ODE solver on u(x, t, t) = v
-    ckpt["sampler"] = MEANFLOW_SAMPLER
-    expected = invert_model(model, images, labels, DEFAULT_SOLVER, DEFAULT_STEPS, 1.0).noise
+    ckpt["sampler"] = MEANFLOW_SAMPLER.record()
+    expected = invert_model(model, images, labels, Sampler()).noise
     assert torch.equal(invert_from_checkpoint(ckpt, images, labels), expected)
     assert not torch.equal(invert_from_checkpoint(ckpt, images, labels, use_ema=False), expected)
 
@@ -58,7 +58,7 @@ def test_invert_from_checkpoint_takes_the_recorded_sampler(trained):
 def test_class_swap_to_the_own_class_is_the_reconstruction(trained):
     _, model, images, labels = trained
     targets = torch.tensor([0, 1, 2])
-    swapped = class_swap(model, images, labels, targets, "dopri5", 1)
+    swapped = class_swap(model, images, labels, targets, Sampler("dopri5", 1))
     assert swapped.shape == (8, 3, 1, 8, 8)
     own = swapped[torch.arange(8), labels]
     assert (own - images).abs().max() < 0.02
@@ -82,7 +82,7 @@ def test_interpolation_starts_and_ends_at_the_two_images(trained):
     _, model, images, labels = trained
     same_class = torch.nonzero(labels == labels[0]).flatten()[:2]
     for pair in (same_class, torch.tensor([0, 1])):
-        frames = interpolate(model, images[pair], labels[pair], frames=6, solver="dopri5", steps=1)
+        frames = interpolate(model, images[pair], labels[pair], frames=6, sampler=Sampler("dopri5", 1))
         assert frames.shape == (6, 1, 8, 8)
         assert psnr(frames[[0, -1]], images[pair]).min() > 25
 
@@ -112,7 +112,7 @@ def test_bad_input_gets_one_line(trained):
     with pytest.raises(ValueError, match="give labels"):
         invert_model(model, images, None)
     with pytest.raises(ValueError, match="forwards only"):
-        integrate(model, images * 2 - 1, labels, "meanflow", 1, backwards=True)
+        integrate(model, images * 2 - 1, labels, Sampler("meanflow", 1), backwards=True)
     unconditional = ConditionalUNet(UNetConfig(**{**TINY.__dict__, "num_classes": None}))
     with pytest.raises(ValueError, match="unconditional"):
         invert_model(unconditional, images, labels)

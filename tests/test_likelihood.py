@@ -13,6 +13,7 @@ import torch
 import evaluate
 from helpers import TINY, TINY_MNIST, tiny_checkpoint
 from likelihood import bits_per_dim, dequantize, divergence, image_bits_per_dim, log_likelihood, rademacher
+from solvers import Sampler
 from unet import ConditionalUNet, UNetConfig
 
 D = 6
@@ -43,7 +44,7 @@ def test_exact_divergence_and_dopri5_give_the_gaussian_log_density(data64):
     mu, s, _, g = data64
     v, dist = gaussian_flow(mu, torch.eye(D, dtype=torch.float64), s)  # diagonal: x1 ~ N(mu, diag(s²))
     x = dist.sample((5,))
-    log_p, noise, nfe = log_likelihood(v, x, "dopri5", rtol=1e-8, atol=1e-8)
+    log_p, noise, nfe = log_likelihood(v, x, Sampler("dopri5", 1, 1.0, 1e-8, 1e-8))
     assert torch.allclose(log_p, dist.log_prob(x), atol=1e-6)
     # the noise is where the exact map sends x: componentwise (x - mu) / s
     assert torch.allclose(noise, (x - mu) / s, atol=1e-6)
@@ -55,8 +56,8 @@ def test_fixed_step_solvers_converge_to_it(data64, solver, steps, tol):
     mu, s, q, _ = data64
     v, dist = gaussian_flow(mu, q, s)
     x = dist.sample((4,))
-    coarse = (log_likelihood(v, x, solver, steps // 8)[0] - dist.log_prob(x)).abs().max()
-    fine = (log_likelihood(v, x, solver, steps)[0] - dist.log_prob(x)).abs().max()
+    coarse = (log_likelihood(v, x, Sampler(solver, steps // 8))[0] - dist.log_prob(x)).abs().max()
+    fine = (log_likelihood(v, x, Sampler(solver, steps))[0] - dist.log_prob(x)).abs().max()
     assert fine < tol and fine < coarse
 
 
@@ -65,7 +66,7 @@ def test_hutchinson_agrees_with_the_exact_log_density_in_expectation(data64):
     v, dist = gaussian_flow(mu, q, s)  # rotated: the Jacobian is not diagonal, so one probe has real variance
     x = dist.sample((1,)).repeat(2000, 1)  # one point, 2,000 independent single-probe estimates in one solve
     probes = rademacher(1, tuple(x.shape), seed=3, dtype=torch.float64)
-    log_p, _, _ = log_likelihood(v, x, "dopri5", rtol=1e-7, atol=1e-7, probes=probes)
+    log_p, _, _ = log_likelihood(v, x, Sampler("dopri5", 1, 1.0, 1e-7, 1e-7), probes)
     exact = dist.log_prob(x[:1])
     se = log_p.std() / len(log_p) ** 0.5
     assert log_p.std() > 0.05  # the estimator is noisy...
@@ -122,14 +123,14 @@ def test_image_bits_per_dim_runs_on_a_unet_and_refuses_bad_input():
     pixels = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 0])
     # an untrained U-Net's velocity is zero (zero-initialised output): the flow is the identity, log p the prior's
-    identity = image_bits_per_dim(model, pixels, labels, solver="euler", steps=2, divergence="exact")
+    identity = image_bits_per_dim(model, pixels, labels, Sampler("euler", 2), divergence="exact")
     z = dequantize(pixels, seed=0)
     prior = -0.5 * (z.flatten(1).square().sum(1) + 64 * math.log(2 * math.pi))
     assert identity["per_image"] == pytest.approx(bits_per_dim(prior, 64).tolist(), abs=1e-5)
     for p in model.parameters():
         p.data.add_(0.1 * torch.randn_like(p))
-    exact = image_bits_per_dim(model, pixels, labels, solver="euler", steps=4, divergence="exact")
-    many = image_bits_per_dim(model, pixels, labels, solver="euler", steps=4, probes=100)
+    exact = image_bits_per_dim(model, pixels, labels, Sampler("euler", 4), divergence="exact")
+    many = image_bits_per_dim(model, pixels, labels, Sampler("euler", 4), probes=100)
     assert len(exact["per_image"]) == 4 and exact["nfe"] == 4 and exact["probes"] == 0
     assert abs(exact["bpd"] - identity["bpd"]) > 0.05  # the flow now moves the points
     assert many["bpd"] == pytest.approx(exact["bpd"], abs=0.02)

@@ -12,9 +12,10 @@ import runlog
 import trainer
 from checkpoint import load_checkpoint
 from flow import (MeanFlowConfig, curriculum_alpha, difference_derivative, flow_matching_loss, interval_target,
-                  mean_flow_loss, total_derivative)
-from helpers import TINY, assert_same_weights, blobs, ctrl_c_at_step, tiny_config
+                  mean_flow_loss)
+from helpers import TINY, Field, assert_same_weights, blobs, ctrl_c_at_step, tiny_config, total_derivative
 from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_from_checkpoint, sample_model
+from solvers import Sampler
 from test_trainer import run_ddp_worker
 from config import run_kind
 from trainer import train
@@ -35,7 +36,7 @@ def mf_model(seed: int = 0) -> ConditionalUNet:
 
 def test_the_jvp_is_the_total_derivative_along_the_path():
     """du/dt = v·∂_x u + ∂_t u (t_end fixed) equals a central finite difference along (x + s·v, t + s), the one
-    --mf-derivative difference takes (fp64 here, so rounding stays out)."""
+    training's difference_derivative takes (fp64 here, so rounding stays out)."""
     model = mf_model()
     g = torch.Generator().manual_seed(1)
     x, v = (torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
@@ -114,10 +115,11 @@ class PointData(torch.nn.Module):
 def test_the_loss_is_zero_for_the_exact_average_velocity():
     """A wrong sign in the tangent or the identity would give du/dt != 0 here, and a positive loss."""
     c = torch.full((1, 1, 2, 2), 0.5)
-    x1, every = c.expand(64, -1, -1, -1), dict(num_classes=None, label_dropout=0.0)
+    x1, every = c.expand(64, -1, -1, -1), dict(label_dropout=0.0)
     # the difference quotient is exact up to fp32 rounding / h
-    assert mean_flow_loss(PointData(c), x1, None, MeanFlowConfig(mf_share=1.0, mf_weight_power=0), **every) < 1e-4
-    zero = lambda x, t, y, e=None: torch.zeros_like(x)  # noqa: E731
+    exact = Field(PointData(c))
+    assert mean_flow_loss(exact, x1, None, MeanFlowConfig(mf_share=1.0, mf_weight_power=0), **every) < 1e-4
+    zero = Field(lambda x, t, y, e=None: torch.zeros_like(x))
     assert mean_flow_loss(zero, x1, None, MeanFlowConfig(mf_share=1.0), **every) > 0.5
 
 
@@ -129,7 +131,7 @@ def test_where_t_end_equals_t_the_loss_is_flow_matching(monkeypatch):
     monkeypatch.setattr(flow, "mean_flow_times", lambda n, *a, **k: (t, t))
     monkeypatch.setattr(flow, "sample_t", lambda n, *a, **k: t)
     flow_matching_only = MeanFlowConfig(mf_share=0.0, mf_weight_power=0.0)
-    mf = mean_flow_loss(model, x1, y, flow_matching_only, num_classes=3, label_dropout=0.0, x0=x0)
+    mf = mean_flow_loss(model, x1, y, flow_matching_only, label_dropout=0.0, x0=x0)
     fm = flow_matching_loss(model, x1, y, 3, 0.0, x0=x0)
     assert mf.item() == pytest.approx(fm.item(), rel=1e-6)
 
@@ -197,28 +199,28 @@ def test_folded_guidance_mixes_the_unconditional_velocity_into_the_target(monkey
     x1, x0 = torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2)
     y = torch.tensor([0, 1, 2, 0])
     monkeypatch.setattr(flow, "drop_labels", lambda y, p, null_class: torch.tensor([0, 3, 2, 0]))
-    plain = MeanFlowConfig(mf_share=0.0, mf_weight_power=0.0)
-    loss = mean_flow_loss(model, x1, y, plain, num_classes=3, label_dropout=0.5, guidance=3.0, x0=x0)
+    plain = MeanFlowConfig(mf_share=0.0, mf_weight_power=0.0, mf_guidance=3.0)
+    loss = mean_flow_loss(Field(model, num_classes=3), x1, y, plain, label_dropout=0.5, x0=x0)
     # v = 0; labelled items: target 3·0 + (1 - 3)·2 = -4 against a prediction of 0; the dropped one: 0 against 2
     assert loss.item() == pytest.approx((3 * 16 + 4) / 4)
 
 
 def test_a_meanflow_run_records_its_one_step_sampler_and_samples_in_one_evaluation(tmp_path):
     cfg = tiny_config(tmp_path, objective="meanflow")
-    extra = {"kind": run_kind(cfg), "sampler": dict(MEANFLOW_SAMPLER)}
+    extra = {"kind": run_kind(cfg), "sampler": MEANFLOW_SAMPLER.record()}
     summary = train(cfg, TINY, blobs(), blobs(24, seed=1), extra=extra, meanflow=MeanFlowConfig(mf_share=0.5))
     ckpt = load_checkpoint(summary["checkpoint"])
     assert ckpt["kind"] == "meanflow" and ckpt["model_config"]["average_velocity"]
     loaded = load_for_sampling(ckpt)
-    assert (loaded.solver, loaded.steps, loaded.guidance) == ("meanflow", 1, 1.0)
-    samples = sample_model(loaded.model, 6, None, loaded.solver, loaded.steps, loaded.guidance)
+    assert loaded.sampler == Sampler("meanflow", 1, 1.0)
+    samples = sample_model(loaded.model, 6, None, loaded.sampler)
     assert samples.nfe == 1 and samples.images.shape == (6, 1, 8, 8)
     images = sample_from_checkpoint(summary["checkpoint"], batch_size=6, seed=0)
     assert torch.equal(images, samples.images)  # the recorded sampler, without being told
-    two = sample_model(loaded.model, 6, None, "meanflow", 2, 1.5)
+    two = sample_model(loaded.model, 6, None, Sampler("meanflow", 2, 1.5))
     assert two.nfe == 4  # two jumps, each guided: cond + uncond
     with pytest.raises(ValueError, match="solver meanflow jumps along average velocities"):
-        sample_model(ConditionalUNet(TINY), 2, None, "meanflow", 1)
+        sample_model(ConditionalUNet(TINY), 2, None, Sampler("meanflow", 1))
     with pytest.raises(ValueError, match="needs a model trained with --objective meanflow"):
         ConditionalUNet(TINY)(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1))
 

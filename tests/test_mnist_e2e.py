@@ -13,7 +13,7 @@ from PIL import Image
 import mnist_train
 from checkpoint import load_checkpoint
 from data import DataError, load_mnist
-from sampling import recommended_sampler
+from solvers import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--base-channels", "16", "--num-res-blocks", "1", "--attention-resolutions", "7", "--dropout", "0",
@@ -54,14 +54,14 @@ def test_training_loss_falls_and_outputs_are_written(trained):
     ckpt = load_checkpoint(tmp / "mnist.pth")
     assert ckpt["model_config"]["num_classes"] == 10 and ckpt["model_config"]["image_size"] == 28
     assert ckpt["train_config"]["batch_size"] == 32 and ckpt["preset"] == "cpu"
-    assert recommended_sampler(ckpt) == ("midpoint", 4, 1.1)  # what sample_from_checkpoint and evaluate.py use
+    assert Sampler.recorded(ckpt["sampler"]) == Sampler("midpoint", 4, 1.1)  # what every sampling path reads
 
 
 @pytest.mark.parametrize("classes,dropout,guidance", [(None, 0.1, 1.0), (10, 0.1, 1.1), (10, 0.0, 1.0)])
 def test_mnist_checkpoints_guide_only_where_the_null_label_was_trained(classes, dropout, guidance):
     model_cfg = replace(mnist_train.DEFAULTS[1], num_classes=classes)
     cfg = replace(mnist_train.DEFAULTS[0], label_dropout=dropout)
-    assert mnist_train.mnist_sampler(model_cfg, cfg) == {"solver": "midpoint", "steps": 4, "guidance": guidance}
+    assert mnist_train.mnist_sampler(model_cfg, cfg) == Sampler(guidance=guidance)
 
 
 def test_mnist_test_writes_a_labelled_grid(trained, tmp_path):
@@ -132,7 +132,7 @@ def test_guidance_with_an_unconditional_model_is_refused(tmp_path):
     train(tiny_config(tmp_path, epochs=1), replace(TINY, num_classes=None), blobs(), None)
     result = run("mnist_test.py", "--checkpoint", str(tmp_path / "best.pth"), "--device", "cpu", "--guidance", "2")
     assert result.returncode != 0 and "unconditional" in result.stderr and "Traceback" not in result.stderr
-    from flow import guided_velocity
+    from solvers import guided_velocity
     from checkpoint import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(tmp_path / "best.pth"))

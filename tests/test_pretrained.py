@@ -197,7 +197,7 @@ for name in ({str(tmp_path / "no" / "such")!r}, "user/repo"):
 def test_committed_models_load_and_sample_with_their_recorded_sampler(name, nfe):
     folder = checkpoint.PRETRAINED / name
     loaded = load_for_sampling(folder)
-    samples = sample_model(loaded.model, 20, torch.arange(20) % 10, loaded.solver, loaded.steps, loaded.guidance)
+    samples = sample_model(loaded.model, 20, torch.arange(20) % 10, loaded.sampler)
     assert samples.images.shape == (20, 1, 28, 28) and samples.nfe == nfe
     config = json.loads((folder / "flow_config.json").read_text())
     card = (folder / "README.md").read_text()

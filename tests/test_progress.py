@@ -6,6 +6,7 @@ import torch
 
 from helpers import TINY
 from sampling import sample_model
+from solvers import Sampler
 from unet import ConditionalUNet
 
 
@@ -22,6 +23,6 @@ def test_sampling_shows_a_bar_on_a_terminal_unless_asked_not_to(stderr, disable,
     if disable:
         monkeypatch.setenv("TQDM_DISABLE", disable)
     model = ConditionalUNet(TINY).eval()
-    images = sample_model(model, 6, torch.arange(6) % 3, "euler", 1, batch_size=6 // batches).images
+    images = sample_model(model, 6, torch.arange(6) % 3, Sampler("euler", 1), batch_size=6 // batches).images
     assert images.shape == (6, 1, 8, 8)
     assert (f"sampling:   0%|          | 0/{batches} " in err.getvalue()) == shown  # the bar as it opens

@@ -11,6 +11,7 @@ from checkpoint import load_checkpoint
 from flow import flow_matching_loss
 from helpers import tiny_checkpoint
 from sampling import load_for_sampling, sample_model
+from solvers import Sampler
 
 PAIR_FLAGS = ["--count", "96", "--shard-size", "32", "--solver", "euler", "--steps", "2", "--batch-size", "40",
               "--device", "cpu"]
@@ -41,7 +42,7 @@ def test_pairs_are_class_balanced_and_recorded(parent, tmp_path):
     y = torch.cat([s["y"] for s in shards.values()])
     assert torch.bincount(y).tolist() == [32, 32, 32]
     x0 = shards["shard_00001.pt"]["x0"]
-    from sampling import make_noise
+    from solvers import make_noise
 
     torch.testing.assert_close(x0.float(), make_noise(32, (1, 8, 8), 0, "cpu", start=32), atol=2e-3, rtol=1e-3)
     manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
@@ -133,7 +134,7 @@ def test_mnist_pipeline_pairs_reflow_distill_then_one_step_sampling(tmp_path, mn
     rf2 = load_checkpoint(tmp_path / "rf2" / "best.pth")
     assert rf2["kind"] == "2-rectified" and rf2["lineage"]["parent_sha256"] == reflow.sha256(parent)
     assert rf2["lineage"]["pairs"]["count"] == 160
-    assert rf2["sampler"] == {"solver": "euler", "steps": 2, "guidance": 1.0}
+    assert Sampler.recorded(rf2["sampler"]) == Sampler("euler", 2, 1.0)
     assert rf2["train_config"]["init_from"] == str(parent)
     reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), "--k", "1",
                  "--init-from", str(tmp_path / "rf2" / "best.pth"),
@@ -142,8 +143,8 @@ def test_mnist_pipeline_pairs_reflow_distill_then_one_step_sampling(tmp_path, mn
     assert d1["kind"] == "distilled-1" and d1["train_config"]["t_grid"] == 1
     assert d1["lineage"]["parent_sha256"] == reflow.sha256(tmp_path / "rf2" / "best.pth")
     loaded = load_for_sampling(tmp_path / "d1" / "best.pth", device="cpu")  # no sampler given
-    samples = sample_model(loaded.model, 10, None, loaded.solver, loaded.steps, loaded.guidance, seed=0)
-    assert (samples.solver, samples.steps, samples.nfe) == ("euler", 1, 1)
+    samples = sample_model(loaded.model, 10, None, loaded.sampler, seed=0)
+    assert (samples.sampler.solver, samples.sampler.steps, samples.nfe) == ("euler", 1, 1)
     assert samples.images.shape == (10, 1, 28, 28) and samples.images.std() > 0.05
 
 

@@ -8,7 +8,8 @@ import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
 from helpers import TINY, tiny_checkpoint
-from sampling import make_noise, sample_from_checkpoint, sample_model
+from sampling import sample_from_checkpoint, sample_model
+from solvers import Sampler, make_noise
 from unet import ConditionalUNet
 
 
@@ -24,7 +25,7 @@ def test_nfe_counts_network_evaluations_per_image(num_classes, guidance, nfe):
     torch.manual_seed(0)
     model = ConditionalUNet(replace(TINY, num_classes=num_classes)).eval()
     sizes = images_through(model)
-    samples = sample_model(model, 3, solver="midpoint", steps=4, guidance=guidance, batch_size=3)
+    samples = sample_model(model, 3, sampler=Sampler("midpoint", 4, guidance), batch_size=3)
     assert samples.nfe == nfe
     assert sum(sizes) == 3 * nfe  # what the network really ran: a guided call is a double batch
 

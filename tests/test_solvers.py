@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from flow import guided_velocity
-from solvers import FIXED_STEP, SOLVERS, solve
+from solvers import FIXED_STEP, SOLVERS, guided_velocity, solve
 
 NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "meanflow": 1}
 

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
+import cpu
 import device
 from device import Runtime, resolve_amp, resolve_channels_last
 from helpers import TINY, tiny_config
-from trainer import build, check_train_config, train_step
+from trainer import Batch, build, check_train_config, train_step
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
@@ -32,16 +33,16 @@ def test_auto_follows_the_cpu_class(monkeypatch, isa, native_bf16, expected):
 
 @pytest.mark.parametrize("flag", ["_is_amx_tile_supported", "_is_avx512_bf16_supported"])
 def test_an_isa_cap_turns_hardware_bf16_off(monkeypatch, flag):
-    for name in device.ISA_CAPS:
+    for name in cpu.ISA_CAPS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flag == "_is_amx_tile_supported", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flag == "_is_avx512_bf16_supported",
                         raising=False)
-    assert device.cpu_native_bf16() and resolve_amp("auto", CPU) == "bf16"
+    assert cpu.cpu_native_bf16() and resolve_amp("auto", CPU) == "bf16"
     # a machine capped to AVX2 stands in for one without hardware bf16: emulated bf16 would be ~18x slower
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert device.isa_caps() == "ONEDNN_MAX_CPU_ISA=AVX2"
-    assert not device.cpu_native_bf16() and not device.cpu_has_amx() and resolve_amp("auto", CPU) == "none"
+    assert cpu.isa_caps() == "ONEDNN_MAX_CPU_ISA=AVX2"
+    assert not cpu.cpu_native_bf16() and not cpu.cpu_has_amx() and resolve_amp("auto", CPU) == "none"
 
 
 def test_explicit_choices_on_the_cpu(monkeypatch):
@@ -58,7 +59,7 @@ def test_mps_runs_fp32_nchw_unless_asked():
 
 
 def test_compile_falls_back_to_eager_on_mps_with_a_note(capsys):
-    assert device.resolve_compile(True, MPS) is False and "not supported on MPS" in capsys.readouterr().out
+    assert device.resolve_compile(True, MPS) is False and "not supported on MPS" in capsys.readouterr().err
     assert device.resolve_compile(True, CPU) is True and device.resolve_compile(False, CUDA) is False
 
 
@@ -75,7 +76,7 @@ def test_bf16_training_step_on_the_cpu(tmp_path):
     assert out.dtype == torch.bfloat16  # autocast is really on
     before = [p.detach().clone() for p in parts.model.parameters()]
     x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (16,))
-    loss = train_step(parts, cfg, x, y, step=0)
+    loss = train_step(parts, cfg, Batch(x, y), step=0)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in parts.model.parameters())  # master weights stay fp32
     assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))

@@ -21,7 +21,7 @@ from device import Runtime, setup_runtime
 from helpers import TINY, assert_same_weights, blobs, tiny_config
 from budget import learning_rate
 from config import TrainConfig
-from trainer import build, train, train_step
+from trainer import Batch, build, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -48,7 +48,7 @@ def test_the_optimizer_runs_at_the_scheduled_rate_and_gradients_are_clipped(tmp_
         norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    train_step(parts, cfg, torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 3, step=0, lr=0.025)
+    train_step(parts, cfg, Batch(torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 3), step=0, lr=0.025)
     assert norms[0] > 1e-3 and norms[1] == pytest.approx(1e-3, rel=1e-3)  # clipped to --grad-clip
     assert parts.optimizer.param_groups[0]["lr"] == 0.025
 
@@ -63,7 +63,7 @@ def test_hflip_is_applied_and_repeats_on_resume(tmp_path, monkeypatch):
     x = torch.arange(64.0).view(1, 1, 8, 8).repeat(32, 1, 1, 1) / 64  # not mirror-symmetric
     y = torch.zeros(32, dtype=torch.long)
     for step in (5, 5, 6):
-        train_step(parts, cfg, x, y, step)
+        train_step(parts, cfg, Batch(x, y), step)
     flipped = [torch.equal(img, x[0].flip(-1)) for img in seen[0]]
     assert all(f or torch.equal(img, x[0]) for f, img in zip(flipped, seen[0]))
     assert 4 < sum(flipped) < 28  # about half
