@@ -18,9 +18,11 @@ SKIP_STEPS = 3  # the run's first steps allocate memory and pick kernels: not ti
 CALIBRATION_STEPS = 20  # timed steps before the first fit
 CALIBRATION_SHARE = 0.25  # ... or fewer, once the steps have taken this share of the budget (if fit_early)
 FORWARD_SHARE = 1 / 3  # an image's forward pass costs about a third of its training step (forward + backward)
+SAID_AGAIN = 0.02  # a refitted end is said again once it moves by more than this share
+SLOW_END_SHARE = 0.25  # an epoch end over this share of the budget gets a hint to make it cheaper
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
-clock = time.perf_counter  # a module attribute, so that tests can run the budget on a fake clock
+now = time.perf_counter  # the budget's clock: a module attribute, so that tests can run a run on a fake one
 
 
 def fit_horizon(step: int, elapsed_s: float, step_s: float, end_s: float, steps_per_epoch: int, budget_s: float) -> int:
@@ -52,8 +54,9 @@ def learning_rate(cfg, step: int, total_steps: int) -> float:
     return cfg.lr * (1 - progress)
 
 
-class Budget:
-    """Wall-clock accounting of one run: time since the start, mean step time, mean epoch-end time."""
+class Deadline:
+    """The wall-clock side of a --time-budget / --time-limit: when the run started, its mean step time and its mean
+    epoch-end time, and the last step that the time left allows (`fit`)."""
 
     def __init__(self, minutes: float, end_forwards: int, images_per_step: int, *, fit_early: bool):
         """end_forwards: network evaluations of one epoch end (validation and grid), to estimate it until one is timed;
@@ -62,7 +65,7 @@ class Budget:
         self.seconds = 60 * minutes
         self.fit_early = fit_early
         self.end_forwards, self.images_per_step = end_forwards, images_per_step
-        self.started = clock()
+        self.started = now()
         self.previous: float | None = None  # when the last step (or the epoch's start) finished
         self.steps, self.step_time = 0, 0.0  # every step of this process
         self.timed, self.timed_time = 0, 0.0  # the steps after SKIP_STEPS
@@ -70,12 +73,12 @@ class Budget:
 
     def epoch_started(self) -> None:
         """Start timing the next step here: the epoch end before it is timed apart."""
-        self.previous = clock()
+        self.previous = now()
 
     def step_done(self) -> bool:
         """Record a step; True once enough steps are timed to fit the horizon."""
-        now = clock()
-        seconds, self.previous = now - self.previous, now
+        time_now = now()
+        seconds, self.previous = time_now - self.previous, time_now
         self.steps, self.step_time = self.steps + 1, self.step_time + seconds
         if self.steps > SKIP_STEPS:
             self.timed, self.timed_time = self.timed + 1, self.timed_time + seconds
@@ -84,91 +87,90 @@ class Budget:
 
     def end_done(self) -> None:
         """Record an epoch end: the time since the epoch's last step."""
-        self.ends, self.end_time = self.ends + 1, self.end_time + clock() - self.previous
+        self.ends, self.end_time = self.ends + 1, self.end_time + now() - self.previous
 
-    def measures(self) -> tuple[float, float, float]:
-        """(elapsed s, s per step, s per epoch end); before any timed end, the end is estimated from its
-        forward passes at FORWARD_SHARE of a training image."""
+    def measures(self, rt: Runtime) -> tuple[float, float, float]:
+        """(elapsed s, s per step, s per epoch end) as the slowest rank measures them (every rank must ask at the same
+        step); before any timed end, the end is estimated from its forward passes at FORWARD_SHARE of a training
+        image."""
         step_s = self.timed_time / self.timed if self.timed else self.step_time / max(self.steps, 1)
         end_s = (self.end_time / self.ends if self.ends
                  else self.end_forwards * FORWARD_SHARE * step_s / self.images_per_step)
-        return clock() - self.started, step_s, end_s
+        elapsed, step_s, end_s = global_max([now() - self.started, step_s, end_s], rt)
+        return elapsed, step_s, end_s
 
 
 class Horizon:
-    """Where the run ends: `schedule`, the step at which the LR schedule reaches its end, and `total`, the step
-    training stops at (earlier under --max-steps). Without minutes it is the planned epochs; with them
-    (--time-budget, or --time-limit as a cap on the epochs) it is refitted to the time left as the run goes."""
+    """Where the run ends: `schedule`, the step at which the LR schedule reaches its end, and `total`, the step training
+    stops at (earlier under --max-steps). Without minutes it is the planned epochs; with them it is refitted to the time
+    left as the run goes: --time-budget sets it, --time-limit only caps the planned epochs (`cap`)."""
 
     def __init__(self, planned: int, steps_per_epoch: int, max_steps: int, budget_minutes: float, limit_minutes: float):
-        self.steps_per_epoch, self.max_steps, self.planned = steps_per_epoch, max_steps, planned
+        self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
         self.minutes = min((m for m in (budget_minutes, limit_minutes) if m), default=0.0)
-        self.replaces_epochs = bool(budget_minutes)  # --time-budget sets the end; --time-limit only caps the epochs
-        self.clock: Budget | None = None  # started with the run, while the end is not fitted yet
-        self.fitted, self.reported = False, 0  # whether the end was fitted to the minutes; the last end printed
-        self.set(planned)
+        self.cap = None if budget_minutes else planned  # --time-limit alone never runs past the planned epochs
+        self.deadline: Deadline | None = None  # started with the run, while the end is not fitted yet
+        self.said: int | None = None  # the end last fitted and said (None: not fitted to the minutes yet)
+        self.schedule = planned
 
-    def set(self, steps: int) -> None:
-        """The LR schedule decays to 0 at `steps`, where the run ends (or earlier, at --max-steps)."""
-        self.schedule = steps
-        self.total = min(steps, self.max_steps) if self.max_steps else steps
+    @property
+    def total(self) -> int:
+        """The step training stops at."""
+        return min(self.schedule, self.max_steps) if self.max_steps else self.schedule
 
     def start(self, end_forwards: int, images_per_step: int, fit_early: bool) -> None:
         """Start the clock (with minutes, unless a resumed run kept its fitted end)."""
-        if self.minutes and not self.fitted:
-            self.clock = Budget(self.minutes, end_forwards, images_per_step, fit_early=fit_early)
+        if self.minutes and self.said is None:
+            self.deadline = Deadline(self.minutes, end_forwards, images_per_step, fit_early=fit_early)
 
     def epoch_started(self) -> None:
         """Time the next step from here: the epoch end before it is timed apart."""
-        if self.clock:
-            self.clock.epoch_started()
+        if self.deadline:
+            self.deadline.epoch_started()
 
     def step_ended(self, step: int, at_epoch_end: bool, log_step: bool, rt: Runtime, say) -> bool:
         """Time a step; True if it refitted the end: once calibrated, then at log steps (common to all ranks: DDP-safe),
         but not at an epoch's end, which epoch_ended refits with its time counted."""
-        refit = bool(self.clock and self.clock.step_done() and not at_epoch_end and (not self.fitted or log_step))
+        refit = bool(self.deadline and self.deadline.step_done() and not at_epoch_end
+                     and (self.said is None or log_step))
         if refit:
             self.refit(step, rt, say)
         return refit
 
     def epoch_ended(self, step: int, rt: Runtime, say) -> None:
         """Time the epoch end just done and refit the end to the time left (not after the run's last end)."""
-        if self.clock and (step < self.schedule or not self.fitted):
-            self.clock.end_done()
+        if self.deadline and (step < self.schedule or self.said is None):
+            self.deadline.end_done()
             self.refit(step, rt, say)
 
     def epochs(self) -> str:
         """Epochs the run will train, for progress lines: "?" until a --time-budget is fitted."""
-        return "?" if self.replaces_epochs and not self.fitted else str(math.ceil(self.schedule / self.steps_per_epoch))
+        return "?" if self.cap is None and self.said is None else str(math.ceil(self.schedule / self.steps_per_epoch))
 
     def refit(self, step: int, rt: Runtime, say) -> None:
-        """Move the end to the last step that the time left allows, as the slowest rank measures it (every rank
-        must call this at the same step); under --time-limit alone, never past the planned epochs."""
-        elapsed, step_s, end_s = global_max(list(self.clock.measures()), rt)
-        horizon = fit_horizon(step, elapsed, step_s, end_s, self.steps_per_epoch, self.clock.seconds)
-        if not self.replaces_epochs:
-            horizon = min(horizon, self.planned)
-        if self.fitted and horizon == step < self.schedule:  # e.g. an epoch end that ran long
+        """Move the end to the last step that the time left allows (every rank must call this at the same step)."""
+        elapsed, step_s, end_s = self.deadline.measures(rt)
+        horizon = fit_horizon(step, elapsed, step_s, end_s, self.steps_per_epoch, self.deadline.seconds)
+        horizon = min(horizon, self.cap) if self.cap is not None else horizon
+        if self.said is not None and horizon == step < self.schedule:  # e.g. an epoch end that ran long
             say(f"time budget spent at step {step}, before the planned end at {self.schedule}: stopping")
-        elif not self.fitted or abs(horizon - self.reported) > 0.02 * self.reported:
-            self.reported = horizon
+        elif self.said is None or abs(horizon - self.said) > SAID_AGAIN * self.said:
             say(f"time budget {self.minutes:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
                 f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "
                 f"({horizon / self.steps_per_epoch:.2f} epochs)")
-            if not self.fitted and end_s > 0.25 * self.clock.seconds:
+            if self.said is None and end_s > SLOW_END_SHARE * self.deadline.seconds:
                 say(f"each epoch end (validation, checkpoint, sample grid) takes ~{end_s:.0f} s, over a quarter of "
                     "the budget: a lower --val-size or --val-t-points leaves more of it to training")
-        self.set(horizon)
-        self.fitted = True
+            self.said = horizon
+        self.schedule = horizon
 
     def state(self) -> dict:
         """What a checkpoint keeps, so that a resumed run ends where this one planned to."""
-        return {"schedule_steps": self.schedule, "horizon_fitted": self.fitted}
+        return {"schedule_steps": self.schedule, "horizon_fitted": self.said is not None}
 
     def restore(self, ckpt: dict) -> bool:
         """Keep a resumed budget run's fitted end instead of fitting a new budget; True if it did."""
         if not (self.minutes and ckpt.get("horizon_fitted")):
             return False
-        self.set(ckpt["schedule_steps"])
-        self.fitted = True
+        self.schedule = self.said = ckpt["schedule_steps"]
         return True

@@ -121,10 +121,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} has weights but no 'model_config' (a seed-era checkpoint?): build "
             "ConditionalUNet(...) with its original arguments and load ckpt['model_state'] yourself"
         )
-    if ckpt.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {ckpt['format_version']}; this code reads "
-                              f"<= {FORMAT_VERSION}")
+    check_format_version(ckpt, path)
     return ckpt
+
+
+def check_format_version(found: dict, source: str | Path) -> None:
+    """Refuse a checkpoint or exported folder written by a newer version of this code."""
+    if found.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"{source} has format version {found['format_version']}; this code reads "
+                              f"<= {FORMAT_VERSION}: update this repo (git pull)")
 
 
 def model_config_from(ckpt: dict) -> UNetConfig:
@@ -179,16 +184,12 @@ def load_folder(folder: str | Path) -> dict:
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not an exported model folder: {name} is missing "
                                   "(make one with `python pretrained.py export`)")
-    config = read_json(folder / CONFIG)
-    if (folder / FLOW_CONFIG).is_file():  # config.json holds the U-Net's config, as the Hub mixin reads it
-        config = {**read_json(folder / FLOW_CONFIG), "model_config": config}
-    # (folders exported before 2026-12-04 hold everything in config.json, the U-Net's config under model_config)
-    if not isinstance(config, dict) or config.get("format") != FORMAT or "model_config" not in config:
+    config = read_json(folder / FLOW_CONFIG) if (folder / FLOW_CONFIG).is_file() else None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{folder} holds no Flow Image Generator model config ({FLOW_CONFIG} with format "
                               f"{FORMAT!r} beside {CONFIG})")
-    if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise CheckpointError(f"{folder} has format version {config['format_version']}; this code reads "
-                              f"<= {FORMAT_VERSION}")
+    check_format_version(config, folder)
+    config["model_config"] = read_json(folder / CONFIG)  # the U-Net's config alone, as the Hub mixin reads it
     try:
         state = load_file(folder / WEIGHTS)
     except (SafetensorError, OSError) as e:

@@ -269,7 +269,7 @@ def open_log(run: Run, resumed: int | None) -> RunLog | None:
     """Rank 0: OUT_DIR/config.json, the log, and the line that says what is about to train."""
     cfg, rt, parts = run.cfg, run.rt, run.parts
     n_params = sum(p.numel() for p in parts.model.parameters())
-    budgeted = run.horizon.clock is not None
+    budgeted = run.horizon.deadline is not None
     run.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {run.order.size} images, "
             f"{run.order.batches} steps/epoch, batch {cfg.batch_size}, "
             f"{f'for {cfg.time_budget:g} min' if budgeted and cfg.time_budget else f'until step {run.horizon.total}'}"

@@ -2,13 +2,13 @@
 MeanFlow average velocity u(x_t, t, t_end, y) over [t, t_end] (u(x_t, t, t, y) is the velocity v)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin  # from_pretrained (folder or Hub id), save_pretrained, push_to_hub
 from torch import nn
 
 GROUPS = 8  # GroupNorm groups, as in the seed
@@ -105,39 +105,14 @@ class Block(nn.Module):
         return self.attn(self.res(x, emb))
 
 
-class LocalFolders:
-    """ConditionalUNet's from_pretrained where huggingface_hub is not installed: exported folders on disk."""
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> ConditionalUNet:
-        """The model of an exported folder (config.json + model.safetensors, `pretrained.py export`)."""
-        folder = Path(folder)
-        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-            raise ValueError(f"{folder} is not an exported model folder ({CONFIG} + {WEIGHTS}); to download a Hugging "
-                             "Face Hub repo id, pip install huggingface_hub")
-        from safetensors.torch import load_file  # an optional dependency: only exported folders need it
-
-        model = cls(json.loads((folder / CONFIG).read_text()))
-        model.load_state_dict(load_file(folder / WEIGHTS))
-        return model.eval()
-
-
-try:  # optional: with huggingface_hub, its mixin gives from_pretrained (local folder or Hub repo id), save_pretrained
-    from huggingface_hub import PyTorchModelHubMixin as HubBase  # and push_to_hub; config.json = the U-Net's config
-    HUB_CARD = {"library_name": "pytorch", "license": "mit", "tags": ["rectified-flow", "flow-matching"]}
-except ImportError:
-    HubBase, HUB_CARD = LocalFolders, {}
-
-
-class ConditionalUNet(nn.Module, HubBase, **HUB_CARD):
+class ConditionalUNet(nn.Module, PyTorchModelHubMixin, library_name="pytorch", license="mit",
+                      tags=["rectified-flow", "flow-matching"]):
     """U-Net v(x, t, y): x (B, C, H, W) in [-1, 1]-scale, t (B,) in [0, 1], y (B,) class indices or None."""
 
     def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
         super().__init__()
-        if isinstance(config, dict):
-            # config.json read back (the Hub mixin passes its keys again as kwargs); folders exported before 2026-12-04
-            # nest the U-Net's config under "model_config"
-            config, kwargs = config_from_dict(config.get("model_config", config)), {}
+        if isinstance(config, dict):  # config.json read back (the Hub mixin passes its keys again as kwargs)
+            config, kwargs = config_from_dict(config), {}
         cfg = config or config_from_dict(kwargs)
         check_config(cfg)
         self.config = cfg
@@ -186,9 +161,9 @@ class ConditionalUNet(nn.Module, HubBase, **HUB_CARD):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> ConditionalUNet:
-        """The model of an exported folder (`pretrained.py export`), or with huggingface_hub installed of a Hub repo id
-        ("user/name"). A path that looks local (it exists, its parent folder does, or it is not user/name) but holds no
-        model is refused in one line, without asking the Hub."""
+        """The model of an exported folder (`pretrained.py export`), or of a Hugging Face Hub repo id ("user/name",
+        downloaded by the Hub mixin). A path that looks local (it exists, its parent folder does, or it is not
+        user/name) but holds no model is refused in one line, without asking the Hub."""
         name = str(pretrained_model_name_or_path)
         folder = Path(name).expanduser()
         local = folder.exists() or folder.parent.exists() and str(folder.parent) != "." or name.count("/") != 1 \

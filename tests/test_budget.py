@@ -45,7 +45,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(budget, "clock", fake)
+    monkeypatch.setattr(budget, "now", fake)
     step, end = trainer.train_step, trainer.end_epoch
 
     def timed_step(*args, **kwargs):
@@ -113,8 +113,8 @@ def test_steps_too_slow_to_calibrate_within_the_budget_are_fitted_sooner(tmp_pat
 @pytest.mark.parametrize("fit_early,first_fit", [(True, 3), (False, 23)], ids=["one-process", "ddp"])
 def test_slow_steps_end_the_calibration_early_only_where_no_other_rank_must_agree(monkeypatch, fit_early, first_fit):
     now = [0.0]
-    monkeypatch.setattr(budget, "clock", lambda: now[0])
-    timing = budget.Budget(1, 0, 1, fit_early=fit_early)  # 60 s: a quarter is three 5 s steps
+    monkeypatch.setattr(budget, "now", lambda: now[0])
+    timing = budget.Deadline(1, 0, 1, fit_early=fit_early)  # 60 s: a quarter is three 5 s steps
     timing.epoch_started()
     for step in range(1, 30):
         now[0] += 5.0

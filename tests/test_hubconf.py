@@ -16,13 +16,13 @@ def hub(entry: str, *args, **kwargs):
 
 def test_the_committed_models_load_with_their_recorded_samplers_and_sample():
     model = hub("mnist_1rf", device="cpu")
-    assert model.sampler == {"solver": "midpoint", "steps": 4, "guidance": 1.1} and not model.training
+    assert model.sampler == Sampler("midpoint", 4, 1.1) and not model.training
     images = hub("sample", model, labels=[0, 1, "7"], seed=2)
     assert images.shape == (3, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
     assert torch.equal(images, sample_from_checkpoint(Path(ROOT) / "pretrained" / "mnist-1rf", labels=[0, 1, 7],
                                                       seed=2, device="cpu"))
     one_step = hub("mnist_one_step", device="cpu")
-    assert one_step.sampler["steps"] == 1 and hub("sample", one_step, n=4).shape == (4, 1, 28, 28)
+    assert one_step.sampler.steps == 1 and hub("sample", one_step, n=4).shape == (4, 1, 28, 28)
 
 
 def test_from_checkpoint_takes_any_checkpoint_and_sample_takes_overrides(tmp_path):
