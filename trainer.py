@@ -329,11 +329,11 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
             bar.set_description(f"epoch {epoch + 1}/{horizon.epochs()}", refresh=False)
         if at_epoch_end or step == horizon.schedule:
             break  # the epoch's last step, or the run's (--time-budget): the epoch end saves
-        if stop.agreed(rt, log_step) or step >= horizon.total:
+        if (ctrl_c := stop.agreed(rt, log_step)) or step >= horizon.total:
             bar.close()
             loss = global_mean(loss_sum, rt) / (step - first)
             check_finite(loss, first_bad, first, step, run.cfg.out_dir)
-            save_last(run, step, loss, best_val, "Ctrl-C" if stop.requested else "stopped by --max-steps")
+            save_last(run, step, loss, best_val, "Ctrl-C" if ctrl_c else "stopped by --max-steps")
             return Epoch(step, loss, time.perf_counter() - started, step - first, False)
         if rt.main and cfg.save_every and time.monotonic() - last_save >= 60 * cfg.save_every:
             mean = loss_sum.item() / (step - first)  # rank 0's share: no collective off the common path

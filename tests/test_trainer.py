@@ -261,6 +261,18 @@ def test_ddp_keeps_ranks_in_step_validates_on_all_and_logs_the_global_loss(tmp_p
     assert ckpt["val_loss"] == pytest.approx(val, rel=1e-5)  # sharded over ranks = one process
 
 
+def test_a_ctrl_c_on_one_ddp_rank_stops_all_at_the_next_log_step_and_resumes_exactly(tmp_path):
+    """The stop check's all-reduce runs at log steps only (every 2 steps here): a Ctrl-C on rank 1 inside step 3 stops
+    both ranks after step 4, and --resume auto finishes with the weights of a run never stopped."""
+    run_ddp_worker(tmp_path / "whole")
+    stopped = run_ddp_worker(tmp_path / "cut", "cpu", "0", "flow-matching", "3")
+    assert load_checkpoint(tmp_path / "cut" / "ck" / "last.pth")["step"] == 4
+    assert "Ctrl-C at step 4, inside epoch 1" in stopped.stdout  # said by rank 0, which was not interrupted
+    run_ddp_worker(tmp_path / "cut", "cpu", "0", "flow-matching", "0", "resume")
+    assert_same_weights(load_checkpoint(tmp_path / "cut" / "ck" / "last.pth"),
+                        load_checkpoint(tmp_path / "whole" / "ck" / "last.pth"))
+
+
 def test_ddp_ranks_agree_on_where_a_time_budget_ends(tmp_path):
     """Each rank times itself; the fit takes the slowest, so both stop at the same step (or the run would hang)."""
     run_ddp_worker(tmp_path, "cpu", "0.25")  # 15 s: room past the 2 epochs on a slow 2-core AVX2 machine too
