@@ -1,5 +1,4 @@
-"""Data sets: MNIST through torchvision, and any folder of images (CelebA's img_align_celeba included);
-the training data order (ShardedSampler).
+"""Data sets: MNIST through torchvision, and any folder of images (CelebA's img_align_celeba included).
 
 Every data set yields (image, label) with the image a float tensor (C, H, W) in [-1, 1] and the
 label an int (0 where the data has no classes). Random flips happen in the training step, on
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -25,28 +24,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 class DataError(Exception):
     """Data that cannot be found or read; the message says what to do."""
-
-
-class ShardedSampler(Sampler[int]):
-    """A fresh permutation per epoch from (seed, epoch), split over ranks, that can start mid-epoch. Plays the role of
-    DistributedSampler + set_epoch, and also lets a resumed run skip the batches it already trained on without loading
-    them."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
-        self.batches = size // world // batch_size  # per rank and epoch; the remainder is dropped
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches - self.start_batch) * self.batch_size
-
-    def __iter__(self):
-        perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        mine = perm[self.rank::self.world][: self.batches * self.batch_size]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
 
 
 class TensorImages(Dataset):

@@ -78,7 +78,7 @@ def checkpoint_can_guide(ckpt: dict) -> bool:
 
 def check_guidance(ckpt: dict, guidance: float) -> None:
     """Refuse w != 1 where training never taught the null label (--label-dropout 0); older checkpoints pass."""
-    conditional = model_config_from(ckpt).num_classes is not None  # flow.guided_velocity refuses the others
+    conditional = model_config_from(ckpt).num_classes is not None  # solvers.guided_velocity refuses the others
     if guidance != 1.0 and conditional and not checkpoint_can_guide(ckpt):
         raise ValueError(
             f"guidance {guidance} needs the unconditional velocity, but this checkpoint was trained with "

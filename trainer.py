@@ -23,7 +23,6 @@ from tqdm import tqdm
 from budget import Horizon, learning_rate
 from checkpoint import check_resume, load_checkpoint, load_ema_weights, publish, restore, save_checkpoint
 from config import TrainConfig, check_outputs, check_train_config, objective_model_config, output_path
-from data import ShardedSampler
 from cpu import keep_freed_memory
 from device import Runtime, StopRequest, global_mean, ignore_sigint, launched_ranks, setup_runtime
 from ema import EMA
@@ -41,6 +40,28 @@ VAL_NOISE_START = 1234  # validation item i uses noise sample VAL_NOISE_START + 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Seed of one optimizer step on one rank: distinct per rank, reproducible on resume."""
     return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
+
+
+class ShardedSampler(torch.utils.data.Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch), split over ranks, that can start mid-epoch. Plays the role of
+    DistributedSampler + set_epoch, and also lets a resumed run skip the batches it already trained on without loading
+    them."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.batches = size // world // batch_size  # per rank and epoch; the remainder is dropped
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = perm[self.rank::self.world][: self.batches * self.batch_size]
+        return iter(mine[self.start_batch * self.batch_size:].tolist())
 
 
 @dataclass

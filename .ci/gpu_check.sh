@@ -3,6 +3,7 @@
 # run and its evaluation. The device machine sees only the checkout, so first fill the ignored .gpu/ folder:
 #   mkdir -p .gpu/data/MNIST/raw && cp ../shared/data/MNIST/raw/*.gz ../shared/data/MNIST/raw/MD5SUMS .gpu/data/MNIST/raw/
 #   cp checkpoints/mnist_classifier.pth .gpu/   # after `python evaluate.py train-classifier --data-root ../shared/data`
+#   .venv/bin/pip download -q -d .gpu/wheels huggingface_hub safetensors torchdiffeq   # it has no internet to pip from
 # (16 MB: the .gz files only, as the tool carries at most 64 MiB).
 # then: run(command="bash .ci/gpu_check.sh", carry=[".gpu"], timeout_s=560). Results land in $OUT.
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
@@ -11,6 +12,8 @@ stage() { echo "== [$SECONDS s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 cp .gpu/mnist_classifier.pth checkpoints/
+python3 -c "import huggingface_hub, safetensors, torchdiffeq" 2>/dev/null || \
+  python3 -m pip install -q --no-index --find-links .gpu/wheels huggingface_hub safetensors torchdiffeq 2>&1 | tail -2
 stage "tests/test_cuda.py"
 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/test_cuda.txt"
 stage "train-speed"

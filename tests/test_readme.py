@@ -99,3 +99,9 @@ def test_the_readme_quotes_the_make_train_model_as_its_json_has_it():
                     for name in ("zen3-make-train.json", "zen3-make-train-bn-cnn.json"))
     assert (f"| {flow['accuracy']:.1%} of digits as asked, N = {flow['n']:,}, excess Fréchet {flow['excess']:.1f} "
             f"(floor {flow['floor']:.1f}); {second['accuracy']:.1%} by a second, BatchNorm CNN |") in README
+
+
+def test_the_readme_and_docs_pages_hold_at_most_15000_words():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    words = sum(len(page.read_text().split()) for page in pages)
+    assert 10_000 < words <= 15_000, f"{words} words in README.md and docs/*.md: the dated record goes to CHANGELOG.md"

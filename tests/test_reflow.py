@@ -50,7 +50,7 @@ def test_pairs_are_class_balanced_and_recorded(parent, tmp_path):
     assert (manifest["steps"], manifest["guidance"], manifest["seed"], manifest["count"]) == (2, 1.0, 0, 96)
 
 
-def test_pairs_default_to_the_parents_recommended_sampler(parent, tmp_path):
+def test_pairs_default_to_the_parents_recorded_sampler(parent, tmp_path):
     flags = [f for f in PAIR_FLAGS if f not in ("--solver", "euler", "--steps", "2")]
     result = reflow.main(["pairs", "--checkpoint", str(parent), "--out-dir", str(tmp_path / "p"), *flags])
     assert (result["solver"], result["steps"], result["guidance"], result["nfe"]) == ("midpoint", 4, 1.0, 8)
