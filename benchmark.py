@@ -42,7 +42,7 @@ from runlog import figure
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from sampling import Loaded, SampleConfig, check_guidance, checkpoint_can_guide, load_for_sampling
 from solvers import Sampler
-from trainer import Batch, setup, train_step
+from trainer import Batch, resolve_meanflow, setup, train_step
 
 
 def machine() -> dict:
@@ -66,7 +66,7 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
     module = {"mnist": mnist_train, "rf": rectified_flow_train}[script]
     default = module.default_preset() if hasattr(module, "default_preset") else None
     (cfg, model_cfg, _, meanflow), preset = parse_configs(module.DEFAULTS, module.PRESETS, default, argv)
-    model_cfg = objective_model_config(cfg, model_cfg)
+    model_cfg, meanflow = objective_model_config(cfg, model_cfg), resolve_meanflow(cfg, model_cfg, meanflow)
     rt, parts = setup(cfg, model_cfg)
     shape = (cfg.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     x = torch.rand(shape, device=rt.device) * 2 - 1

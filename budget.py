@@ -65,15 +65,10 @@ class Deadline:
         self.seconds = 60 * minutes
         self.fit_early = fit_early
         self.end_forwards, self.images_per_step = end_forwards, images_per_step
-        self.started = now()
-        self.previous: float | None = None  # when the last step (or the epoch's start) finished
+        self.started = self.previous = now()  # previous: when the last step or epoch end finished
         self.steps, self.step_time = 0, 0.0  # every step of this process
         self.timed, self.timed_time = 0, 0.0  # the steps after SKIP_STEPS
         self.ends, self.end_time = 0, 0.0
-
-    def epoch_started(self) -> None:
-        """Start timing the next step here: the epoch end before it is timed apart."""
-        self.previous = now()
 
     def step_done(self) -> bool:
         """Record a step; True once enough steps are timed to fit the horizon."""
@@ -87,7 +82,8 @@ class Deadline:
 
     def end_done(self) -> None:
         """Record an epoch end: the time since the epoch's last step."""
-        self.ends, self.end_time = self.ends + 1, self.end_time + now() - self.previous
+        time_now = now()
+        self.ends, self.end_time, self.previous = self.ends + 1, self.end_time + time_now - self.previous, time_now
 
     def measures(self, rt: Runtime) -> tuple[float, float, float]:
         """(elapsed s, s per step, s per epoch end) as the slowest rank measures them (every rank must ask at the same
@@ -122,11 +118,6 @@ class Horizon:
         """Start the clock (with minutes, unless a resumed run kept its fitted end)."""
         if self.minutes and self.said is None:
             self.deadline = Deadline(self.minutes, end_forwards, images_per_step, fit_early=fit_early)
-
-    def epoch_started(self) -> None:
-        """Time the next step from here: the epoch end before it is timed apart."""
-        if self.deadline:
-            self.deadline.epoch_started()
 
     def step_ended(self, step: int, at_epoch_end: bool, log_step: bool, rt: Runtime, say) -> bool:
         """Time a step; True if it refitted the end: once calibrated, then at log steps (common to all ranks: DDP-safe),

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from cpu import cpu_class, cpu_native_bf16
 from progress import note
 
+
 def mps_available() -> bool:
     """Apple-silicon GPU through Metal (False on builds without MPS)."""
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

@@ -12,7 +12,7 @@ d/dt u = v·∂_x u + ∂_t u along the path (t_end held fixed).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -80,24 +80,20 @@ class MeanFlowConfig:
     mf_guidance: float | None = None  # guidance w folded in (default: 1.5 with classes and label dropout, else 1)
     mf_curriculum: float = 1.0  # share of training over which α-Flow's curriculum anneals flow matching into MeanFlow
 
-    def check(self, can_guide: bool) -> None:
-        """Raise ValueError for a setting that cannot train (can_guide: the model learns the null label)."""
+    def resolved(self, can_guide: bool) -> MeanFlowConfig:
+        """This config checked (ValueError for a setting that cannot train), its folded guidance resolved: as given,
+        else 1.5 where the model learns the null label (can_guide; the docs' runs), else 1."""
         for name in ("mf_share", "mf_curriculum"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(self, name)}")
         if not (self.mf_sigma > 0 and self.mf_weight_power >= 0 and (self.mf_guidance or 0) >= 0):
             raise ValueError(f"--mf-sigma must be > 0, --mf-weight-power and --mf-guidance >= 0 (got {self.mf_sigma}, "
                              f"{self.mf_weight_power}, {self.mf_guidance})")
-        self.guidance(can_guide)
-
-    def guidance(self, can_guide: bool) -> float:
-        """The folded guidance scale: as given, else 1.5 where the model learned the null label (the docs' runs)."""
-        if self.mf_guidance is None:
-            return FOLDED_GUIDANCE if can_guide else 1.0
-        if self.mf_guidance != 1 and not can_guide:
+        if self.mf_guidance not in (None, 1) and not can_guide:
             raise ValueError(f"--mf-guidance {self.mf_guidance} folds classifier-free guidance into training: it "
                              "needs classes and --label-dropout > 0 (the unconditional velocity it guides against)")
-        return self.mf_guidance
+        folded = (FOLDED_GUIDANCE if can_guide else 1.0) if self.mf_guidance is None else self.mf_guidance
+        return replace(self, mf_guidance=folded)
 
 
 def mean_flow_times(n: int, share: float, mu: float, sigma: float, device: torch.device | str = "cpu"
@@ -154,8 +150,8 @@ def mean_flow_loss(net: nn.Module, x1: torch.Tensor, y: torch.Tensor | None, cfg
     """MeanFlow loss (Geng et al. 2025, Eq. 9-10) for data x1 (B, C, H, W) in [-1, 1]: ||u(x_t, t, t_end) -
     sg(target)||² per image, weighted by sg(1 / (||error||² + c)^p) (p = cfg.mf_weight_power; 0 is the MSE). The first
     round(share·B) items get an interval t < t_end (interval_target), the rest t_end = t, where the target is v = x1 -
-    x0. cfg.mf_guidance w != 1 (resolved once per run; None = 1) folds classifier-free guidance into the target (the
-    paper's Eq. 13-14): v becomes w·v + (1 - w)·u(x_t, t, t | no label) for the items that kept their label, so one
+    x0. cfg.mf_guidance w != 1 (as `resolved` once per run; None: 1) folds classifier-free guidance into the target
+    (the paper's Eq. 13-14): v becomes w·v + (1 - w)·u(x_t, t, t | no label) for the items that kept their label, so one
     evaluation samples guided. The target runs without autograd on plain (the unwrapped module; net, under the
     caller's autocast, is what gradients flow through). alpha > 0 scales the interval items' weight by α, as α-Flow's
     released code does, so that under the adaptive weight the gradient keeps MeanFlow's scale while the error shrinks

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
     if cfg.objective == "meanflow":
-        meanflow.check(can_guide(model_cfg.num_classes, cfg.label_dropout))
+        meanflow.resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))  # its refusals, before any data
     if model_cfg.in_channels != 1 or model_cfg.num_classes not in (10, None):
         raise ValueError("MNIST has 1 channel and 10 classes: --in-channels must be 1 and --num-classes 10 "
                          "(or none for an unconditional model)")

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
     if cfg.objective == "meanflow":
-        meanflow.check(can_guide(model_cfg.num_classes, cfg.label_dropout))
+        meanflow.resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))  # its refusals, before any data
     check_data_flags(data_cfg, model_cfg)
     if data_cfg.dataset == "celeba":
         train_set, val_set, class_names = load_celeba(data_cfg.data_root, model_cfg.image_size)

@@ -101,9 +101,8 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
     keep_freed_memory()
     cfg, out_dir = loaded.model.config, Path(out_dir)
     manifest = {"parent": str(checkpoint), "parent_sha256": sha256(checkpoint), "parent_kind": f"{order}-rectified",
-                "solver": drawn_with.solver, "steps": drawn_with.steps, "guidance": drawn_with.guidance,
-                "seed": sample.seed, "count": count, "shard_size": shard_size, "use_ema": use_ema, "states": states,
-                "model_config": asdict(cfg),
+                **drawn_with.record(), "seed": sample.seed, "count": count, "shard_size": shard_size,
+                "use_ema": use_ema, "states": states, "model_config": asdict(cfg),
                 "class_names": loaded.ckpt.get("class_names")}
     check_room(out_dir, count, cfg.in_channels * cfg.image_size**2 * (3 + 2 * (drawn_with.steps - 1) * states))
     write_manifest(out_dir, manifest)

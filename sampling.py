@@ -160,11 +160,6 @@ def grid_request(num_classes: int | None) -> tuple[int, torch.Tensor | None]:
     return len(labels), labels
 
 
-def grid_forwards(num_classes: int | None, sampler: Sampler) -> int:
-    """Network evaluations of one sample grid drawn with sampler."""
-    return grid_request(num_classes)[0] * sampler.planned_nfe(num_classes is not None)
-
-
 def draw_grid(model: ConditionalUNet, path: Path, sampler: Sampler, class_names: list[str] | None) -> Path:
     """A training run's sample grid at path: one row per class (up to 10), or 64 images, drawn with sampler."""
     n, labels = grid_request(model.config.num_classes)

@@ -153,14 +153,10 @@ class Sampler:
         """What a checkpoint keeps."""
         return asdict(self)
 
-    def guided(self, conditional: bool) -> bool:
-        """Whether drawing runs the unconditional pass too: a class-conditional draw at w != 1."""
-        return conditional and self.guidance != 1.0
-
     def nfe(self, calls: int, conditional: bool) -> int:
-        """The NFE rule: network evaluations per image of `calls` velocity calls; a guided call runs the conditional
-        and the unconditional pass (batched as one) and counts 2."""
-        return calls * (2 if self.guided(conditional) else 1)
+        """The NFE rule: network evaluations per image of `calls` velocity calls; a guided call (a class-conditional
+        draw at w != 1) runs the conditional and the unconditional pass (batched as one) and counts 2."""
+        return calls * (2 if conditional and self.guidance != 1.0 else 1)
 
     def planned_nfe(self, conditional: bool) -> int:
         """NFE per image before drawing (dopri5's: an estimate)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,7 +30,7 @@ from flow import (MeanFlowConfig, can_guide, curriculum_alpha, flow_matching_los
                   mean_flow_loss)
 from progress import live_bars
 from runlog import RunLog, check_finite, plot_losses
-from sampling import draw_grid, grid_forwards
+from sampling import draw_grid, grid_request
 from solvers import Sampler, make_noise
 from unet import ConditionalUNet, UNetConfig
 
@@ -112,10 +112,19 @@ class Batch(NamedTuple):
     path: torch.Tensor | None = None
 
 
+def resolve_meanflow(cfg: TrainConfig, model_cfg: UNetConfig, meanflow: MeanFlowConfig | None
+                     ) -> MeanFlowConfig | None:
+    """The run's MeanFlow config, checked and its folded guidance resolved once (checkpoints record it); None for
+    flow matching."""
+    if cfg.objective != "meanflow":
+        return None
+    return (meanflow or MeanFlowConfig()).resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))
+
+
 def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: float | None = None,
                meanflow: MeanFlowConfig | None = None, alpha: float = 0.0) -> torch.Tensor:
-    """One optimizer step on a batch (meanflow: its config as the run resolved it; alpha: its α-Flow step); returns
-    the loss."""
+    """One optimizer step on a batch (meanflow: the run's resolve_meanflow; alpha: its α-Flow step); returns the
+    loss."""
     rt, (x, y, x0, path) = parts.rt, batch
     torch.manual_seed(step_seed(cfg.seed, rt.rank, step))
     if rt.channels_last:
@@ -196,10 +205,7 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     model_cfg = objective_model_config(cfg, model_cfg)
     if launched_ranks()[0] == 0 and (moved := check_outputs(cfg)):  # before any work: another run's files kept
         tqdm.write(moved)
-    if cfg.objective == "meanflow":
-        meanflow = meanflow or MeanFlowConfig()
-        meanflow.check(guided := can_guide(model_cfg.num_classes, cfg.label_dropout))
-        meanflow = replace(meanflow, mf_guidance=meanflow.guidance(guided))  # resolved once: checkpoints record it
+    meanflow = resolve_meanflow(cfg, model_cfg, meanflow)
     rt, parts = setup(cfg, model_cfg)
     per_rank = cfg.batch_size // rt.world
     order = ShardedSampler(len(train_set), per_rank, cfg.seed, rt.rank, rt.world)
@@ -210,7 +216,7 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
                         pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                         worker_init_fn=ignore_sigint)
     horizon = Horizon(cfg.epochs * order.batches, order.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
-    return Run(cfg, model_cfg, meanflow if cfg.objective == "meanflow" else None, rt, parts, order, loader, val_set,
+    return Run(cfg, model_cfg, meanflow, rt, parts, order, loader, val_set,
                horizon, extra, Sampler.recorded(extra.get("sampler")))
 
 
@@ -254,7 +260,8 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: 
     run = prepare(cfg, model_cfg, train_set, val_set, {**(extra or {}), "class_names": class_names}, meanflow)
     # resume: weights, optimizer, step and the planned end of an earlier run
     step, best_val = resume(run)
-    run.horizon.start(grid_forwards(run.model_cfg.num_classes, run.sampler)
+    conditional = run.model_cfg.num_classes is not None  # the grid's network evaluations, then validation's
+    run.horizon.start(grid_request(run.model_cfg.num_classes)[0] * run.sampler.planned_nfe(conditional)
                       + (len(val_set) * cfg.val_t_points // run.rt.world if val_set is not None else 0),
                       cfg.batch_size // run.rt.world, fit_early=not run.rt.ddp)
     log = open_log(run, step if cfg.resume else None)
@@ -321,7 +328,6 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
     loss_sum, window_start, window_sum = torch.zeros((), device=rt.device), step, 0.0
     first_bad = torch.full((), -1, device=rt.device)  # the first step whose loss was not finite, kept on the device
     last_save, started = time.monotonic(), time.perf_counter()
-    horizon.epoch_started()
     curriculum = run.meanflow.mf_curriculum if run.meanflow else 0.0
     live = rt.main and live_bars()  # off a terminal: a plain line per log step instead of a bar
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{horizon.epochs()}", disable=not live, leave=False,

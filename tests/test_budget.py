@@ -115,7 +115,6 @@ def test_slow_steps_end_the_calibration_early_only_where_no_other_rank_must_agre
     now = [0.0]
     monkeypatch.setattr(budget, "now", lambda: now[0])
     timing = budget.Deadline(1, 0, 1, fit_early=fit_early)  # 60 s: a quarter is three 5 s steps
-    timing.epoch_started()
     for step in range(1, 30):
         now[0] += 5.0
         if timing.step_done():

@@ -1,4 +1,4 @@
-"""Progress bars of long jobs (progress.progress): on a terminal only, hidden with TQDM_DISABLE=1, none for one batch."""
+"""Progress bars of long jobs (progress.progress): on a terminal only, hidden by TQDM_DISABLE=1, none for 1 batch."""
 import io
 
 import pytest
