@@ -20,11 +20,11 @@ FLOW ?= checkpoints/flow_matching_mnist.pth
 PAIRS ?= 4000
 ONE_STEP_MINUTES ?= 3.1
 
-.PHONY: setup train one-step test clean clean-venv
+.PHONY: setup train one-step demo test clean clean-venv
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-fid.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-fid.txt requirements-demo.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet --index-url $(TORCH_INDEX) torch torchvision)
@@ -47,6 +47,10 @@ one-step: setup
 		--out-dir checkpoints/mnist-one-step --out checkpoints/mnist_one_step.pth $(ARGS) && \
 	echo "make one-step: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s from $(FLOW) to checkpoints/mnist_one_step.pth (paths and training)"
 	$(BIN)/python mnist_test.py --checkpoint checkpoints/mnist_one_step.pth --out samples/mnist_one_step.png
+
+# The demo page on http://127.0.0.1:7860 (PORT=N, ARGS="--checkpoint PATH"): the committed models, no training.
+demo: setup
+	$(BIN)/python app.py --port $(or $(PORT),7860) --data-root $(DATA_ROOT) $(ARGS)
 
 test: setup
 	$(BIN)/ruff check .
