@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from checkpoint import PRETRAINED
@@ -137,3 +139,26 @@ def test_an_uploaded_digit_is_inverted_and_redrawn_as_every_class(page, tmp_path
     text, grid = run(browser, "Edit", "edit-button", "edit-info", "edit-image")
     assert "its reconstruction" in text and "redrawn as 0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in text
     assert grid.size == ((12 * 30 + 2) * 4, 32 * 4)  # the image, its reconstruction, ten classes
+
+
+def test_the_pages_handlers_say_each_refusal_in_one_line_and_draw_photo_models_by_class_name(tmp_path):
+    import app
+    from helpers import TINY, tiny_checkpoint
+
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    draw = app.safely(app.draw)
+    assert draw(str(bad), ["0"], 1, "recorded", "", "", 0) == (None, f"**error:** checkpoint {bad} is truncated or "
+                                                                     "not a PyTorch checkpoint (UnpicklingError)")
+    photos = tmp_path / "photos.pth"
+    tiny_checkpoint(photos, replace(TINY, in_channels=3))
+    checkpoint = torch.load(photos, weights_only=True)
+    torch.save({**checkpoint, "class_names": ["cat", "dog", "ship"]}, photos)
+    assert draw(str(photos), [], 1, "recorded", "", "", 0)[1] == "**error:** pick at least one class"
+    assert draw(str(photos), ["ship"], 2, "euler", "x", "", 0)[1] == "**error:** steps must be a number, got 'x'"
+    grid, text = draw(str(photos), ["dog", "ship"], 2, "euler", "2", "1", 0)
+    assert "4 images, euler, 2 step(s), guidance w = 1: **2 NFE** per image" in text
+    assert Image.open(grid).mode == "RGB" and Image.open(grid).height == (2 * 10 + 2) * 3  # a row per class
+    edit = app.safely(app.edit)
+    assert edit(str(photos), str(tmp_path), None, None, "cat", ["dog"])[1].startswith(
+        "**error:** pick a test digit (an index from 0) or upload an image")
