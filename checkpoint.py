@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dit import DiT
 from unet import CONFIG, WEIGHTS, ConditionalUNet, UNetConfig, config_from_dict
 
 FORMAT = "flow-image-generator"
@@ -148,9 +149,14 @@ def ema_weights(ckpt: dict) -> dict:
     return ema["weights"] if "weights" in ema else ema
 
 
-def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> ConditionalUNet:
-    """Rebuild the U-Net from the stored config and load the EMA (default) or raw weights."""
-    model = ConditionalUNet(model_config_from(ckpt))
+def build_model(cfg: UNetConfig) -> ConditionalUNet | DiT:
+    """The network a model config describes: its backbone, a U-Net or a DiT."""
+    return DiT(cfg) if cfg.backbone == "dit" else ConditionalUNet(cfg)
+
+
+def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> ConditionalUNet | DiT:
+    """Rebuild the model from the stored config and load the EMA (default) or raw weights."""
+    model = build_model(model_config_from(ckpt))
     if not use_ema and "model_state" not in ckpt:
         raise CheckpointError("this exported folder holds the EMA weights only: sample those (use_ema=True), or "
                               "export the raw ones with --weights raw")

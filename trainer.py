@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from budget import Horizon, learning_rate
-from checkpoint import check_resume, load_checkpoint, load_ema_weights, publish, restore, save_checkpoint
+from checkpoint import (build_model, check_resume, load_checkpoint, load_ema_weights, publish, restore,
+                        save_checkpoint)
 from config import TrainConfig, check_outputs, check_train_config, objective_model_config, output_path
 from cpu import keep_freed_memory
 from device import Runtime, StopRequest, global_mean, ignore_sigint, launched_ranks, setup_runtime
@@ -81,7 +82,7 @@ def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
     keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    model = ConditionalUNet(model_cfg).to(rt.device, memory_format=memory_format)
+    model = build_model(model_cfg).to(rt.device, memory_format=memory_format)
     net: nn.Module = torch.compile(model) if rt.compile else model
     if rt.ddp:
         gpu = [rt.device.index] if rt.device.type == "cuda" else None

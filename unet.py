@@ -30,6 +30,9 @@ class UNetConfig:
     head_channels: int = 32  # channels per attention head
     upsample_conv: bool = True  # a 3x3 conv after each nearest upsampling (off: the next ResBlock's conv mixes)
     average_velocity: bool = False  # also embed t_end - t: u(x_t, t, t_end) over [t, t_end] (--objective meanflow)
+    backbone: str = "unet"  # unet | dit (a diffusion transformer: dit.py; base_channels is then its token width)
+    patch_size: int = 2  # dit: the side of a patch, one token each
+    depth: int = 6  # dit: transformer blocks
 
 
 class TimeEmbedding(nn.Module):
@@ -115,6 +118,8 @@ class ConditionalUNet(nn.Module, PyTorchModelHubMixin, library_name="pytorch", l
             config, kwargs = config_from_dict(config), {}
         cfg = config or config_from_dict(kwargs)
         check_config(cfg)
+        if cfg.backbone != "unet":
+            raise ValueError(f"this config builds a {cfg.backbone}, not a U-Net: load it with load_for_sampling")
         self.config = cfg
         ch, emb_dim = cfg.base_channels, 4 * cfg.base_channels
         self.time_embed = TimeEmbedding(emb_dim)
@@ -217,8 +222,21 @@ def config_from_dict(stored: dict) -> UNetConfig:
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
 
 
+BACKBONES = ("unet", "dit")
+
+
 def check_config(cfg: UNetConfig) -> None:
-    """Raise ValueError with a readable message when the U-Net cannot be built for cfg."""
+    """Raise ValueError with a readable message when the model cannot be built for cfg."""
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"unknown --backbone {cfg.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if cfg.backbone == "dit":
+        if cfg.patch_size < 1 or cfg.image_size % cfg.patch_size or cfg.depth < 1:
+            raise ValueError(f"a DiT cuts {cfg.image_size} px images into patches of --patch-size {cfg.patch_size} "
+                             f"(a divisor: 2 or 4 for 28 and 32 px) and stacks --depth {cfg.depth} >= 1 blocks")
+        if cfg.base_channels % cfg.head_channels or cfg.base_channels % 4:
+            raise ValueError(f"the DiT's width --base-channels {cfg.base_channels} must be a multiple of 4 and of "
+                             f"--head-channels {cfg.head_channels}")
+        return
     factor = 2 ** (len(cfg.channel_mult) - 1)
     if cfg.image_size < factor or cfg.image_size % factor:
         raise ValueError(
@@ -233,5 +251,3 @@ def check_config(cfg: UNetConfig) -> None:
     widths = [cfg.base_channels * m for m in cfg.channel_mult]
     if any(w % GROUPS for w in widths):
         raise ValueError(f"channel widths {widths} must be multiples of {GROUPS} (GroupNorm groups)")
-    if cfg.num_classes is not None and cfg.num_classes < 1:
-        raise ValueError(f"num_classes must be None or >= 1, got {cfg.num_classes}")

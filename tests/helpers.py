@@ -2,12 +2,12 @@
 import os
 import signal
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from checkpoint import save_checkpoint
+from checkpoint import build_model, save_checkpoint
 from data import TensorImages
 from ema import EMA
 from config import TrainConfig
@@ -17,6 +17,7 @@ from unet import ConditionalUNet, UNetConfig
 
 TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(4,), dropout=0.1, num_classes=3)
+TINY_DIT = replace(TINY, backbone="dit", base_channels=16, head_channels=8, patch_size=2, depth=2)
 TINY_MNIST = UNetConfig(base_channels=8, num_res_blocks=1, attention_resolutions=(), dropout=0.0)  # 28 px, 10 classes
 
 
@@ -45,7 +46,7 @@ def tiny_checkpoint(path: Path, cfg: UNetConfig = TINY, label_dropout: float | N
     label_dropout None leaves train_config out, as in checkpoints older than it.
     """
     torch.manual_seed(seed)
-    model = ConditionalUNet(cfg)
+    model = build_model(cfg)
     ema = EMA(model)
     with torch.no_grad():  # a fake optimizer step: raw and EMA weights differ, and no zero-initialised layer stays zero
         for p in model.parameters():

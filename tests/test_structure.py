@@ -20,7 +20,8 @@ def repo_imports(name: str) -> set[str]:
 
 def test_the_model_imports_nothing_from_the_repo_and_reading_files_only_the_model():
     assert repo_imports("unet") == set()
-    assert repo_imports("checkpoint") == {"unet"}
+    assert repo_imports("dit") == {"unet"}
+    assert repo_imports("checkpoint") == {"unet", "dit"}
     assert "pretrained" not in set().union(*(repo_imports(m) for m in MODULES if m != "pretrained"))  # it only writes
 
 
