@@ -125,7 +125,7 @@ def trajectory(path: str, one_step_path: str, name: str, seed: float) -> tuple[s
 
 def source_digit(model: Loaded, data_root: str, index: float | None, upload: Image.Image | None
                  ) -> torch.Tensor:
-    """The image to edit (1, C, H, W) in [0, 1]: an upload (dark strokes on light are inverted, as MNIST is light
+    """The image to edit (1, C, H, W) in [0, 1]: an upload or drawing (dark on light is inverted: MNIST is light
     on dark), else test digit `index` of MNIST under data_root."""
     cfg = model.model.config
     if upload is not None:
@@ -134,7 +134,7 @@ def source_digit(model: Loaded, data_root: str, index: float | None, upload: Ima
         x = x.permute(2, 0, 1)
         return (1 - x if cfg.in_channels == 1 and x.mean() > 0.5 else x)[None]
     if index is None or not math.isfinite(index) or index < 0:
-        raise PageError("pick a test digit (an index from 0) or upload an image")
+        raise PageError("pick a test digit (an index from 0), or upload or draw an image")
     try:
         digits = load_mnist(data_root, train=False, image_size=cfg.image_size, download=False)
     except DataError as e:
@@ -145,13 +145,20 @@ def source_digit(model: Loaded, data_root: str, index: float | None, upload: Ima
     return (digits[int(index)][0][None] + 1) / 2
 
 
-def edit(path: str, data_root: str, index: float | None, upload: Image.Image | None, own: str,
-         targets: list[str]) -> tuple[str, str]:
+def drawn(sketch: dict | None) -> Image.Image | None:
+    """The digit drawn on the page's sketch pad (its composite image), or None while the pad is blank."""
+    image = (sketch or {}).get("composite")
+    return image if image is not None and np.asarray(to_rgb(image).convert("L")).min() < 250 else None
+
+
+def edit(path: str, data_root: str, index: float | None, upload: Image.Image | None, sketch: dict | None,
+         own: str, targets: list[str]) -> tuple[str, str]:
     """The Edit tab: the image, its reconstruction from its inverted noise, and that noise redrawn as each target."""
     model = loaded(path)
     if model.model.config.num_classes is None:
         raise PageError("class swap needs a class-conditional model: this one is unconditional")
-    image, label = source_digit(model, data_root, index, upload), torch.tensor(class_indices(model, [own]))
+    image = source_digit(model, data_root, index, upload if upload is not None else drawn(sketch))
+    label = torch.tensor(class_indices(model, [own]))
     goals = torch.tensor(class_indices(model, targets))
     check_labels(goals, model.model.config.num_classes)
     sampler = inversion_sampler(model, None, None)
@@ -213,13 +220,15 @@ def page(checkpoint: str, one_step: str, data_root: str) -> gr.Blocks:
                 index = gr.Number(0, label="MNIST test digit", precision=0, elem_id="edit-index")
                 upload = gr.Image(label="or an image of yours", type="pil", sources=["upload", "clipboard"],
                                   elem_id="edit-upload")
+                sketch = gr.Sketchpad(label="or draw one", type="pil", elem_id="edit-sketch")
                 own = gr.Dropdown(names, value=names[0] if names else None, label="its class", elem_id="edit-own")
             targets = gr.CheckboxGroup(names, value=names, label="redraw as", elem_id="edit-targets")
             edit_button = gr.Button("Invert and redraw", variant="primary", elem_id="edit-button")
             edit_info = gr.Markdown(elem_id="edit-info")
             edit_image = gr.Image(label="image, reconstruction, redrawn", type="filepath", elem_id="edit-image")
             root = gr.State(data_root)
-            edit_button.click(safely(edit), [path, root, index, upload, own, targets], [edit_image, edit_info])
+            edit_button.click(safely(edit), [path, root, index, upload, sketch, own, targets],
+                              [edit_image, edit_info])
     return blocks
 
 

@@ -160,5 +160,10 @@ def test_the_pages_handlers_say_each_refusal_in_one_line_and_draw_photo_models_b
     assert "4 images, euler, 2 step(s), guidance w = 1: **2 NFE** per image" in text
     assert Image.open(grid).mode == "RGB" and Image.open(grid).height == (2 * 10 + 2) * 3  # a row per class
     edit = app.safely(app.edit)
-    assert edit(str(photos), str(tmp_path), None, None, "cat", ["dog"])[1].startswith(
-        "**error:** pick a test digit (an index from 0) or upload an image")
+    blank = {"background": None, "layers": [], "composite": Image.new("RGBA", (200, 200), (0, 0, 0, 0))}
+    assert edit(str(photos), str(tmp_path), None, None, blank, "cat", ["dog"])[1].startswith(
+        "**error:** pick a test digit (an index from 0), or upload or draw an image")
+    sketch = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
+    sketch.paste((0, 0, 0, 255), (90, 20, 110, 180))  # a stroke drawn on the pad, transparent around it
+    grid, text = edit(str(photos), str(tmp_path), None, None, {**blank, "composite": sketch}, "cat", ["dog", "ship"])
+    assert "redrawn as dog, ship" in text and Image.open(grid).width == (4 * 10 + 2) * 4
