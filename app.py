@@ -70,9 +70,14 @@ def chosen_sampler(model: Loaded, solver: str, steps_text: str, guidance_text: s
                             None if steps is None else int(steps), guidance)
 
 
+def class_names(model: Loaded) -> list[str]:
+    """The names of the model's classes: those its checkpoint records, else their indices (none: unconditional)."""
+    return model.ckpt.get("class_names") or [str(i) for i in range(model.model.config.num_classes or 0)]
+
+
 def class_indices(model: Loaded, names: list[str]) -> list[int]:
     """The model's class indices of the class names picked on the page."""
-    known = model.ckpt.get("class_names") or [str(i) for i in range(model.model.config.num_classes or 0)]
+    known = class_names(model)
     if model.model.config.num_classes is not None and not names:
         raise PageError("pick at least one class")
     return [known.index(name) for name in names if name in known]
@@ -168,7 +173,7 @@ def edit(path: str, data_root: str, index: float | None, upload: Image.Image | N
     swapped = regenerate(model.model, noise.expand(len(goals), -1, -1, -1), goals, sampler)
     grid = save_grid(torch.cat([image, back, swapped]), OUT / f"edit-{time.time_ns()}.png", ncol=len(goals) + 2,
                      scale=4)
-    names = model.ckpt.get("class_names") or [str(i) for i in range(model.model.config.num_classes)]
+    names = class_names(model)
     psnr = -10 * math.log10(max((back - image).square().mean().item(), 1e-10))
     return str(grid), (f"the image, its reconstruction ({psnr:.1f} dB), then redrawn as "
                        f"{', '.join(names[i] for i in goals.tolist())} ({sampler}; inverted at w = 1)")
@@ -188,7 +193,7 @@ def safely(fn):
 def page(checkpoint: str, one_step: str, data_root: str) -> gr.Blocks:
     """The page: Draw, Trajectory and Edit tabs over the checkpoint given on the command line."""
     first = loaded(checkpoint)
-    names = first.ckpt.get("class_names") or [str(i) for i in range(first.model.config.num_classes or 0)]
+    names = class_names(first)
     with gr.Blocks(title="Flow Image Generator") as blocks:
         gr.Markdown("# Flow Image Generator\nRectified flow: noise at t = 0, images at t = 1. Every draw runs on "
                     "this machine's CPU.")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from unet import TimeEmbedding, UNetConfig, config_from_dict
+from unet import TimeEmbedding, UNetConfig, conditioning, config_from_dict
 
 
 def positions(side: int, width: int) -> torch.Tensor:
@@ -83,24 +83,11 @@ class DiT(nn.Module, PyTorchModelHubMixin, library_name="pytorch", license="mit"
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def conditioning(self, t: torch.Tensor, y: torch.Tensor | None, t_end: torch.Tensor | None) -> torch.Tensor:
-        """(B, width): the time, the interval t_end - t (average-velocity models) and the class, summed."""
-        if (y is None) != (self.class_embed is None):
-            raise ValueError("labels y must be given exactly when the model is class-conditional "
-                             f"(num_classes={self.config.num_classes}, y {'missing' if y is None else 'given'})")
-        c = self.time_embed(t)
-        if self.interval_embed is not None:
-            c = c + self.interval_embed(torch.zeros_like(t) if t_end is None else t_end - t)
-        elif t_end is not None:
-            raise ValueError("this model predicts the velocity at t only: an end time t_end needs a model trained "
-                             "with --objective meanflow")
-        return c + self.class_embed(y) if y is not None else c
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 t_end: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, H, W) at x_t, or with t_end (B,) the average velocity over [t, t_end] (None: t_end = t);
         y may hold num_classes (the null token) for guidance."""
-        c = self.conditioning(t, y, t_end)
+        c = conditioning(self, t, y, t_end)
         b, ch, side, p = x.shape[0], self.config.in_channels, self.config.image_size // self.config.patch_size, \
             self.config.patch_size
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)

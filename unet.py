@@ -187,20 +187,7 @@ class ConditionalUNet(nn.Module, PyTorchModelHubMixin, library_name="pytorch", l
                 t_end: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, H, W) at x_t, or with t_end (B,) the average velocity over [t, t_end] (None: t_end = t);
         y may hold num_classes (the null token) for guidance."""
-        if (y is None) != (self.class_embed is None):
-            raise ValueError(
-                "labels y must be given exactly when the model is class-conditional "
-                f"(num_classes={self.config.num_classes}, y {'missing' if y is None else 'given'})"
-            )
-        emb = self.time_embed(t)
-        if self.interval_embed is not None:
-            emb = emb + self.interval_embed(torch.zeros_like(t) if t_end is None else t_end - t)
-        elif t_end is not None:
-            raise ValueError("this model predicts the velocity at t only: an end time t_end needs a model trained "
-                             "with --objective meanflow")
-        if y is not None:
-            emb = emb + self.class_embed(y)
-
+        emb = conditioning(self, t, y, t_end)
         h = self.stem(x)
         skips = [h]
         for layer in self.down:
@@ -212,6 +199,22 @@ class ConditionalUNet(nn.Module, PyTorchModelHubMixin, library_name="pytorch", l
         for layer in self.up:
             h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, Block) else layer(h)
         return self.out(h)
+
+
+def conditioning(model: nn.Module, t: torch.Tensor, y: torch.Tensor | None, t_end: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """(B, D): a backbone's time embedding, plus its interval embedding of t_end - t (average-velocity models) and its
+    class embedding; both backbones (U-Net, DiT) hold time_embed, interval_embed and class_embed."""
+    if (y is None) != (model.class_embed is None):
+        raise ValueError("labels y must be given exactly when the model is class-conditional "
+                         f"(num_classes={model.config.num_classes}, y {'missing' if y is None else 'given'})")
+    emb = model.time_embed(t)
+    if model.interval_embed is not None:
+        emb = emb + model.interval_embed(torch.zeros_like(t) if t_end is None else t_end - t)
+    elif t_end is not None:
+        raise ValueError("this model predicts the velocity at t only: an end time t_end needs a model trained "
+                         "with --objective meanflow")
+    return emb + model.class_embed(y) if y is not None else emb
 
 
 def config_from_dict(stored: dict) -> UNetConfig:
