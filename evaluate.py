@@ -29,7 +29,7 @@ from checkpoint import CheckpointError, save_checkpoint
 from cli import add_flags, add_weights_flag, config_from, run
 from data import ImageFolder, TensorImages, load_mnist
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
-                 inception_features, real_files, real_stats, to_uint8)
+                 inception_features, real_files, real_floor, real_stats, to_uint8)
 from likelihood import LikelihoodConfig, image_bits_per_dim
 from progress import progress
 from sampling import SampleConfig, Samples, check_guidance, load_for_sampling, sample_model
@@ -281,18 +281,24 @@ def fid_quality(model: nn.Module, real: RealStats, n: int, sampler: Sampler = Sa
 
 def inception_fid(model: nn.Module, real_dir: str, n: int, sampler: Sampler, seed: int = 0,
                   batch_size: int = 256, n_real: int | None = None, stats_cache: str | None = None) -> dict:
-    """`evaluate.py fid`: the score of n images drawn with sampler against n_real (default
-    n) of real_dir, and its protocol. The real side comes first, so that a bad folder fails before minutes of sampling
-    and a cached one costs nothing; class-conditional models draw the same number of images of every class."""
+    """`evaluate.py fid`: the score of n images drawn with sampler against n_real (default n) of real_dir, the floor
+    (n other real images against the same reference, where n_real = n and the folder holds 2n) and the excess over it,
+    and the protocol. The real side comes first, so that a bad folder fails before minutes of sampling and a cached
+    one costs nothing; class-conditional models draw the same number of images of every class."""
     cfg, n_real = model.config, n_real or n
     if n < 2:
         raise ValueError(f"--n {n}: the FID fits a covariance to the generated images, so it needs at least 2")
     if cfg.num_classes is not None:
         balanced_labels(n, cfg.num_classes)  # n must split evenly over the classes: refused before the real side
-    stats = real_stats(real_dir, cfg.image_size, n_real, stats_cache or STATS_DIR, next(model.parameters()).device)
+    device, cache = next(model.parameters()).device, stats_cache or STATS_DIR
+    stats = real_stats(real_dir, cfg.image_size, n_real, cache, device)
+    # the floor needs n other real images than the reference's n: a folder of at least 2n, and n_real = n
+    floor = (real_floor(stats, real_dir, cfg.image_size, n, cache, device)
+             if n_real == n and 2 * n <= len(real_files(real_dir, None)) else None)
     result = fid_quality(model, stats, n, sampler, seed, batch_size)
     per_class = n // cfg.num_classes if cfg.num_classes is not None else None
-    return {**result, "feature_extractor": EXTRACTOR, "real_key": stats.key, "real_stats": str(stats.cache_file),
+    return {**result, "floor": floor, "excess": None if floor is None else result["fid"] - floor,
+            "feature_extractor": EXTRACTOR, "real_key": stats.key, "real_stats": str(stats.cache_file),
             "real_stats_cached": stats.cached, "n": n, "real_dir": str(Path(real_dir).resolve()), "n_real": n_real,
             "image_size": cfg.image_size, "num_classes": cfg.num_classes, "per_class": per_class}
 
@@ -358,12 +364,15 @@ def sampled_metrics(args: argparse.Namespace, sample: SampleConfig) -> dict:
                          f"{loaded.ckpt.get('dataset') or 'grey'} images: Inception FID against a folder of colour "
                          "photos would compare unlike things (use `evaluate.py mnist` for digits)")
     if args.command == "fid":
-        print(f"FID: Inception features of {n} generated and {args.n_real or n} real images, ~8 images/s on 2 CPU "
-              "cores (real ones cached after the first time)", flush=True)
+        print(f"FID: Inception features of {n} generated and {args.n_real or n} real images (and the floor's {n} other "
+              "real ones where the folder holds them), ~8 images/s on 2 CPU cores (real ones cached after the first "
+              "time)", flush=True)
         result = {**inception_fid(model, args.real_dir, n, sampler, sample.seed, sample.batch_size, args.n_real,
                                   args.stats_cache), "checkpoint": str(Path(checkpoint).resolve()), "weights": weights}
+        floor = ("real-vs-real floor n/a (it needs --n-real = --n and a folder of 2N images)" if result["floor"] is None
+                 else f"real-vs-real floor {result['floor']:.2f}  excess {result['excess']:.2f}")
         print(f"N={n} generated ({weights} weights, {sampler}, NFE {result['nfe']} per image, seed {sample.seed}) vs "
-              f"{result['n_real']} real images of {args.real_dir}  Inception FID {result['fid']:.2f}")
+              f"{result['n_real']} real images of {args.real_dir}  Inception FID {result['fid']:.2f}  {floor}")
         return result
     real = load_mnist(args.data_root, train=False, download=False)
     check_reference_size(n, real.labels)  # before the reader: a bad --n needs none

@@ -117,12 +117,13 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return frechet_from_stats(*gaussian_stats(a), *gaussian_stats(b))
 
 
-def spread(files: list[Path], n: int, folder: str | Path) -> list[Path]:
-    """n files evenly spaced over the sorted list, so every class sub-folder is represented."""
-    if not 2 <= n <= len(files):
-        raise DataError(f"asked for {n} real images but {folder} holds {len(files)} readable ones: "
-                        f"pass --n-real between 2 and {len(files)}")
-    return [files[i * len(files) // n] for i in range(n)]
+def spread(files: list[Path], n: int, folder: str | Path, part: int = 0) -> list[Path]:
+    """n files evenly spaced over the sorted list, so every class sub-folder is represented; part 1 takes the n files
+    half a stride after part 0's (disjoint from them: the real-vs-real floor's second set)."""
+    if not 2 <= n <= len(files) // (1 + part):
+        raise DataError(f"asked for {n} real images{' twice (the floor)' if part else ''} but {folder} holds "
+                        f"{len(files)} readable ones: pass --n-real between 2 and {len(files) // (1 + part)}")
+    return [files[(2 * i + part) * len(files) // (2 * n)] for i in range(n)]
 
 
 def real_images_in(folder: str | Path) -> list[Path]:
@@ -132,16 +133,17 @@ def real_images_in(folder: str | Path) -> list[Path]:
     return find_images(folder)
 
 
-def real_files(folder: str | Path, n: int | None) -> list[Path]:
-    """The real set: n readable images spread over the folder (sorted by relative path); None = all of them."""
+def real_files(folder: str | Path, n: int | None, part: int = 0) -> list[Path]:
+    """The real set: n readable images spread over the folder (sorted by relative path), or part 1: n others between
+    them; None = all of them."""
     files = readable(real_images_in(folder))
-    return spread(files, n, folder) if n is not None else files
+    return spread(files, n, folder, part) if n is not None else files
 
 
-def folder_key(folder: str | Path, image_size: int, n: int) -> str:
-    """SHA-256 of everything the real statistics depend on: file names, sizes and mtimes, size, n, network."""
+def folder_key(folder: str | Path, image_size: int, n: int, part: int = 0) -> str:
+    """SHA-256 of everything the real statistics depend on: file names, sizes and mtimes, size, n, part, network."""
     root = Path(folder)
-    h = hashlib.sha256(f"{image_size} {n} {WEIGHTS_SHA1}\n".encode())
+    h = hashlib.sha256(f"{image_size} {n} {WEIGHTS_SHA1}{f' part {part}' if part else ''}\n".encode())
     for path in real_images_in(root):
         stat = path.stat()
         h.update(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
@@ -159,11 +161,11 @@ class RealStats:
     cached: bool  # read from the cache rather than computed
 
 
-def stats_file(folder: str | Path, image_size: int, n: int, cache_dir: str | Path) -> Path:
-    """One cache file per (folder, image size, n): a changed folder overwrites its stale statistics."""
+def stats_file(folder: str | Path, image_size: int, n: int, cache_dir: str | Path, part: int = 0) -> Path:
+    """One cache file per (folder, image size, n, part): a changed folder overwrites its stale statistics."""
     folder = Path(folder).resolve()
-    tag = hashlib.sha256(f"{folder} {image_size} {n}".encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{folder.name}-{image_size}px-{n}-{tag}.pt"
+    tag = hashlib.sha256(f"{folder} {image_size} {n}{f' part {part}' if part else ''}".encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{folder.name}-{image_size}px-{n}{'-floor' if part else ''}-{tag}.pt"
 
 
 def read_cache(path: Path, key: str) -> dict | None:
@@ -186,10 +188,11 @@ def real_features(files: list[Path], folder: str | Path, image_size: int, device
                       for x, _ in progress(DataLoader(images, batch_size=batch_size), "real images' features")])
 
 
-def cache_stats(features: torch.Tensor, folder: str | Path, image_size: int, cache_dir: str | Path) -> RealStats:
-    """Fit and cache the statistics of the features of real_files(folder, len(features)), in that order."""
+def cache_stats(features: torch.Tensor, folder: str | Path, image_size: int, cache_dir: str | Path,
+                part: int = 0) -> RealStats:
+    """Fit and cache the statistics of the features of real_files(folder, len(features), part), in that order."""
     n = len(features)
-    key, path = folder_key(folder, image_size, n), stats_file(folder, image_size, n, cache_dir)
+    key, path = folder_key(folder, image_size, n, part), stats_file(folder, image_size, n, cache_dir, part)
     mu, sigma = gaussian_stats(features)
     save_checkpoint(path, {"mu": mu, "sigma": sigma, "n": n, "key": key, "folder": str(Path(folder).resolve()),
                            "image_size": image_size, "extractor": EXTRACTOR})
@@ -197,11 +200,20 @@ def cache_stats(features: torch.Tensor, folder: str | Path, image_size: int, cac
 
 
 def real_stats(folder: str | Path, image_size: int, n: int, cache_dir: str | Path = STATS_DIR,
-               device: torch.device | str = "cpu", batch_size: int = 50) -> RealStats:
-    """Inception statistics of n real images of folder at image_size px, from the cache when the folder is unchanged."""
-    key, path = folder_key(folder, image_size, n), stats_file(folder, image_size, n, cache_dir)
+               device: torch.device | str = "cpu", batch_size: int = 50, part: int = 0) -> RealStats:
+    """Inception statistics of n real images of folder at image_size px (part 1: the floor's other n), from the cache
+    when the folder is unchanged."""
+    key, path = folder_key(folder, image_size, n, part), stats_file(folder, image_size, n, cache_dir, part)
     cached = read_cache(path, key)
     if cached is not None:
         return RealStats(cached["mu"], cached["sigma"], key, path, cached=True)
-    features = real_features(real_files(folder, n), folder, image_size, device, batch_size)
-    return cache_stats(features, folder, image_size, cache_dir)
+    features = real_features(real_files(folder, n, part), folder, image_size, device, batch_size)
+    return cache_stats(features, folder, image_size, cache_dir, part)
+
+
+def real_floor(reference: RealStats, folder: str | Path, image_size: int, n: int, cache_dir: str | Path = STATS_DIR,
+               device: torch.device | str = "cpu") -> float:
+    """The FID that real photos themselves score at this N: n other real images of the folder (between the
+    reference's n) against the reference of n; a generator's excess over it is what the model lacks."""
+    other = real_stats(folder, image_size, n, cache_dir, device, part=1)
+    return frechet_from_stats(other.mu, other.sigma, reference.mu, reference.sigma)

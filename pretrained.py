@@ -96,9 +96,7 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
         "| | |", "|---|---|",
         f"| kind | {config['kind']} |",
         f"| parameters | {n_params / 1e6:.2f}M ({config['weights']} weights, fp32) |",
-        f"| U-Net | base {cfg['base_channels']} channels, multipliers {tuple(cfg['channel_mult'])}, "
-        f"{cfg['num_res_blocks']} res block(s) per level, "
-        f"attention at {tuple(cfg['attention_resolutions']) or 'none'} |",
+        architecture_row(cfg),
         f"| recorded sampler | {sampler_text} |",
         f"| training | step {train.get('step')}, epoch {train.get('epoch')}, batch {tc.get('batch_size')}, "
         f"lr {tc.get('lr')} ({tc.get('lr_schedule')}), objective {tc.get('objective', 'flow-matching')}, "
@@ -118,20 +116,43 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
               "```", "",
               "The folder loads without pickle (`model.safetensors`, `config.json`, `flow_config.json`); it samples "
               "with the recorded sampler unless told otherwise.", ""]
-    m = config.get("metrics")
-    if m:
-        lines += ["## Measured", "",
-                  "| sampler | NFE | N | digit as asked | Fréchet (MNIST-CNN) | real-vs-real floor | excess |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {m['solver']} {m['steps']}, w = {m['guidance']} | {m['nfe']} | {m['n']} | {m['accuracy']:.1%} | "
-                  f"{m['frechet']:.1f} | {m['floor']:.1f} | {m['excess']:.1f} |", "",
-                  "Read by `evaluate.py`'s MNIST classifier"
-                  + (f" ({m['classifier_accuracy']:.2%} on the test split)" if m.get("classifier_accuracy") else "")
-                  + ", against its class-balanced random reference (docs/evaluation.md)"
-                  + (f"; measured on a {m['hardware']}." if m.get("hardware") else "."), ""]
+    lines += measured_section(config.get("metrics"))
     if notes:
         lines += ["## Notes", "", notes.strip(), ""]
     return "\n".join(lines)
+
+
+def architecture_row(cfg: dict) -> str:
+    """The card's network row: the U-Net's levels, or the DiT's width, depth and patch (older configs: a U-Net)."""
+    if cfg.get("backbone", "unet") == "dit":
+        return (f"| DiT | width {cfg['base_channels']}, depth {cfg['depth']}, patch {cfg['patch_size']}, "
+                f"{cfg['base_channels'] // cfg['head_channels']} heads |")
+    return (f"| U-Net | base {cfg['base_channels']} channels, multipliers {tuple(cfg['channel_mult'])}, "
+            f"{cfg['num_res_blocks']} res block(s) per level, "
+            f"attention at {tuple(cfg['attention_resolutions']) or 'none'} |")
+
+
+def measured_section(m: dict | None) -> list[str]:
+    """The card's "Measured" lines: an Inception FID (photos) or the MNIST readers' figures (digits); none without."""
+    if m and "fid" in m:
+        return ["## Measured", "", "| sampler | NFE | N | Inception FID | real-vs-real floor | excess |",
+                "|---|---|---|---|---|---|",
+                f"| {m['solver']} {m['steps']}, w = {m['guidance']} | {m['nfe']} | {m['n']} | {m['fid']:.1f} | "
+                f"{m['floor']:.1f} | {m['excess']:.1f} |", "",
+                f"`evaluate.py fid` against {m['n_real']} real images of the training folder; the floor is "
+                f"{m['n']} other real images of it against the same {m['n_real']} (docs/evaluation.md)"
+                + (f"; measured on a {m['hardware']}." if m.get("hardware") else "."), ""]
+    if m:
+        return ["## Measured", "",
+                "| sampler | NFE | N | digit as asked | Fréchet (MNIST-CNN) | real-vs-real floor | excess |",
+                "|---|---|---|---|---|---|---|",
+                f"| {m['solver']} {m['steps']}, w = {m['guidance']} | {m['nfe']} | {m['n']} | {m['accuracy']:.1%} | "
+                f"{m['frechet']:.1f} | {m['floor']:.1f} | {m['excess']:.1f} |", "",
+                "Read by `evaluate.py`'s MNIST classifier"
+                + (f" ({m['classifier_accuracy']:.2%} on the test split)" if m.get("classifier_accuracy") else "")
+                + ", against its class-balanced random reference (docs/evaluation.md)"
+                + (f"; measured on a {m['hardware']}." if m.get("hardware") else "."), ""]
+    return []
 
 
 def main(argv: list[str] | None = None) -> Path:

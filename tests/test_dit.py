@@ -8,6 +8,7 @@ import torch
 
 import pretrained
 from checkpoint import CheckpointError, build_model, load_checkpoint, load_ema_weights, model_from_checkpoint
+from cli import parse_configs
 from dit import DiT
 from helpers import TINY, TINY_DIT, assert_same_weights, blobs, tiny_checkpoint, tiny_config
 from hubconf import from_checkpoint
@@ -107,3 +108,15 @@ def test_a_dit_flow_starts_a_meanflow_dit_as_itself(tmp_path):
     x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1])
     with torch.no_grad():
         torch.testing.assert_close(student.eval()(x, t, y, t + 0.3), flow(x, t, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("script,preset,size,channels", [("mnist_train", "cpu-dit", 28, 1),
+                                                         ("rectified_flow_train", "dit32", 32, 3)])
+def test_the_dit_presets_build_transformers_of_their_data(script, preset, size, channels):
+    module = __import__(script)
+    (_, model_cfg, *_), _ = parse_configs(module.DEFAULTS, module.PRESETS, None, ["--preset", preset])
+    model_cfg = replace(model_cfg, num_classes=10)  # the folder's classes decide this for photos
+    check_config(model_cfg)
+    model = build_model(model_cfg)
+    x = torch.randn(2, channels, size, size)
+    assert isinstance(model, DiT) and model(x, torch.rand(2), torch.tensor([0, 9])).shape == x.shape

