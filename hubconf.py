@@ -3,6 +3,7 @@
     repo = "OWNER/flow-image-generator"     # the GitHub repository; in a clone: repo = ".", with source="local"
     model = torch.hub.load(repo, "mnist_1rf")
     images = torch.hub.load(repo, "sample", model, labels=[0, 1, 2])   # (3, 1, 28, 28) in [0, 1]
+    photos = torch.hub.load(repo, "sample", torch.hub.load(repo, "cifar10_1rf"), labels=["cat", "ship"])
     model.sampler   # Sampler(solver="midpoint", steps=4, guidance=1.1, ...): the recorded one that `sample` uses
 
 Each entry returns a ConditionalUNet in eval mode on `device` (None or "auto": CUDA, then MPS, then the CPU) with its
@@ -41,6 +42,12 @@ def mnist_one_step(device: str | None = None) -> ConditionalUNet:
     """The committed one-step MNIST model (pretrained/mnist-meanflow, made from mnist-1rf by `make one-step`): one jump
     along its average velocity, 1 network evaluation."""
     return from_checkpoint(PRETRAINED / "mnist-meanflow", device)
+
+
+def cifar10_1rf(device: str | None = None) -> ConditionalUNet:
+    """The committed photo model (pretrained/cifar10-1rf): the `small32` preset, 60 minutes of two CPU cores on the
+    CIFAR-10 test photos, class-conditional (model.class_names: airplane ... truck); 32 x 32 RGB."""
+    return from_checkpoint(PRETRAINED / "cifar10-1rf", device)
 
 
 def sample(model: ConditionalUNet, labels: Sequence[int | str] | torch.Tensor | None = None, n: int = 10,

@@ -100,6 +100,7 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
         f"| recorded sampler | {sampler_text} |",
         f"| training | step {train.get('step')}, epoch {train.get('epoch')}, batch {tc.get('batch_size')}, "
         f"lr {tc.get('lr')} ({tc.get('lr_schedule')}), objective {tc.get('objective', 'flow-matching')}, "
+        f"t {tc.get('t_schedule', 'uniform')}, "
         f"label dropout {config.get('label_dropout')} |",
         f"| validation loss | {'n/a' if val is None else f'{val:.4f}'} |",
     ]

@@ -18,7 +18,7 @@ stage "tests/test_cuda.py"
 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/test_cuda.txt"
 stage "train-speed"
 for a in "mnist --preset gpu" "mnist --preset gpu --channels-last off" "mnist --preset gpu --compile" \
-         "mnist --preset cpu --device cuda" "rf --preset small32" "rf --preset celeba64"; do
+         "mnist --preset cpu --device cuda" "rf --preset small32" "rf --preset celeba64" "rf --preset dit32"; do
   timeout 150 python3 benchmark.py train-speed --out /tmp/ts.json $a 2>&1 | grep -E "img/s|rror" | tee -a "$OUT/train_speed.txt"
 done
 stage "mnist gpu preset, 2-minute budget"

@@ -34,7 +34,44 @@ def one_step_photos(name: str = "one-step/cifar-zen4.json") -> list[str]:
     return lines
 
 
-TABLES = {"one-step.md": {"one-step": one_step, "one-step-photos": one_step_photos}}  # page -> {table: its rows}
+def backbones(name: str = "results-mnist/zen4-backbones.json") -> list[str]:
+    """U-Net against DiT on MNIST at equal minutes: steps, speed and both readers at N = 4,000."""
+    lines = ["| run (commands in the JSON) | parameters | steps | img/s (step) | CNN: as asked, excess "
+             "| BN-CNN: as asked, excess |", "|---|---|---|---|---|---|"]
+    for r in json.loads((DOCS / name).read_text())["rows"]:
+        bn = "not read" if r["bn_accuracy"] is None else f"{r['bn_accuracy']:.1%}, {r['bn_excess']:.2f}"
+        speed = "—" if r["img_per_s_step"] is None else f"{r['img_per_s_step']:.0f}"
+        lines.append(f"| {r['run']} | {r['params_M']:.2f}M | {r['steps']} | {speed} | "
+                     f"{r['cnn_accuracy']:.1%}, {r['cnn_excess']:.1f} | {bn} |")
+    return lines
+
+
+def recipe(name: str = "results-mnist/zen4-recipe-screen.json") -> list[str]:
+    """MNIST levers screened at two thirds of make train's minutes: the CNN reader at N = 4,000."""
+    lines = ["| run (flags in the JSON) | minutes | steps | CNN: as asked, excess |", "|---|---|---|---|"]
+    for r in json.loads((DOCS / name).read_text())["rows"]:
+        lines.append(f"| {r['run']} | {r['minutes']:.1f} | {r['steps'] or '—'} | "
+                     f"{r['cnn_accuracy']:.1%}, {r['cnn_excess']:.1f} |")
+    return lines
+
+
+def photos(name: str) -> list[str]:
+    """CIFAR-10 runs at equal minutes: Inception FID at N = 1,000 (the page names the sampler) beside the real-vs-real
+    floor at the same N."""
+    lines = ["| run | parameters | minutes | steps | img/s | FID | floor | excess |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in json.loads((DOCS / name).read_text())["rows"]:
+        lines.append(f"| {r['run']} | {r['params_M']:.2f}M | {r['minutes']:.1f} | {r['steps']} | "
+                     f"{r['img_per_s']:.0f} | {r['fid']:.1f} | {r['floor']:.1f} | **{r['fid'] - r['floor']:.1f}** |")
+    return lines
+
+
+TABLES = {  # page -> {table: its rows}
+    "one-step.md": {"one-step": one_step, "one-step-photos": one_step_photos},
+    "results-mnist.md": {"backbones": backbones, "recipe": recipe},
+    "results-cifar.md": {"photos-60": lambda: photos("results-cifar/zen4-60min.json"),
+                         "photos-screen": lambda: photos("results-cifar/zen4-screen.json")},
+}
 
 
 def main(argv: list[str]) -> int:

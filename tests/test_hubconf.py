@@ -23,6 +23,8 @@ def test_the_committed_models_load_with_their_recorded_samplers_and_sample():
                                                       seed=2, device="cpu"))
     one_step = hub("mnist_one_step", device="cpu")
     assert one_step.sampler.steps == 1 and hub("sample", one_step, n=4).shape == (4, 1, 28, 28)
+    photos = hub("cifar10_1rf", device="cpu")
+    assert photos.class_names[3] == "cat" and hub("sample", photos, labels=["cat", 8]).shape == (2, 3, 32, 32)
 
 
 def test_from_checkpoint_takes_any_checkpoint_and_sample_takes_overrides(tmp_path):

@@ -14,6 +14,7 @@ from checkpoint import (CheckpointError, load_checkpoint, model_config_from, mod
 from helpers import tiny_checkpoint
 from reflow import sha256
 from sampling import load_for_sampling, sample_from_checkpoint, sample_model
+from solvers import Sampler
 from unet import ConditionalUNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,18 @@ def test_committed_models_load_and_sample_with_their_recorded_sampler(name, nfe)
     config = json.loads((folder / "flow_config.json").read_text())
     card = (folder / "README.md").read_text()
     assert config["metrics"]["n"] >= 4000 and f"{config['metrics']['accuracy']:.1%}" in card
+
+
+def test_the_committed_photo_model_draws_its_classes_by_name_with_its_recorded_sampler(tmp_path):
+    folder = checkpoint.PRETRAINED / "cifar10-1rf"
+    images = sample_from_checkpoint(folder, tmp_path / "grid.png", labels=["airplane", "cat", "truck"], seed=0)
+    assert images.shape == (3, 3, 32, 32) and (tmp_path / "grid.png").is_file()
+    assert images.std(dim=(1, 2, 3)).min() > 0.05  # photos, not flat fields
+    loaded = load_for_sampling(folder)
+    assert loaded.sampler == Sampler("euler", 8, 2.0) and loaded.ckpt["class_names"][9] == "truck"
+    config = json.loads((folder / "flow_config.json").read_text())
+    metrics, card = config["metrics"], (folder / "README.md").read_text()
+    assert metrics["n"] == 1000 and f"| {metrics['fid']:.1f} | {metrics['floor']:.1f} |" in card
 
 
 def test_mnist_test_uses_the_committed_model_until_make_train_has_run(tmp_path, monkeypatch, capsys):
