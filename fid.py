@@ -140,10 +140,15 @@ def real_files(folder: str | Path, n: int | None, part: int = 0) -> list[Path]:
     return spread(files, n, folder, part) if n is not None else files
 
 
+def part_tag(part: int) -> str:
+    """What tells the floor's second set (part 1) from the reference (part 0) in its cache key and file tag."""
+    return f" part {part}" if part else ""
+
+
 def folder_key(folder: str | Path, image_size: int, n: int, part: int = 0) -> str:
     """SHA-256 of everything the real statistics depend on: file names, sizes and mtimes, size, n, part, network."""
     root = Path(folder)
-    h = hashlib.sha256(f"{image_size} {n} {WEIGHTS_SHA1}{f' part {part}' if part else ''}\n".encode())
+    h = hashlib.sha256(f"{image_size} {n} {WEIGHTS_SHA1}{part_tag(part)}\n".encode())
     for path in real_images_in(root):
         stat = path.stat()
         h.update(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
@@ -164,7 +169,7 @@ class RealStats:
 def stats_file(folder: str | Path, image_size: int, n: int, cache_dir: str | Path, part: int = 0) -> Path:
     """One cache file per (folder, image size, n, part): a changed folder overwrites its stale statistics."""
     folder = Path(folder).resolve()
-    tag = hashlib.sha256(f"{folder} {image_size} {n}{f' part {part}' if part else ''}".encode()).hexdigest()[:12]
+    tag = hashlib.sha256(f"{folder} {image_size} {n}{part_tag(part)}".encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{folder.name}-{image_size}px-{n}{'-floor' if part else ''}-{tag}.pt"
 
 

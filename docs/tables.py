@@ -55,14 +55,28 @@ def recipe(name: str = "results-mnist/zen4-recipe-screen.json") -> list[str]:
     return lines
 
 
+def sampler_name(r: dict) -> str:
+    """A row's sampler, e.g. 'euler 16, w = 2', and the noise seeds its FID averages where more than seed 0."""
+    seeds = r.get("seeds", [0])
+    return f"{r['solver']} {r['steps_sampler']}, w = {r['guidance']:g}" + (
+        f" (mean of seeds {', '.join(map(str, seeds))})" if seeds != [0] else "")
+
+
 def photos(name: str) -> list[str]:
-    """CIFAR-10 runs at equal minutes: Inception FID at N = 1,000 (the page names the sampler) beside the real-vs-real
-    floor at the same N."""
-    lines = ["| run | parameters | minutes | steps | img/s | FID | floor | excess |",
-             "|---|---|---|---|---|---|---|---|"]
+    """CIFAR-10 runs at equal minutes: Inception FID at N = 1,000 beside the real-vs-real floor at the same N."""
+    lines = ["| run | sampler | parameters | minutes | steps | img/s | FID | floor | excess |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in json.loads((DOCS / name).read_text())["rows"]:
-        lines.append(f"| {r['run']} | {r['params_M']:.2f}M | {r['minutes']:.1f} | {r['steps']} | "
+        lines.append(f"| {r['run']} | {sampler_name(r)} | {r['params_M']:.2f}M | {r['minutes']:.1f} | {r['steps']} | "
                      f"{r['img_per_s']:.0f} | {r['fid']:.1f} | {r['floor']:.1f} | **{r['fid'] - r['floor']:.1f}** |")
+    return lines
+
+
+def photo_samplers(name: str = "results-cifar/zen4-sampler.json") -> list[str]:
+    """One CIFAR-10 model under several samplers: Inception FID at N = 1,000 and its excess over the floor."""
+    lines = ["| sampler | NFE | FID | excess |", "|---|---|---|---|"]
+    for r in json.loads((DOCS / name).read_text())["rows"]:
+        lines.append(f"| {sampler_name(r)} | {r['nfe']} | {r['fid']:.1f} | **{r['fid'] - r['floor']:.1f}** |")
     return lines
 
 
@@ -70,7 +84,8 @@ TABLES = {  # page -> {table: its rows}
     "one-step.md": {"one-step": one_step, "one-step-photos": one_step_photos},
     "results-mnist.md": {"backbones": backbones, "recipe": recipe},
     "results-cifar.md": {"photos-60": lambda: photos("results-cifar/zen4-60min.json"),
-                         "photos-screen": lambda: photos("results-cifar/zen4-screen.json")},
+                         "photos-screen": lambda: photos("results-cifar/zen4-screen.json"),
+                         "photo-samplers": photo_samplers},
 }
 
 

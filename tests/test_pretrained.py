@@ -175,7 +175,7 @@ def test_the_committed_photo_model_draws_its_classes_by_name_with_its_recorded_s
     assert images.shape == (3, 3, 32, 32) and (tmp_path / "grid.png").is_file()
     assert images.std(dim=(1, 2, 3)).min() > 0.05  # photos, not flat fields
     loaded = load_for_sampling(folder)
-    assert loaded.sampler == Sampler("euler", 8, 2.0) and loaded.ckpt["class_names"][9] == "truck"
+    assert loaded.sampler == Sampler("euler", 16, 2.0) and loaded.ckpt["class_names"][9] == "truck"
     config = json.loads((folder / "flow_config.json").read_text())
     metrics, card = config["metrics"], (folder / "README.md").read_text()
     assert metrics["n"] == 1000 and f"| {metrics['fid']:.1f} | {metrics['floor']:.1f} |" in card

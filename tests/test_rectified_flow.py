@@ -55,14 +55,14 @@ def test_photo_run_writes_epochs_last_and_best_by_validation(photo_run):
     assert (tmp / "samples" / "epoch_4.png").is_file()
     ckpt = load_checkpoint(tmp / "ck" / "last.pth")
     assert ckpt["model_config"]["num_classes"] is None and ckpt["model_config"]["image_size"] == 32
-    assert Sampler.recorded(ckpt["sampler"]) == Sampler("euler", 8, 1.0)  # the photo default, unguided: no classes
+    assert Sampler.recorded(ckpt["sampler"]) == Sampler("euler", 16, 1.0)  # the photo default, unguided: no classes
 
 
 @pytest.mark.parametrize("classes,dropout,guidance", [(None, 0.1, 1.0), (10, 0.1, 2.0), (10, 0.0, 1.0)])
 def test_photo_checkpoints_guide_only_where_the_null_label_was_trained(classes, dropout, guidance):
     model_cfg = replace(rectified_flow_train.DEFAULTS[1], num_classes=classes)
     cfg = replace(rectified_flow_train.DEFAULTS[0], label_dropout=dropout)
-    assert rectified_flow_train.folder_sampler(model_cfg, cfg) == Sampler("euler", 8, guidance)
+    assert rectified_flow_train.folder_sampler(model_cfg, cfg) == Sampler("euler", 16, guidance)
 
 
 def test_validation_loss_is_fixed_for_fixed_weights(photo_run):
