@@ -8,51 +8,57 @@ import sys
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
+
+
+def rows(name: str) -> list[dict]:
+    """The rows of a results JSON under docs/."""
+    return json.loads((DOCS / name).read_text())["rows"]
+
+
+def table(columns: list[str], body: list[str]) -> list[str]:
+    """A Markdown table: the header of columns, its separator, then the body's lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *body]
+
+
 def one_step(name: str = "one-step/zen4.json") -> list[str]:
     """One step from make train's flow: each route's excess Fréchet at 1 and 2 NFE by both readers, and its ratio to the
     flow's own excess at its recorded sampler (the first row)."""
-    rows = json.loads((DOCS / name).read_text())["rows"]
-    flow = rows[0]["readings"][0]
-    lines = ["| route | minutes after the flow | total minutes | sampler | NFE | CNN (x flow) | BN-CNN (x flow) |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
+    routes = rows(name)
+    flow = routes[0]["readings"][0]
+    body = []
+    for row in routes:
         added = "—" if row["added_minutes"] is None else f"{row['added_minutes']:.1f}"
-        for r in row["readings"]:
-            lines.append(f"| {row['route']} | {added} | {row['total_minutes']:.1f} | {r['sampler']} | {r['nfe']} | "
-                         f"{r['cnn']:.1f} ({r['cnn'] / flow['cnn']:.1f}x, {r['cnn_accuracy']:.1%}) | "
-                         f"{r['bn']:.2f} ({r['bn'] / flow['bn']:.1f}x, {r['bn_accuracy']:.1%}) |")
-    return lines
+        body += [f"| {row['route']} | {added} | {row['total_minutes']:.1f} | {r['sampler']} | {r['nfe']} | "
+                 f"{r['cnn']:.1f} ({r['cnn'] / flow['cnn']:.1f}x, {r['cnn_accuracy']:.1%}) | "
+                 f"{r['bn']:.2f} ({r['bn'] / flow['bn']:.1f}x, {r['bn_accuracy']:.1%}) |" for r in row["readings"]]
+    return table(["route", "minutes after the flow", "total minutes", "sampler", "NFE", "CNN (x flow)",
+                  "BN-CNN (x flow)"], body)
 
 
 def one_step_photos(name: str = "one-step/cifar-zen4.json") -> list[str]:
     """The same conversion of a CIFAR-10 `small32` flow: Inception FID of each sampler at N = 1,000."""
-    data = json.loads((DOCS / name).read_text())
-    lines = ["| model | minutes | sampler | NFE | Inception FID |", "|---|---|---|---|---|"]
-    for row in data["rows"]:
-        lines.append(f"| {row['model']} | {row['minutes']:.1f} | {row['solver']} {row['steps']}, w = "
-                     f"{row['guidance']:g} | {row['nfe']} | {row['fid']:.1f} |")
-    return lines
+    return table(["model", "minutes", "sampler", "NFE", "Inception FID"],
+                 [f"| {r['model']} | {r['minutes']:.1f} | {r['solver']} {r['steps']}, w = {r['guidance']:g} | "
+                  f"{r['nfe']} | {r['fid']:.1f} |" for r in rows(name)])
 
 
 def backbones(name: str = "results-mnist/zen4-backbones.json") -> list[str]:
     """U-Net against DiT on MNIST at equal minutes: steps, speed and both readers at N = 4,000."""
-    lines = ["| run (commands in the JSON) | parameters | steps | img/s (step) | CNN: as asked, excess "
-             "| BN-CNN: as asked, excess |", "|---|---|---|---|---|---|"]
-    for r in json.loads((DOCS / name).read_text())["rows"]:
+    body = []
+    for r in rows(name):
         bn = "not read" if r["bn_accuracy"] is None else f"{r['bn_accuracy']:.1%}, {r['bn_excess']:.2f}"
         speed = "—" if r["img_per_s_step"] is None else f"{r['img_per_s_step']:.0f}"
-        lines.append(f"| {r['run']} | {r['params_M']:.2f}M | {r['steps']} | {speed} | "
-                     f"{r['cnn_accuracy']:.1%}, {r['cnn_excess']:.1f} | {bn} |")
-    return lines
+        body.append(f"| {r['run']} | {r['params_M']:.2f}M | {r['steps']} | {speed} | "
+                    f"{r['cnn_accuracy']:.1%}, {r['cnn_excess']:.1f} | {bn} |")
+    return table(["run (commands in the JSON)", "parameters", "steps", "img/s (step)", "CNN: as asked, excess",
+                  "BN-CNN: as asked, excess"], body)
 
 
 def recipe(name: str = "results-mnist/zen4-recipe-screen.json") -> list[str]:
     """MNIST levers screened at two thirds of make train's minutes: the CNN reader at N = 4,000."""
-    lines = ["| run (flags in the JSON) | minutes | steps | CNN: as asked, excess |", "|---|---|---|---|"]
-    for r in json.loads((DOCS / name).read_text())["rows"]:
-        lines.append(f"| {r['run']} | {r['minutes']:.1f} | {r['steps'] or '—'} | "
-                     f"{r['cnn_accuracy']:.1%}, {r['cnn_excess']:.1f} |")
-    return lines
+    return table(["run (flags in the JSON)", "minutes", "steps", "CNN: as asked, excess"],
+                 [f"| {r['run']} | {r['minutes']:.1f} | {r['steps'] or '—'} | "
+                  f"{r['cnn_accuracy']:.1%}, {r['cnn_excess']:.1f} |" for r in rows(name)])
 
 
 def sampler_name(r: dict) -> str:
@@ -64,20 +70,17 @@ def sampler_name(r: dict) -> str:
 
 def photos(name: str) -> list[str]:
     """CIFAR-10 runs at equal minutes: Inception FID at N = 1,000 beside the real-vs-real floor at the same N."""
-    lines = ["| run | sampler | parameters | minutes | steps | img/s | FID | floor | excess |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in json.loads((DOCS / name).read_text())["rows"]:
-        lines.append(f"| {r['run']} | {sampler_name(r)} | {r['params_M']:.2f}M | {r['minutes']:.1f} | {r['steps']} | "
-                     f"{r['img_per_s']:.0f} | {r['fid']:.1f} | {r['floor']:.1f} | **{r['fid'] - r['floor']:.1f}** |")
-    return lines
+    return table(["run", "sampler", "parameters", "minutes", "steps", "img/s", "FID", "floor", "excess"],
+                 [f"| {r['run']} | {sampler_name(r)} | {r['params_M']:.2f}M | {r['minutes']:.1f} | {r['steps']} | "
+                  f"{r['img_per_s']:.0f} | {r['fid']:.1f} | {r['floor']:.1f} | **{r['fid'] - r['floor']:.1f}** |"
+                  for r in rows(name)])
 
 
 def photo_samplers(name: str = "results-cifar/zen4-sampler.json") -> list[str]:
     """One CIFAR-10 model under several samplers: Inception FID at N = 1,000 and its excess over the floor."""
-    lines = ["| sampler | NFE | FID | excess |", "|---|---|---|---|"]
-    for r in json.loads((DOCS / name).read_text())["rows"]:
-        lines.append(f"| {sampler_name(r)} | {r['nfe']} | {r['fid']:.1f} | **{r['fid'] - r['floor']:.1f}** |")
-    return lines
+    return table(["sampler", "NFE", "FID", "excess"],
+                 [f"| {sampler_name(r)} | {r['nfe']} | {r['fid']:.1f} | **{r['fid'] - r['floor']:.1f}** |"
+                  for r in rows(name)])
 
 
 TABLES = {  # page -> {table: its rows}
