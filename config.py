@@ -1,6 +1,7 @@
 """TrainConfig: how to train, every field a flag of the training scripts, and the checks it gets before a run starts."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -18,17 +19,20 @@ class TrainConfig:
 
     renamed: ClassVar[dict[str, str]] = {"--checkpoint": "out"}  # old spellings users' scripts may hold: still taken
 
-    epochs: int = 20  # passes over the training set
+    epochs: float = 20  # passes over the training set; a fraction ends the run inside the last one
     batch_size: int = 64  # global batch, split over GPUs / DDP ranks
     lr: float = 1e-4  # AdamW learning rate after warm-up
     lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (both decay to 0 at the run's end)
     weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (0.95 suits runs of a few hundred steps)
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # EMA decay (with warm-up), used for sampling and validation
     label_dropout: float = 0.1  # share of labels replaced by the null token (classifier-free guidance)
     t_schedule: str = "uniform"  # training-time distribution: uniform | logit-normal (flow matching)
+    t_mu: float = 0.0  # logit-normal location; < 0 trains more near the noise end t = 0 (MNIST's preset: -0.5)
     objective: str = "flow-matching"  # flow-matching | meanflow (average velocities: one-step sampling, one run)
+    coupling: str = "independent"  # noise for each image: independent | ot (minibatch optimal transport per class)
     t_grid: int = 0  # 0 = continuous t; k = t in {0, 1/k, ..., (k-1)/k}: trains a k-step Euler map (distillation)
     hflip: bool = False  # random horizontal flips (not for digits)
     seed: int = 0  # seeds data order, noise, times and dropout
@@ -78,27 +82,33 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     choices = {"t_schedule": T_SCHEDULES, "objective": OBJECTIVES, "lr_schedule": LR_SCHEDULES,
                "amp": ("none", "bf16", "fp16", "auto"), "channels_last": ("on", "off", "auto"),
                "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last"), "logger": LOGGERS,
-               "existing": ("move", "refuse")}
+               "existing": ("move", "refuse"), "coupling": ("independent", "ot")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
+    at_least = {"batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
                 "t_grid": 0, "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0,
                 "time_budget": 0, "time_limit": 0}
     for name, low in at_least.items():
         if not getattr(cfg, name) >= low:  # (not >=: NaN fails too)
             raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    for name in ("lr", "epochs"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{flag(name)} must be > 0, got {getattr(cfg, name)}")
     for name in ("ema_decay", "label_dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
+    if not 0 <= cfg.adam_beta2 < 1:
+        raise ValueError(f"--adam-beta2 must lie in [0, 1), got {cfg.adam_beta2}")
     if cfg.label_dropout == 1:
         raise ValueError("--label-dropout 1 drops every label: the model would never see a class. Use 0.1 (guidance) "
                          "or 0 (no guidance); for an unconditional model pass --num-classes none")
     if cfg.resume and cfg.init_from:
         raise ValueError("--resume continues a run with its own weights; --init-from starts a new one from another "
                          "run's: give one of the two")
+    if not math.isfinite(cfg.t_mu) or (cfg.t_mu and cfg.t_schedule != "logit-normal"):
+        raise ValueError(f"--t-mu {cfg.t_mu} shifts the logit-normal training times: give a finite value with "
+                         "--t-schedule logit-normal, or --t-mu 0")
     if cfg.objective == "meanflow" and cfg.t_grid:
         raise ValueError("--t-grid (k-step distillation) trains a velocity at k times; --objective meanflow "
                          "trains average velocities: use one of the two")

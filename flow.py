@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 T_SCHEDULES = ("uniform", "logit-normal")
@@ -27,16 +28,30 @@ ADAPTIVE_WEIGHT_EPS = 1e-3  # c in the adaptive loss weight 1 / (||Δ||² + c)^p
 ALPHA_STEEPNESS, ALPHA_SNAP = 25.0, 0.005
 
 
-def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cpu", grid: int = 0) -> torch.Tensor:
-    """Training times (n,) in [0, 1): uniform, logit-normal(0, 1) as in Stable Diffusion 3, or with grid = k
-    the k Euler-step starts {0, 1/k, ..., (k-1)/k} (k-step distillation: the schedule is then ignored)."""
+def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cpu", grid: int = 0,
+             mu: float = 0.0) -> torch.Tensor:
+    """Training times (n,) in [0, 1): uniform, logit-normal(mu, 1) (Stable Diffusion 3's mu = 0; mu < 0 puts more
+    of them near the noise end t = 0), or with grid = k the k Euler-step starts {0, 1/k, ..., (k-1)/k} (k-step
+    distillation: the schedule is then ignored)."""
     if grid:
         return torch.randint(0, grid, (n,), device=device) / grid
     if schedule == "uniform":
         return torch.rand(n, device=device)
     if schedule == "logit-normal":
-        return torch.sigmoid(torch.randn(n, device=device))
+        return torch.sigmoid(mu + torch.randn(n, device=device))
     raise ValueError(f"unknown t schedule {schedule!r}: choose one of {', '.join(T_SCHEDULES)}")
+
+
+def ot_noise(x1: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Fresh noise (B, C, H, W) paired with the images x1 by minibatch optimal transport (least total squared
+    distance; Tong et al. 2023, OT-CFM), within each class of y so that the noise given a class stays N(0, I)."""
+    x0, paired = torch.randn_like(x1), torch.empty_like(x1)
+    groups = [torch.arange(len(x1), device=x1.device)] if y is None else [(y == c).nonzero()[:, 0] for c in y.unique()]
+    for index in groups:
+        cost = torch.cdist(x0[index].flatten(1).float(), x1[index].flatten(1).float()).square()
+        noise, image = (torch.as_tensor(i, device=x1.device) for i in linear_sum_assignment(cost.cpu().numpy()))
+        paired[index[image]] = x0[index[noise]]
+    return paired
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -57,12 +72,12 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
 
 
 def flow_matching_loss(model: nn.Module, x1: torch.Tensor, y: torch.Tensor | None = None,
-                       num_classes: int | None = None, label_dropout: float = 0.1, t_schedule: str = "uniform",
-                       x0: torch.Tensor | None = None, t_grid: int = 0) -> torch.Tensor:
+                       num_classes: int | None = None, label_dropout: float = 0.1, x0: torch.Tensor | None = None,
+                       t: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between model(x_t, t, y) and x1 - x0 for data x1: (B, C, H, W) in [-1, 1]. x0 is fresh noise, or the noise a
-    reflow pair was drawn from (then x1 is that pair's image)."""
+    reflow pair was drawn from (then x1 is that pair's image); t (B,) the training times (sample_t), uniform if None."""
     x0 = torch.randn_like(x1) if x0 is None else x0
-    t = sample_t(x1.shape[0], t_schedule, x1.device, t_grid)
+    t = sample_t(x1.shape[0], device=x1.device) if t is None else t
     if y is not None and label_dropout > 0:
         y = drop_labels(y, label_dropout, null_class=num_classes)
     v = model(interpolate(x0, x1, t), t, y)

@@ -28,7 +28,7 @@ from cpu import keep_freed_memory
 from device import Runtime, StopRequest, global_mean, ignore_sigint, launched_ranks, setup_runtime
 from ema import EMA
 from flow import (MeanFlowConfig, can_guide, curriculum_alpha, flow_matching_loss, grid_map_loss, interpolate,
-                  mean_flow_loss)
+                  mean_flow_loss, ot_noise, sample_t)
 from progress import live_bars
 from runlog import RunLog, check_finite, plot_losses
 from sampling import draw_grid, grid_request
@@ -89,8 +89,8 @@ def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
         net = nn.parallel.DistributedDataParallel(net, device_ids=gpu)
     elif cfg.parallel == "dp":
         net = nn.DataParallel(net)  # on CPU or a single GPU this simply calls the module
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=rt.device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda" or None)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == "fp16")
     return Parts(model, net, EMA(model, cfg.ema_decay), optimizer, scaler, rt)
 
@@ -132,6 +132,8 @@ def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: floa
         x = x.contiguous(memory_format=torch.channels_last)
     if cfg.hflip:  # (refused for pairs: flipping would break the noise-image coupling)
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+    if cfg.coupling == "ot":  # (refused for pairs, whose noise is given)
+        x0 = ot_noise(x, y)
     for group in parts.optimizer.param_groups:
         group["lr"] = cfg.lr if lr is None else lr
     with rt.autocast():
@@ -141,8 +143,8 @@ def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: floa
             loss = mean_flow_loss(parts.net, x, y, meanflow or MeanFlowConfig(), label_dropout=cfg.label_dropout, x0=x0,
                                   plain=parts.model, alpha=alpha)
         else:
-            loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout,
-                                      cfg.t_schedule, x0, cfg.t_grid)
+            t = sample_t(len(x), cfg.t_schedule, x.device, cfg.t_grid, cfg.t_mu)
+            loss = flow_matching_loss(parts.net, x, y, parts.model.config.num_classes, cfg.label_dropout, x0, t)
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
@@ -201,8 +203,9 @@ class Run:
 def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: Dataset | None, extra: dict,
             meanflow: MeanFlowConfig | None) -> Run:
     """Set up the run: processes and device, model and optimizer, the data order and the planned end."""
-    if cfg.hflip and getattr(train_set, "paired", False):
-        raise ValueError("--hflip cannot be used with reflow pairs: a flipped image is not the pair of its noise")
+    if getattr(train_set, "paired", False) and (cfg.hflip or cfg.coupling != "independent"):
+        raise ValueError("--hflip and --coupling ot cannot be used with reflow pairs: each image comes with its own "
+                         "noise")
     model_cfg = objective_model_config(cfg, model_cfg)
     if launched_ranks()[0] == 0 and (moved := check_outputs(cfg)):  # before any work: another run's files kept
         tqdm.write(moved)
@@ -216,7 +219,8 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     loader = DataLoader(train_set, batch_size=per_rank, sampler=order, drop_last=True, num_workers=cfg.num_workers,
                         pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                         worker_init_fn=ignore_sigint)
-    horizon = Horizon(cfg.epochs * order.batches, order.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
+    planned = math.ceil(cfg.epochs * order.batches)  # a fractional last epoch ends inside it
+    horizon = Horizon(planned, order.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
     return Run(cfg, model_cfg, meanflow, rt, parts, order, loader, val_set,
                horizon, extra, Sampler.recorded(extra.get("sampler")))
 

@@ -61,7 +61,9 @@ NUMBERS = [("--lr", "0", "--lr must be > 0"), ("--lr", "nan", "--lr must be > 0"
            ("--warmup-steps", "-1", "--warmup-steps must be"), ("--time-limit", "-1", "--time-limit must be"),
            ("--val-t-points", "0", "--val-t-points must be"), ("--keep-last", "-2", "--keep-last must be"),
            ("--log-every", "0", "--log-every must be"), ("--mf-sigma", "0", "--mf-sigma must be > 0"),
-           ("--weight-decay", "nan", "--weight-decay must be"), ("--max-steps", "-5", "--max-steps must be")]
+           ("--weight-decay", "nan", "--weight-decay must be"), ("--max-steps", "-5", "--max-steps must be"),
+           ("--t-mu", "nan", "give a finite value"), ("--adam-beta2", "1", "--adam-beta2 must lie in [0, 1)"),
+           ("--coupling", "exact", "unknown --coupling 'exact'")]
 CASES = [
     # class: missing, foreign or corrupt inputs
     ("mnist_test", ["--checkpoint", f"{G}/missing.pth"], "not found"),
@@ -88,6 +90,7 @@ CASES = [
       for flag, value, message in NUMBERS if flag != "--mf-sigma"],
     ("rf_train", ["--image-size", "30", "--data-root", f"{G}/afolder"], "image size 30 cannot go through"),
     ("mnist_train", ["--label-dropout", "1", "--out-dir", f"{G}/o"], "--label-dropout 1 drops every label"),
+    ("mnist_train", ["--t-schedule", "uniform", "--out-dir", f"{G}/o"], "--t-mu -0.5 shifts the logit-normal"),
     ("mnist_train", ["--objective", "mean", "--out-dir", f"{G}/o"], "unknown --objective 'mean'"),
     ("mnist_train", ["--existing", "keep", "--out-dir", f"{G}/o"], "unknown --existing 'keep'"),
     ("mnist_train", ["--num-classes", "5", "--out-dir", f"{G}/o"], "MNIST has 1 channel and 10 classes"),

@@ -73,5 +73,7 @@ def test_timestep_schedules():
     assert 0 <= u.min() and u.max() < 1 and u.mean().item() == pytest.approx(0.5, abs=0.01)
     assert ln.mean().item() == pytest.approx(0.5, abs=0.01)
     assert ((ln > 0.25) & (ln < 0.75)).float().mean() > ((u > 0.25) & (u < 0.75)).float().mean() + 0.1  # mid-t heavy
+    shifted = sample_t(50_000, "logit-normal", mu=-0.5)  # toward the noise end: its median is sigmoid(-0.5)
+    assert shifted.median().item() == pytest.approx(torch.sigmoid(torch.tensor(-0.5)).item(), abs=0.01)
     with pytest.raises(ValueError, match="unknown t schedule"):
         sample_t(3, "cosine")

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 import reflow
+import trainer
 from checkpoint import load_checkpoint
-from flow import flow_matching_loss
-from helpers import tiny_checkpoint
+from device import Runtime
+from flow import flow_matching_loss, sample_t
+from helpers import TINY, tiny_checkpoint, tiny_config
 from sampling import load_for_sampling, sample_model
 from solvers import Sampler
+from trainer import Batch, build, train_step
 
 PAIR_FLAGS = ["--count", "96", "--shard-size", "32", "--solver", "euler", "--steps", "2", "--batch-size", "40",
               "--device", "cpu"]
@@ -103,19 +106,21 @@ def test_distillation_oracle_has_zero_loss(k):
     g = torch.Generator().manual_seed(0)
     x0, x1 = torch.randn(6, 1, 4, 4, generator=g), torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
     oracle = lambda xt, t, y=None: x1 - x0  # noqa: E731 - on the straight path the velocity is constant
-    assert flow_matching_loss(oracle, x1, x0=x0, t_grid=k) == 0
+    assert flow_matching_loss(oracle, x1, x0=x0, t=sample_t(6, grid=k)) == 0
     x = x0
     for i in range(k):  # and its k Euler steps land exactly on the image
         x = x + oracle(x, torch.full((6,), i / k)) / k
     torch.testing.assert_close(x, x1)
     wrong = lambda xt, t, y=None: torch.zeros_like(xt)  # noqa: E731
-    assert flow_matching_loss(wrong, x1, x0=x0, t_grid=k) == pytest.approx((x1 - x0).square().mean().item())
+    grid = sample_t(6, grid=k)
+    assert flow_matching_loss(wrong, x1, x0=x0, t=grid) == pytest.approx((x1 - x0).square().mean().item())
 
 
-def test_distillation_trains_only_at_the_euler_grid_times():
-    seen = []
-    model = lambda xt, t, y=None: (seen.append(t), torch.zeros_like(xt))[1]  # noqa: E731
-    flow_matching_loss(model, torch.zeros(400, 1, 2, 2), x0=torch.zeros(400, 1, 2, 2), t_grid=4)
+def test_distillation_trains_only_at_the_euler_grid_times(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, t_grid=4)
+    parts, seen, loss = build(cfg, TINY, Runtime(torch.device("cpu"))), [], trainer.flow_matching_loss
+    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a: (seen.append(a[-1]), loss(*a))[1])
+    train_step(parts, cfg, Batch(torch.zeros(400, 1, 8, 8), torch.zeros(400, dtype=torch.long)), step=0)
     assert sorted(set(seen[0].tolist())) == [0.0, 0.25, 0.5, 0.75]
 
 

@@ -70,6 +70,14 @@ def test_hflip_is_applied_and_repeats_on_resume(tmp_path, monkeypatch):
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])  # the step's seed decides
 
 
+def test_t_mu_shifts_the_training_times_toward_the_noise_end(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, t_schedule="logit-normal", t_mu=-2.0)
+    parts, seen, loss = build(cfg, TINY, Runtime(CPU)), [], trainer.flow_matching_loss
+    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a: (seen.append(a[-1]), loss(*a))[1])
+    train_step(parts, cfg, Batch(torch.zeros(400, 1, 8, 8), torch.zeros(400, dtype=torch.long)), step=0)
+    assert seen[0].median().item() == pytest.approx(torch.sigmoid(torch.tensor(-2.0)).item(), abs=0.03)
+
+
 def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
     import rectified_flow_train
 
@@ -92,7 +100,7 @@ def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--epochs", "0", "--epochs must be >= 1"),
+    ("--epochs", "0", "--epochs must be > 0"),
     ("--batch-size", "0", "--batch-size must be >= 1"),
     ("--lr", "-1", "--lr must be > 0"),
     ("--time-budget", "-5", "--time-budget must be >= 0"),
@@ -116,7 +124,7 @@ def test_a_refused_setting_is_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "mnist_train.py"), "--epochs", "0", "--out-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0, result.stderr[-2000:]
-    assert result.stderr.strip() == "error: --epochs must be >= 1, got 0", result.stderr[-2000:]
+    assert result.stderr.strip() == "error: --epochs must be > 0, got 0.0", result.stderr[-2000:]
 
 
 def test_max_steps_mid_epoch_names_only_files_that_exist(tmp_path):
@@ -322,6 +330,15 @@ def test_a_loss_plot_with_nothing_to_label_writes_no_warning(tmp_path):
         warnings.simplefilter("error")
         plot_losses(log, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_fractional_epochs_end_inside_the_last_with_the_lr_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1.5, lr_schedule="linear", log_every=1)
+    summary = train(cfg, TINY, blobs(), blobs(24, seed=1))  # 6 steps an epoch: the run ends at step 9
+    records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    assert summary["step"] == 9 and [r["step"] for r in records if r["kind"] == "epoch"] == [6, 9]
+    assert [r["lr"] for r in records if r["kind"] == "step"][-1] == pytest.approx(2e-3 / 9)  # the decay's last step
+    assert load_checkpoint(tmp_path / "ck" / "epoch_2.pth")["step"] == 9
 
 
 def test_tensorboard_log_holds_the_scalars_and_the_epoch_grids(tmp_path):
