@@ -78,6 +78,7 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
     """README.md of an exported folder: what the model is, how it was trained, how to load and sample it."""
     cfg, train, sampler = config["model_config"], config["training"], config.get("sampler")
     tc, val = train.get("train_config") or {}, train.get("best_val_loss")
+    shift = f" (mu {tc['t_mu']:g})" if tc.get("t_mu") else ""  # the logit-normal shift, where there is one
     classes = config.get("class_names")
     conditioning = (f"class-conditional ({len(classes)} classes: {', '.join(map(str, classes))})" if classes else
                     "class-conditional" if cfg.get("num_classes") else "unconditional")
@@ -100,7 +101,8 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
         f"| recorded sampler | {sampler_text} |",
         f"| training | step {train.get('step')}, epoch {train.get('epoch')}, batch {tc.get('batch_size')}, "
         f"lr {tc.get('lr')} ({tc.get('lr_schedule')}), objective {tc.get('objective', 'flow-matching')}, "
-        f"t {tc.get('t_schedule', 'uniform')}, "
+        f"t {tc.get('t_schedule', 'uniform')}{shift}, "
+        f"noise {tc.get('coupling', 'independent')}, AdamW beta2 {tc.get('adam_beta2', 0.999)}, "
         f"label dropout {config.get('label_dropout')} |",
         f"| validation loss | {'n/a' if val is None else f'{val:.4f}'} |",
     ]

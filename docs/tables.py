@@ -54,7 +54,7 @@ def backbones(name: str = "results-mnist/zen4-backbones.json") -> list[str]:
                   "BN-CNN: as asked, excess"], body)
 
 
-def recipe(name: str = "results-mnist/zen4-recipe-screen.json") -> list[str]:
+def recipe(name: str = "results-mnist/zen4-recipe-levers.json") -> list[str]:
     """MNIST levers screened at two thirds of make train's minutes: the CNN reader at N = 4,000."""
     return table(["run (flags in the JSON)", "minutes", "steps", "CNN: as asked, excess"],
                  [f"| {r['run']} | {r['minutes']:.1f} | {r['steps'] or '—'} | "
@@ -65,7 +65,7 @@ def preset_change(name: str = "results-mnist/zen4-two-thirds.json") -> list[str]
     """The MNIST preset before and after its two-thirds-time recipe: minutes, speed and both readers at N = 4,000."""
     return table(["run (commands in the JSON)", "minutes", "steps", "img/s", "CNN: as asked, excess",
                   "BN-CNN: as asked, excess"],
-                 [f"| {r['run']} | {r['minutes']:.1f} | {r['steps']} | {r['img_per_s']:.0f} | "
+                 [f"| {r['run']} | {r['minutes']:.1f} | {r['steps']} | {r['img_per_s'] or '—'} | "
                   f"{r['cnn_accuracy']:.1%}, **{r['cnn_excess']:.1f}** | {r['bn_accuracy']:.1%}, {r['bn_excess']:.2f} |"
                   for r in rows(name)])
 
