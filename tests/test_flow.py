@@ -1,7 +1,9 @@
+import itertools
+
 import pytest
 import torch
 
-from flow import drop_labels, flow_matching_loss, interpolate, sample_t
+from flow import drop_labels, flow_matching_loss, interpolate, ot_noise, sample_t
 
 
 def test_interpolation_for_known_inputs():
@@ -77,3 +79,21 @@ def test_timestep_schedules():
     assert shifted.median().item() == pytest.approx(torch.sigmoid(torch.tensor(-0.5)).item(), abs=0.01)
     with pytest.raises(ValueError, match="unknown t schedule"):
         sample_t(3, "cosine")
+
+
+@pytest.mark.parametrize("y", [torch.arange(12) % 3, None])
+def test_ot_noise_is_the_fresh_noise_reordered_within_each_class_at_the_least_total_distance(y):
+    x1 = torch.randn(12, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    paired = ot_noise(x1, y)
+    torch.manual_seed(0)
+    fresh = torch.randn_like(x1)  # the same draw, before pairing
+    for index in ([torch.arange(12)] if y is None else [(y == c).nonzero()[:, 0] for c in range(3)]):
+        cost = torch.cdist(fresh[index].flatten(1), x1[index].flatten(1)).square()
+        if len(index) <= 4:  # a class: every pairing tried
+            best = min(cost[list(p), range(len(index))].sum().item() for p in itertools.permutations(range(len(index))))
+        else:  # the whole batch: at most the unpaired noise's cost
+            best = cost.diagonal().sum().item()
+        got = (paired[index] - x1[index]).flatten(1).square().sum().item()
+        assert got == pytest.approx(best, rel=1e-5) if len(index) <= 4 else got <= best + 1e-5
+        assert sorted(paired[index].flatten().tolist()) == sorted(fresh[index].flatten().tolist())  # a reordering

@@ -159,6 +159,11 @@ def test_distill_needs_the_reflowed_model_and_pairs_need_a_flow(parent, tmp_path
         reflow.main(["distill", "--pairs", str(tmp_path / "pairs"), *STAGE_FLAGS])
     with pytest.raises(ValueError, match="no manifest.json"):
         reflow.main(["train", "--pairs", str(tmp_path / "nothing"), *STAGE_FLAGS])
+    for flag in ("--hflip", "--coupling=ot"):  # each pair's image comes with its own noise
+        with pytest.raises(ValueError, match="cannot be used with reflow pairs"):
+            reflow.main(["train", "--pairs", str(tmp_path / "pairs"), "--out-dir", str(tmp_path / "r"), flag,
+                         *STAGE_FLAGS])
+    assert not (tmp_path / "r").exists()
     os.remove(tmp_path / "pairs" / "shard_00001.pt")
     with pytest.raises(ValueError, match="1 of 3 shards missing"):
         reflow.main(["train", "--pairs", str(tmp_path / "pairs"), *STAGE_FLAGS])
