@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from budget import LR_SCHEDULES
 from cli import flag
-from flow import OBJECTIVES, T_SCHEDULES
+from flow import COUPLINGS, OBJECTIVES, T_SCHEDULES
 from runlog import LOGGERS, check_writable, keep_earlier_run
 from unet import UNetConfig
 
@@ -82,7 +82,7 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     choices = {"t_schedule": T_SCHEDULES, "objective": OBJECTIVES, "lr_schedule": LR_SCHEDULES,
                "amp": ("none", "bf16", "fp16", "auto"), "channels_last": ("on", "off", "auto"),
                "parallel": ("auto", "dp", "none"), "select_by": ("val-loss", "last"), "logger": LOGGERS,
-               "existing": ("move", "refuse"), "coupling": ("independent", "ot")}
+               "existing": ("move", "refuse"), "coupling": COUPLINGS}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")

@@ -21,6 +21,7 @@ from torch import nn
 
 T_SCHEDULES = ("uniform", "logit-normal")
 OBJECTIVES = ("flow-matching", "meanflow")
+COUPLINGS = ("independent", "ot")  # how each image gets its noise (--coupling)
 FOLDED_GUIDANCE = 1.5  # meanflow's default folded guidance where the model learns the null label (docs/meanflow.md)
 ADAPTIVE_WEIGHT_EPS = 1e-3  # c in the adaptive loss weight 1 / (||Δ||² + c)^p (the paper's value)
 # α-Flow's sigmoid curriculum (Zhang et al. 2025, arXiv 2510.20771; their released configs): steepness 25, and α
@@ -45,13 +46,15 @@ def sample_t(n: int, schedule: str = "uniform", device: torch.device | str = "cp
 def ot_noise(x1: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """Fresh noise (B, C, H, W) paired with the images x1 by minibatch optimal transport (least total squared
     distance; Tong et al. 2023, OT-CFM), within each class of y so that the noise given a class stays N(0, I)."""
-    x0, paired = torch.randn_like(x1), torch.empty_like(x1)
-    groups = [torch.arange(len(x1), device=x1.device)] if y is None else [(y == c).nonzero()[:, 0] for c in y.unique()]
-    for index in groups:
-        cost = torch.cdist(x0[index].flatten(1).float(), x1[index].flatten(1).float()).square()
-        noise, image = (torch.as_tensor(i, device=x1.device) for i in linear_sum_assignment(cost.cpu().numpy()))
-        paired[index[image]] = x0[index[noise]]
-    return paired
+    x0 = torch.randn_like(x1)
+    cost = torch.cdist(x0.flatten(1).float(), x1.flatten(1).float()).square().cpu()  # (B, B): one transfer a step
+    labels = torch.zeros(len(x1), dtype=torch.long) if y is None else y.cpu()
+    source = torch.empty(len(x1), dtype=torch.long)  # image j takes noise source[j]
+    for c in labels.unique():
+        index = (labels == c).nonzero()[:, 0]
+        noise, image = linear_sum_assignment(cost[index][:, index].numpy())
+        source[index[image]] = index[noise]
+    return x0[source.to(x1.device)]
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
