@@ -46,7 +46,8 @@ class TrainConfig:
     out_dir: str = "checkpoints"  # epoch_N.pth, last.pth, log.jsonl, loss.png, config.json
     out: str = "{out_dir}/best.pth"  # the checkpoint to use: a copy of the epoch chosen by --select-by
     select_by: str = "val-loss"  # which epoch the checkpoint holds: val-loss (the lowest) | last
-    sample_dir: str = "{out_dir}/samples"  # one sample grid PNG per epoch
+    sample_dir: str = "{out_dir}/samples"  # sample grid PNGs, epoch_N.png
+    sample_every: int = 1  # epochs between sample grids (the run's last epoch always draws one)
     resume: str = ""  # checkpoint to resume from, or "auto" for OUT_DIR/last.pth
     existing: str = "move"  # a fresh run into an --out-dir holding another run: move it to OUT_DIR.N | refuse
     init_from: str = ""  # start from this checkpoint's EMA weights (same model config) instead of random ones
@@ -88,7 +89,7 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
             raise ValueError(f"unknown {flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     at_least = {"batch_size": 1, "log_every": 1, "val_t_points": 1, "warmup_steps": 0, "num_workers": 0,
                 "t_grid": 0, "keep_last": 0, "max_steps": 0, "weight_decay": 0, "grad_clip": 0, "save_every": 0,
-                "time_budget": 0, "time_limit": 0}
+                "time_budget": 0, "time_limit": 0, "sample_every": 1}
     for name, low in at_least.items():
         if not getattr(cfg, name) >= low:  # (not >=: NaN fails too)
             raise ValueError(f"{flag(name)} must be >= {low}, got {getattr(cfg, name)}")

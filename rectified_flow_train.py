@@ -56,15 +56,16 @@ PRESETS = {
     "celeba128": {},  # the seed's setting: 128 px
     # logit-normal t as small32 measured it on CIFAR-10; untested on a GPU (docs/training.md)
     "celeba64": dict(image_size=64, attention_resolutions=(16, 8), batch_size=128, lr=1e-4, t_schedule="logit-normal"),
-    # CPU-sized 32 px: the best FID per CPU-minute measured on the CIFAR-10 folder (docs/results-cifar.md)
+    # CPU-sized 32 px: the best FID per CPU-minute measured on the CIFAR-10 folder (docs/results-cifar.md); a grid
+    # each epoch took 13% of its hour, one every 5 epochs leaves that to training
     "small32": dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                     attention_resolutions=(8,), dropout=0.0, epochs=20, batch_size=64, lr=2e-3, lr_schedule="cosine",
-                    t_schedule="logit-normal", warmup_steps=200, num_workers=2, amp="auto"),
+                    t_schedule="logit-normal", warmup_steps=200, num_workers=2, amp="auto", sample_every=5),
 }
 # the transformer measured against small32 at equal minutes, as run: small32's training at lr 1e-3 and uniform t
 # (it trails there: docs/results-cifar.md)
 PRESETS["dit32"] = {**PRESETS["small32"], "backbone": "dit", "base_channels": 192, "depth": 6, "patch_size": 4,
-                    "lr": 1e-3, "t_schedule": "uniform"}
+                    "lr": 1e-3, "t_schedule": "uniform", "sample_every": 1}
 
 
 def main(argv: list[str] | None = None) -> dict:

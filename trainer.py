@@ -265,9 +265,9 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: 
     run = prepare(cfg, model_cfg, train_set, val_set, {**(extra or {}), "class_names": class_names}, meanflow)
     # resume: weights, optimizer, step and the planned end of an earlier run
     step, best_val = resume(run)
-    conditional = run.model_cfg.num_classes is not None  # the grid's network evaluations, then validation's
-    run.horizon.start(grid_request(run.model_cfg.num_classes)[0] * run.sampler.planned_nfe(conditional)
-                      + (len(val_set) * cfg.val_t_points // run.rt.world if val_set is not None else 0),
+    conditional = run.model_cfg.num_classes is not None  # an epoch end's network evaluations: grid, validation
+    grid = grid_request(run.model_cfg.num_classes)[0] * run.sampler.planned_nfe(conditional) // cfg.sample_every
+    run.horizon.start(grid + (len(val_set) * cfg.val_t_points // run.rt.world if val_set is not None else 0),
                       cfg.batch_size // run.rt.world, fit_early=not run.rt.ddp)
     log = open_log(run, step if cfg.resume else None)
     start, loss = time.perf_counter(), math.nan
@@ -409,9 +409,10 @@ def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start
             publish(epoch_path, output_path(cfg.out, cfg))
         if cfg.keep_last:
             (out_dir / f"epoch_{number - cfg.keep_last}.pth").unlink(missing_ok=True)
-        grid = draw_grid(ema.model, output_path(cfg.sample_dir, cfg) / f"epoch_{number}.png",
-                         run.sampler, run.extra["class_names"])
-        log.image("samples", grid, step)
+        if number % cfg.sample_every == 0 or step >= run.horizon.total:  # the run's last epoch always draws one
+            grid = draw_grid(ema.model, output_path(cfg.sample_dir, cfg) / f"epoch_{number}.png",
+                             run.sampler, run.extra["class_names"])
+            log.image("samples", grid, step)
         plot_losses(out_dir / "log.jsonl", out_dir / "loss.png")
         val_text = f"val {val:.4f}{' (best)' if improved else ''}  " if val is not None else ""
         run.say(f"epoch {number}/{run.horizon.epochs()}  step {step}  loss {loss:.4f}  {val_text}"

@@ -105,6 +105,7 @@ def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
     ("--lr", "-1", "--lr must be > 0"),
     ("--time-budget", "-5", "--time-budget must be >= 0"),
     ("--time-limit", "-1", "--time-limit must be >= 0"),
+    ("--sample-every", "0", "--sample-every must be >= 1"),
     ("--label-dropout", "1.5", "--label-dropout must lie in [0, 1]"),
     ("--lr-schedule", "step", "unknown --lr-schedule 'step'"),
     ("--num-classes", "7", "MNIST has 1 channel and 10 classes"),
@@ -339,6 +340,12 @@ def test_fractional_epochs_end_inside_the_last_with_the_lr_schedule(tmp_path):
     assert summary["step"] == 9 and [r["step"] for r in records if r["kind"] == "epoch"] == [6, 9]
     assert [r["lr"] for r in records if r["kind"] == "step"][-1] == pytest.approx(2e-3 / 9)  # the decay's last step
     assert load_checkpoint(tmp_path / "ck" / "epoch_2.pth")["step"] == 9
+
+
+def test_sample_every_draws_grids_at_its_multiples_and_the_last_epoch(tmp_path):
+    train(tiny_config(tmp_path, epochs=5, sample_every=2), TINY, blobs(), blobs(24, seed=1))
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_2.png", "epoch_4.png", "epoch_5.png"]
+    assert (tmp_path / "ck" / "epoch_5.pth").is_file()  # the checkpoints of every epoch, as before
 
 
 def test_tensorboard_log_holds_the_scalars_and_the_epoch_grids(tmp_path):
