@@ -151,7 +151,8 @@ class Horizon:
                 f"({horizon / self.steps_per_epoch:.2f} epochs)")
             if self.said is None and end_s > SLOW_END_SHARE * self.deadline.seconds:
                 say(f"each epoch end (validation, checkpoint, sample grid) takes ~{end_s:.0f} s, over a quarter of "
-                    "the budget: a lower --val-size or --val-t-points leaves more of it to training")
+                    "the budget: a lower --val-size or --val-t-points or a higher --sample-every leaves more of it to "
+                    "training")
             self.said = horizon
         self.schedule = horizon
 
