@@ -57,7 +57,7 @@ PRESETS = {
     # logit-normal t as small32 measured it on CIFAR-10; untested on a GPU (docs/training.md)
     "celeba64": dict(image_size=64, attention_resolutions=(16, 8), batch_size=128, lr=1e-4, t_schedule="logit-normal"),
     # CPU-sized 32 px: the best FID per CPU-minute measured on the CIFAR-10 folder (docs/results-cifar.md); a grid
-    # each epoch took 13% of its hour, one every 5 epochs leaves that to training
+    # each epoch (100 photos at 32 NFE) costs 13% of its hour, one every 5 epochs leaves most of that to training
     "small32": dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                     attention_resolutions=(8,), dropout=0.0, epochs=20, batch_size=64, lr=2e-3, lr_schedule="cosine",
                     t_schedule="logit-normal", warmup_steps=200, num_workers=2, amp="auto", sample_every=5),
