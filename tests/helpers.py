@@ -110,3 +110,15 @@ def total_derivative(model, x, t, t_end, y, v):
     derivative, the oracle that flow.difference_derivative is checked against."""
     with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels (CPU flash, CUDA) have no forward-mode AD
         return torch.func.jvp(lambda x, t: model(x, t, y, t_end), (x, t), (v, torch.ones_like(t)))
+
+
+def training_times(cfg: TrainConfig, monkeypatch) -> torch.Tensor:
+    """The times (400,) that one flow-matching train_step of the TINY model under cfg draws for its loss."""
+    import trainer
+    from device import Runtime
+
+    parts, seen, loss = trainer.build(cfg, TINY, Runtime(torch.device("cpu"))), [], trainer.flow_matching_loss
+    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a: (seen.append(a[-1]), loss(*a))[1])
+    batch = trainer.Batch(torch.zeros(400, 1, 8, 8), torch.zeros(400, dtype=torch.long))
+    trainer.train_step(parts, cfg, batch, step=0)
+    return seen[0]

@@ -7,14 +7,11 @@ import pytest
 import torch
 
 import reflow
-import trainer
 from checkpoint import load_checkpoint
-from device import Runtime
 from flow import flow_matching_loss, sample_t
-from helpers import TINY, tiny_checkpoint, tiny_config
+from helpers import tiny_checkpoint, tiny_config, training_times
 from sampling import load_for_sampling, sample_model
 from solvers import Sampler
-from trainer import Batch, build, train_step
 
 PAIR_FLAGS = ["--count", "96", "--shard-size", "32", "--solver", "euler", "--steps", "2", "--batch-size", "40",
               "--device", "cpu"]
@@ -117,11 +114,8 @@ def test_distillation_oracle_has_zero_loss(k):
 
 
 def test_distillation_trains_only_at_the_euler_grid_times(tmp_path, monkeypatch):
-    cfg = tiny_config(tmp_path, t_grid=4)
-    parts, seen, loss = build(cfg, TINY, Runtime(torch.device("cpu"))), [], trainer.flow_matching_loss
-    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a: (seen.append(a[-1]), loss(*a))[1])
-    train_step(parts, cfg, Batch(torch.zeros(400, 1, 8, 8), torch.zeros(400, dtype=torch.long)), step=0)
-    assert sorted(set(seen[0].tolist())) == [0.0, 0.25, 0.5, 0.75]
+    times = training_times(tiny_config(tmp_path, t_grid=4), monkeypatch)
+    assert sorted(set(times.tolist())) == [0.0, 0.25, 0.5, 0.75]
 
 
 def test_mnist_pipeline_pairs_reflow_distill_then_one_step_sampling(tmp_path, mnist_root):

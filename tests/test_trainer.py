@@ -18,7 +18,7 @@ import device
 import trainer
 from checkpoint import CheckpointError, load_checkpoint
 from device import Runtime, setup_runtime
-from helpers import TINY, assert_same_weights, blobs, tiny_config
+from helpers import TINY, assert_same_weights, blobs, tiny_config, training_times
 from budget import learning_rate
 from config import TrainConfig
 from trainer import Batch, build, train, train_step
@@ -71,11 +71,8 @@ def test_hflip_is_applied_and_repeats_on_resume(tmp_path, monkeypatch):
 
 
 def test_t_mu_shifts_the_training_times_toward_the_noise_end(tmp_path, monkeypatch):
-    cfg = tiny_config(tmp_path, t_schedule="logit-normal", t_mu=-2.0)
-    parts, seen, loss = build(cfg, TINY, Runtime(CPU)), [], trainer.flow_matching_loss
-    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a: (seen.append(a[-1]), loss(*a))[1])
-    train_step(parts, cfg, Batch(torch.zeros(400, 1, 8, 8), torch.zeros(400, dtype=torch.long)), step=0)
-    assert seen[0].median().item() == pytest.approx(torch.sigmoid(torch.tensor(-2.0)).item(), abs=0.03)
+    times = training_times(tiny_config(tmp_path, t_schedule="logit-normal", t_mu=-2.0), monkeypatch)
+    assert times.median().item() == pytest.approx(torch.sigmoid(torch.tensor(-2.0)).item(), abs=0.03)
 
 
 def test_default_outputs_follow_out_dir_and_folders_are_created(tmp_path):
@@ -192,7 +189,7 @@ def test_kill_9_then_resume_from_the_periodic_save_equals_an_uninterrupted_run(t
     # save_every 1e-9 minutes: last.pth after every step; the process sleeps per step so the kill lands mid-epoch
     code = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
             "from pathlib import Path; import trainer\n"
-            "from helpers import TINY, assert_same_weights, blobs, tiny_config\n"
+            "from helpers import TINY, assert_same_weights, blobs, tiny_config, training_times\n"
             "step = trainer.train_step\n"
             "trainer.train_step = lambda *a, **k: (time.sleep(0.3), step(*a, **k))[1]\n"
             "trainer.train(tiny_config(Path(sys.argv[2]), epochs=3, save_every=1e-9), TINY, blobs(), None)\n")
