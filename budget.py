@@ -128,22 +128,26 @@ class Horizon:
             self.refit(step, rt, say)
         return refit
 
-    def epoch_ended(self, step: int, rt: Runtime, say) -> None:
-        """Time the epoch end just done and refit the end to the time left (not after the run's last end)."""
+    def epoch_ended(self, step: int, rt: Runtime, say) -> bool:
+        """Time the epoch end just done and refit the end to the time left (not after the run's last end); True if
+        that stopped the run here, before its planned end."""
         if self.deadline and (step < self.schedule or self.said is None):
             self.deadline.end_done()
-            self.refit(step, rt, say)
+            return self.refit(step, rt, say)
+        return False
 
     def epochs(self) -> str:
         """Epochs the run will train, for progress lines: "?" until a --time-budget is fitted."""
         return "?" if self.cap is None and self.said is None else str(math.ceil(self.schedule / self.steps_per_epoch))
 
-    def refit(self, step: int, rt: Runtime, say) -> None:
-        """Move the end to the last step that the time left allows (every rank must call this at the same step)."""
+    def refit(self, step: int, rt: Runtime, say) -> bool:
+        """Move the end to the last step that the time left allows (every rank must call this at the same step); True
+        if the time is spent here, before the planned end."""
         elapsed, step_s, end_s = self.deadline.measures(rt)
         horizon = fit_horizon(step, elapsed, step_s, end_s, self.steps_per_epoch, self.deadline.seconds)
         horizon = min(horizon, self.cap) if self.cap is not None else horizon
-        if self.said is not None and horizon == step < self.schedule:  # e.g. an epoch end that ran long
+        spent = self.said is not None and horizon == step < self.schedule  # e.g. an epoch end that ran long
+        if spent:
             say(f"time budget spent at step {step}, before the planned end at {self.schedule}: stopping")
         elif self.said is None or abs(horizon - self.said) > SAID_AGAIN * self.said:
             say(f"time budget {self.minutes:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
@@ -155,6 +159,7 @@ class Horizon:
                     "training")
             self.said = horizon
         self.schedule = horizon
+        return spent
 
     def state(self) -> dict:
         """What a checkpoint keeps, so that a resumed run ends where this one planned to."""

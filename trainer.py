@@ -282,7 +282,9 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: 
                 # validate, save, publish, draw: the epoch end
                 best_val = end_epoch(run, epoch, best_val, log, start)
                 # refit the planned end to the time left, the epoch end's time counted
-                run.horizon.epoch_ended(step, run.rt, run.say)
+                spent = run.horizon.epoch_ended(step, run.rt, run.say)
+                if spent and run.rt.main and epoch_number(run, step) % cfg.sample_every:
+                    draw_epoch_grid(run, step, log)  # the time ran out at an epoch without a grid: the run's last one
                 if stop.agreed(run.rt):
                     run.say("Ctrl-C: stopped at an epoch end; continue with --resume auto")
                     break
@@ -387,6 +389,17 @@ def save_last(run: Run, step: int, loss: float, best_val: float, reason: str) ->
                 "continue with --resume auto")
 
 
+def epoch_number(run: Run, step: int) -> int:
+    """The 1-based epoch that `step` ends or falls in."""
+    return math.ceil(step / run.order.batches)
+
+
+def draw_epoch_grid(run: Run, step: int, log: RunLog | None) -> None:
+    """Rank 0: draw the EMA model's sample grid of the epoch that ends at `step` into --sample-dir and the log."""
+    path = output_path(run.cfg.sample_dir, run.cfg) / f"epoch_{epoch_number(run, step)}.png"
+    log.image("samples", draw_grid(run.parts.ema.model, path, run.sampler, run.extra["class_names"]), step)
+
+
 def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start: float) -> float:
     """Validate (all ranks), then on rank 0: log, save the epoch, publish last/best, draw a grid, plot; returns the
     best validation loss so far."""
@@ -397,7 +410,7 @@ def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start
     improved = (val if val is not None else loss) < best_val
     best_val = (val if val is not None else loss) if improved else best_val
     if rt.main:
-        number, out_dir = math.ceil(step / run.order.batches), Path(cfg.out_dir)
+        number, out_dir = epoch_number(run, step), Path(cfg.out_dir)
         record = {"kind": "epoch", "epoch": number, "step": step, "loss": loss, "val_loss": val,
                   "images_per_s": epoch.steps * cfg.batch_size / epoch.seconds, "epoch_s": epoch.seconds,
                   "elapsed_s": time.perf_counter() - start, "lr": run.parts.optimizer.param_groups[0]["lr"]}
@@ -410,9 +423,7 @@ def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start
         if cfg.keep_last:
             (out_dir / f"epoch_{number - cfg.keep_last}.pth").unlink(missing_ok=True)
         if number % cfg.sample_every == 0 or step >= run.horizon.total:  # the run's last epoch always draws one
-            grid = draw_grid(ema.model, output_path(cfg.sample_dir, cfg) / f"epoch_{number}.png",
-                             run.sampler, run.extra["class_names"])
-            log.image("samples", grid, step)
+            draw_epoch_grid(run, step, log)
         plot_losses(out_dir / "log.jsonl", out_dir / "loss.png")
         val_text = f"val {val:.4f}{' (best)' if improved else ''}  " if val is not None else ""
         run.say(f"epoch {number}/{run.horizon.epochs()}  step {step}  loss {loss:.4f}  {val_text}"

@@ -94,9 +94,11 @@ def test_a_budget_run_resumes_exactly_with_its_fitted_end(tmp_path, clock):
 
 def test_an_epoch_end_that_spends_the_budget_stops_the_run_there(tmp_path, clock, capsys):
     clock.slow_ends[18] = 40.0  # at 18 + 2 x 5 + 40 = 68 s the 63 s are gone
-    summary = budget_run(tmp_path)
+    summary = budget_run(tmp_path, sample_every=2)
     assert summary["step"] == 18 and clock.now == 68.0
     assert "time budget spent at step 18, before the planned end at 33: stopping" in capsys.readouterr().out
+    # epoch 3 is not a grid's turn, but it is the run's last epoch: it draws one
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_2.png", "epoch_3.png"]
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["schedule_steps"] == 33  # the plan, which a resume finishes
 
 
