@@ -217,3 +217,25 @@ def load_celeba(root: str | Path, image_size: int) -> tuple[Dataset, Dataset, No
             "list_eval_partition.txt there; or use --dataset folder --data-root path/to/img_align_celeba"
         ) from e
     return Unlabelled(splits[0]), Unlabelled(splits[1]), None
+
+
+class ShardedSampler(torch.utils.data.Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch), split over ranks, that can start mid-epoch. Plays the role of
+    DistributedSampler + set_epoch, and also lets a resumed run skip the batches it already trained on without loading
+    them."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.batches = size // world // batch_size  # per rank and epoch; the remainder is dropped
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = perm[self.rank::self.world][: self.batches * self.batch_size]
+        return iter(mine[self.start_batch * self.batch_size:].tolist())

@@ -15,9 +15,8 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from budget import Horizon, learning_rate
@@ -25,44 +24,20 @@ from checkpoint import (build_model, check_resume, load_checkpoint, load_ema_wei
                         save_checkpoint)
 from config import TrainConfig, check_outputs, check_train_config, objective_model_config, output_path
 from cpu import keep_freed_memory
+from data import ShardedSampler
 from device import Runtime, StopRequest, global_mean, ignore_sigint, launched_ranks, setup_runtime
 from ema import EMA
-from flow import (MeanFlowConfig, can_guide, curriculum_alpha, flow_matching_loss, grid_map_loss, interpolate,
-                  mean_flow_loss, ot_noise, sample_t)
+from flow import (MeanFlowConfig, can_guide, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
+                  ot_noise, sample_t, validation_loss)
 from progress import live_bars
 from runlog import RunLog, check_finite, plot_losses
 from sampling import draw_grid, grid_request
-from solvers import Sampler, make_noise
+from solvers import Sampler
 from unet import ConditionalUNet, UNetConfig
-
-VAL_NOISE_START = 1234  # validation item i uses noise sample VAL_NOISE_START + i of seed 0: a fixed validation loss
-
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Seed of one optimizer step on one rank: distinct per rank, reproducible on resume."""
     return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
-
-
-class ShardedSampler(torch.utils.data.Sampler[int]):
-    """A fresh permutation per epoch from (seed, epoch), split over ranks, that can start mid-epoch. Plays the role of
-    DistributedSampler + set_epoch, and also lets a resumed run skip the batches it already trained on without loading
-    them."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
-        self.batches = size // world // batch_size  # per rank and epoch; the remainder is dropped
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches - self.start_batch) * self.batch_size
-
-    def __iter__(self):
-        perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        mine = perm[self.rank::self.world][: self.batches * self.batch_size]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
 
 
 @dataclass
@@ -154,28 +129,6 @@ def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: floa
     parts.scaler.update()
     parts.ema.update(parts.model)
     return loss.detach()
-
-
-@torch.no_grad()
-def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: int, t_points: int,
-                    conditional: bool) -> float:
-    """Mean flow-matching loss on held-out data (items (x1, y), or reflow pairs (x1, y, x0)) at a fixed grid of t_points
-    times; item i's noise is sample VAL_NOISE_START + i of seed 0 (pairs bring their own), so the loss compares across
-    epochs, batch sizes and numbers of processes, each rank taking a contiguous share (sums in fp64)."""
-    start, stop = len(data) * rt.rank // rt.world, len(data) * (rt.rank + 1) // rt.world
-    ts, sums = (torch.arange(t_points) + 0.5) / t_points, torch.zeros(2, dtype=torch.float64, device=rt.device)
-    for first in range(start, stop, batch_size):
-        idx = range(first, min(first + batch_size, stop))
-        x, y, *pair = default_collate([data[i] for i in idx])
-        x, y = x.to(rt.device), y.to(rt.device) if conditional else None
-        noise = None if pair else make_noise(len(idx), (t_points, *x.shape[1:]), 0, rt.device, VAL_NOISE_START + first)
-        for k, t in enumerate(ts):
-            x0, tb = pair[0].to(rt.device) if pair else noise[:, k], t.expand(len(x)).to(rt.device)
-            sums[0] += F.mse_loss(model(interpolate(x0, x, tb), tb, y), x - x0, reduction="sum").double()
-            sums[1] += x.numel()
-    if rt.ddp:
-        dist.all_reduce(sums)
-    return (sums[0] / sums[1]).item()
 
 
 @dataclass

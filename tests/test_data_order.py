@@ -1,7 +1,7 @@
 """ShardedSampler: one permutation per (seed, epoch), split over ranks without overlap, resumable mid-epoch."""
 import torch
 
-from trainer import ShardedSampler
+from data import ShardedSampler
 
 
 def test_each_epoch_is_a_fresh_permutation_that_the_seed_fixes():

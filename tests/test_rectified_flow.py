@@ -69,7 +69,7 @@ def test_validation_loss_is_fixed_for_fixed_weights(photo_run):
     from data import image_folder_splits
     from checkpoint import model_from_checkpoint
     from device import Runtime
-    from trainer import validation_loss
+    from flow import validation_loss
 
     tmp, _ = photo_run
     _, val, _ = image_folder_splits(tmp / "photos", 32, 0.1)

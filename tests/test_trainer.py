@@ -248,7 +248,7 @@ def run_ddp_worker(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_ddp_keeps_ranks_in_step_validates_on_all_and_logs_the_global_loss(tmp_path):
     """2 gloo processes: identical weights, one writer, the global loss, validation sharded over the ranks."""
     from checkpoint import model_from_checkpoint
-    from trainer import validation_loss
+    from flow import validation_loss
 
     result = run_ddp_worker(tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
