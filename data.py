@@ -2,7 +2,8 @@
 
 Every data set yields (image, label) with the image a float tensor (C, H, W) in [-1, 1] and the
 label an int (0 where the data has no classes). Random flips happen in the training step, on
-the device, so that they follow the step's seed and a resumed run sees the same batches.
+the device, so that they follow the step's seed and a resumed run sees the same batches; the order of the
+batches is ShardedSampler's, from (seed, epoch).
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from sampling import draw_grid, grid_request
 from solvers import Sampler
 from unet import ConditionalUNet, UNetConfig
 
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Seed of one optimizer step on one rank: distinct per rank, reproducible on resume."""
     return ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
