@@ -131,7 +131,7 @@ class Horizon:
     def epoch_ended(self, step: int, rt: Runtime, say) -> bool:
         """Time the epoch end just done and refit the end to the time left (not after the run's last end); True if
         that stopped the run here, before its planned end."""
-        if self.deadline and (step < self.schedule or self.said is None):
+        if self.deadline and (step < self.total or self.said is None):
             self.deadline.end_done()
             return self.refit(step, rt, say)
         return False

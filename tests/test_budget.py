@@ -102,6 +102,15 @@ def test_an_epoch_end_that_spends_the_budget_stops_the_run_there(tmp_path, clock
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["schedule_steps"] == 33  # the plan, which a resume finishes
 
 
+def test_the_last_epoch_end_of_max_steps_draws_one_grid_and_refits_nothing(tmp_path, clock, monkeypatch, capsys):
+    drawn, draw = [], trainer.draw_epoch_grid
+    monkeypatch.setattr(trainer, "draw_epoch_grid", lambda run, step, log: (drawn.append(step), draw(run, step, log)))
+    clock.slow_ends[18] = 40.0  # the budget is spent at the epoch end where --max-steps ends the run anyway
+    budget_run(tmp_path, sample_every=2, max_steps=18)
+    assert drawn == [12, 18]
+    assert "time budget spent" not in capsys.readouterr().out
+
+
 def test_steps_too_slow_to_calibrate_within_the_budget_are_fitted_sooner(tmp_path, clock, capsys):
     # 5 s steps, 25 per epoch, 60 s: the 23 steps of a full calibration alone would take 115 s
     clock.step_s = 5.0

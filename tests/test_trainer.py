@@ -189,7 +189,7 @@ def test_kill_9_then_resume_from_the_periodic_save_equals_an_uninterrupted_run(t
     # save_every 1e-9 minutes: last.pth after every step; the process sleeps per step so the kill lands mid-epoch
     code = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
             "from pathlib import Path; import trainer\n"
-            "from helpers import TINY, assert_same_weights, blobs, tiny_config, training_times\n"
+            "from helpers import TINY, assert_same_weights, blobs, tiny_config\n"
             "step = trainer.train_step\n"
             "trainer.train_step = lambda *a, **k: (time.sleep(0.3), step(*a, **k))[1]\n"
             "trainer.train(tiny_config(Path(sys.argv[2]), epochs=3, save_every=1e-9), TINY, blobs(), None)\n")
