@@ -31,8 +31,8 @@ import torch
 
 from checkpoint import MNIST_TRAINED
 from cli import add_flags, config_from, parse_configs, run
-from config import objective_model_config
-from data import load_mnist
+from config import objective_model_config, resolve_meanflow
+from data import Batch, load_mnist
 from cpu import cpu_class, cpu_name, isa_caps
 from editing import gaussianity, invert_model, psnr, regenerate
 from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
@@ -42,7 +42,7 @@ from runlog import figure
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from sampling import Loaded, SampleConfig, check_guidance, checkpoint_can_guide, load_for_sampling
 from solvers import Sampler
-from trainer import Batch, resolve_meanflow, setup, train_step
+from trainer import setup, train_step
 
 
 def machine() -> dict:

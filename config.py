@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from budget import LR_SCHEDULES
 from cli import flag
-from flow import COUPLINGS, OBJECTIVES, T_SCHEDULES
+from flow import COUPLINGS, OBJECTIVES, T_SCHEDULES, MeanFlowConfig, can_guide
 from runlog import LOGGERS, check_writable, keep_earlier_run
 from unet import UNetConfig
 
@@ -76,6 +76,15 @@ def objective_model_config(cfg: TrainConfig, model_cfg: UNetConfig) -> UNetConfi
     if model_cfg.average_velocity and cfg.objective != "meanflow":
         raise ValueError("--average-velocity is set by --objective meanflow; flow matching trains the velocity only")
     return replace(model_cfg, average_velocity=True) if cfg.objective == "meanflow" else model_cfg
+
+
+def resolve_meanflow(cfg: TrainConfig, model_cfg: UNetConfig, meanflow: MeanFlowConfig | None
+                     ) -> MeanFlowConfig | None:
+    """The run's MeanFlow config, checked and its folded guidance resolved once (checkpoints record it); None for
+    flow matching."""
+    if cfg.objective != "meanflow":
+        return None
+    return (meanflow or MeanFlowConfig()).resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))
 
 
 def check_train_config(cfg: TrainConfig, world: int = 1) -> None:

@@ -3,7 +3,7 @@
 Every data set yields (image, label) with the image a float tensor (C, H, W) in [-1, 1] and the
 label an int (0 where the data has no classes). Random flips happen in the training step, on
 the device, so that they follow the step's seed and a resumed run sees the same batches; the order of the
-batches is ShardedSampler's, from (seed, epoch).
+batches is ShardedSampler's, from (seed, epoch); a Batch is what the training step takes.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -218,6 +219,17 @@ def load_celeba(root: str | Path, image_size: int) -> tuple[Dataset, Dataset, No
             "list_eval_partition.txt there; or use --dataset folder --data-root path/to/img_align_celeba"
         ) from e
     return Unlabelled(splits[0]), Unlabelled(splits[1]), None
+
+
+class Batch(NamedTuple):
+    """A training batch on the device: images x (B, C, H, W) in [-1, 1] and labels y (B,) or None; for reflow pairs
+    also the noise x0 each image was drawn from, and with `pairs --states` its path on the parent's grid
+    (B, K + 1, C, H, W), which meanflow then regresses on."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    x0: torch.Tensor | None = None
+    path: torch.Tensor | None = None
 
 
 class ShardedSampler(torch.utils.data.Sampler[int]):

@@ -22,12 +22,13 @@ from tqdm import tqdm
 from budget import Horizon, learning_rate
 from checkpoint import (build_model, check_resume, load_checkpoint, load_ema_weights, publish, restore,
                         save_checkpoint)
-from config import TrainConfig, check_outputs, check_train_config, objective_model_config, output_path
+from config import (TrainConfig, check_outputs, check_train_config, objective_model_config, output_path,
+                    resolve_meanflow)
 from cpu import keep_freed_memory
-from data import ShardedSampler
+from data import Batch, ShardedSampler
 from device import Runtime, StopRequest, global_mean, ignore_sigint, launched_ranks, setup_runtime
 from ema import EMA
-from flow import (MeanFlowConfig, can_guide, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
+from flow import (MeanFlowConfig, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
                   ot_noise, sample_t, validation_loss)
 from progress import live_bars
 from runlog import RunLog, check_finite, plot_losses
@@ -76,26 +77,6 @@ def setup(cfg: TrainConfig, model_cfg: UNetConfig) -> tuple[Runtime, Parts]:
     check_train_config(cfg, launched_ranks()[1])  # before joining a process group
     rt = setup_runtime(cfg.device, cfg.parallel, cfg.amp, cfg.channels_last, cfg.compile, cfg.deterministic)
     return rt, build(cfg, model_cfg, rt)
-
-
-class Batch(NamedTuple):
-    """A training batch on the device: images x (B, C, H, W) in [-1, 1] and labels y (B,) or None; for reflow pairs
-    also the noise x0 each image was drawn from, and with `pairs --states` its path on the parent's grid
-    (B, K + 1, C, H, W), which meanflow then regresses on."""
-
-    x: torch.Tensor
-    y: torch.Tensor | None
-    x0: torch.Tensor | None = None
-    path: torch.Tensor | None = None
-
-
-def resolve_meanflow(cfg: TrainConfig, model_cfg: UNetConfig, meanflow: MeanFlowConfig | None
-                     ) -> MeanFlowConfig | None:
-    """The run's MeanFlow config, checked and its folded guidance resolved once (checkpoints record it); None for
-    flow matching."""
-    if cfg.objective != "meanflow":
-        return None
-    return (meanflow or MeanFlowConfig()).resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))
 
 
 def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: float | None = None,

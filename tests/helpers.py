@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import build_model, save_checkpoint
-from data import TensorImages
+from data import Batch, TensorImages
 from ema import EMA
 from config import TrainConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -119,6 +119,6 @@ def training_times(cfg: TrainConfig, monkeypatch) -> torch.Tensor:
 
     parts, seen, loss = trainer.build(cfg, TINY, Runtime(torch.device("cpu"))), [], trainer.flow_matching_loss
     monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a: (seen.append(a[-1]), loss(*a))[1])
-    batch = trainer.Batch(torch.zeros(400, 1, 8, 8), torch.zeros(400, dtype=torch.long))
+    batch = Batch(torch.zeros(400, 1, 8, 8), torch.zeros(400, dtype=torch.long))
     trainer.train_step(parts, cfg, batch, step=0)
     return seen[0]

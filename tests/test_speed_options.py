@@ -6,7 +6,8 @@ import cpu
 import device
 from device import Runtime, resolve_amp, resolve_channels_last
 from helpers import TINY, tiny_config
-from trainer import Batch, build, check_train_config, train_step
+from data import Batch
+from trainer import build, check_train_config, train_step
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 

@@ -21,7 +21,8 @@ from device import Runtime, setup_runtime
 from helpers import TINY, assert_same_weights, blobs, tiny_config, training_times
 from budget import learning_rate
 from config import TrainConfig
-from trainer import Batch, build, train, train_step
+from data import Batch
+from trainer import build, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
