@@ -94,8 +94,10 @@ def photo_samplers(name: str = "results-cifar/zen4-sampler.json") -> list[str]:
 
 TABLES = {  # page -> {table: its rows}
     "one-step.md": {"one-step": one_step, "one-step-photos": one_step_photos},
-    "results-mnist.md": {"preset-change": preset_change, "backbones": backbones, "recipe": recipe},
+    "results-mnist.md": {"preset-change": preset_change, "make-train-xeon": lambda: preset_change(
+        "results-mnist/xeon-make-train.json"), "backbones": backbones, "recipe": recipe},
     "results-cifar.md": {"photos-60": lambda: photos("results-cifar/zen4-60min.json"),
+                         "photos-xeon": lambda: photos("results-cifar/xeon-60min.json"),
                          "photos-screen": lambda: photos("results-cifar/zen4-screen.json"),
                          "photo-samplers": photo_samplers},
 }

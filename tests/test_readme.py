@@ -103,6 +103,12 @@ def test_the_readme_quotes_the_make_train_model_as_its_json_has_it():
             f"({before['steps']} steps before: {before['cnn_accuracy']:.1%}, {before['cnn_excess']:.1f}) |") in README
 
 
+def test_the_readme_quotes_make_train_minutes_on_the_xeon_as_its_json_has_them():
+    amx, capped = json_rows("results-mnist/xeon-make-train.json")[:2]
+    quoted = f"{amx['total_minutes']:.1f} on an Intel Xeon (AMX), {capped['total_minutes']:.1f} on it capped to AVX2"
+    assert quoted in README
+
+
 def test_the_readme_and_docs_pages_hold_at_most_15000_words():
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     words = sum(len(page.read_text().split()) for page in pages)
