@@ -16,7 +16,7 @@ import torch
 from cli import parse_configs, run
 from data import load_mnist
 from sampling import MEANFLOW_SAMPLER, sample_model
-from config import TrainConfig, check_train_config, run_kind
+from config import TrainConfig, check_train_config, resolve_meanflow, run_kind
 from flow import MeanFlowConfig, can_guide
 from solvers import Sampler
 from trainer import train
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"preset: {preset}")
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
-    if cfg.objective == "meanflow":
-        meanflow.resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))  # its refusals, before any data
+    resolve_meanflow(cfg, model_cfg, meanflow)  # MeanFlow's refusals, before any data
     if model_cfg.in_channels != 1 or model_cfg.num_classes not in (10, None):
         raise ValueError("MNIST has 1 channel and 10 classes: --in-channels must be 1 and --num-classes 10 "
                          "(or none for an unconditional model)")

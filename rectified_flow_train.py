@@ -23,7 +23,7 @@ from cli import parse_configs, run
 from data import image_folder_splits, load_celeba
 # sample_from_checkpoint: re-exported, the seed's import path
 from sampling import MEANFLOW_SAMPLER, sample_from_checkpoint
-from config import TrainConfig, check_train_config, run_kind
+from config import TrainConfig, check_train_config, resolve_meanflow, run_kind
 from flow import MeanFlowConfig, can_guide
 from solvers import Sampler
 from trainer import train
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     (cfg, model_cfg, data_cfg, meanflow), preset = parse_configs(DEFAULTS, PRESETS, None, argv, __doc__)
     check_train_config(cfg)  # impossible settings fail here, before any data is read
     check_config(model_cfg)
-    if cfg.objective == "meanflow":
-        meanflow.resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))  # its refusals, before any data
+    resolve_meanflow(cfg, model_cfg, meanflow)  # MeanFlow's refusals, before any data
     check_data_flags(data_cfg, model_cfg)
     if data_cfg.dataset == "celeba":
         train_set, val_set, class_names = load_celeba(data_cfg.data_root, model_cfg.image_size)
