@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from checkpoint import PRETRAINED, CheckpointError, mnist_checkpoint
+from checkpoint import PRETRAINED, CheckpointError, load_checkpoint, mnist_checkpoint
 from data import DataError, load_mnist, to_rgb
 from editing import inversion_sampler, invert_model, regenerate
 from sampling import Loaded, check_labels, load_for_sampling, sample_model, save_grid
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=7860, help="local port (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
     args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must lie in 0..65535 (0: any free one), got {args.port}")
+    load_checkpoint(args.one_step)  # the one-step model beside the flow's path: refused here, not on the page
     checkpoint, note = mnist_checkpoint(args.checkpoint)
     if note:
         print(note)

@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 import torch
 
-from checkpoint import MNIST_TRAINED
+from checkpoint import MNIST_TRAINED, load_checkpoint
 from cli import add_flags, config_from, parse_configs, run
 from config import objective_model_config, resolve_meanflow
 from data import Batch, load_mnist
@@ -38,10 +38,10 @@ from editing import gaussianity, invert_model, psnr, regenerate
 from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
                       straightness_of, test_digits)
 from likelihood import image_bits_per_dim
-from runlog import figure
+from runlog import check_file_out, check_writable, figure
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from sampling import Loaded, SampleConfig, check_guidance, checkpoint_can_guide, load_for_sampling
-from solvers import Sampler
+from solvers import FIXED_STEP, Sampler
 from trainer import setup, train_step
 
 
@@ -170,9 +170,12 @@ def few_step_rows(paths: list[str], nfe: list[int], reading: Reading, sample: Sa
 def parse_setting(text: str) -> Sampler:
     """'euler:4' -> euler, 4 steps; 'dopri5:1e-5' -> dopri5 at rtol = atol = 1e-5 (unguided)."""
     solver, _, value = text.partition(":")
-    if solver == "dopri5":
-        return Sampler(solver, 0, 1.0, float(value or 1e-5), float(value or 1e-5))
-    return Sampler(solver, int(value or Sampler.steps))
+    try:
+        if solver == "dopri5":
+            return Sampler(solver, 0, 1.0, float(value or 1e-5), float(value or 1e-5))
+        return Sampler(solver, int(value or Sampler.steps))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"a setting looks like euler:4 or dopri5:1e-5 ({e})") from None
 
 
 def inversion_rows(paths: list[str], settings: list[Sampler], data_root: str, n: int, sample: SampleConfig,
@@ -423,10 +426,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_reader(reading: Reading) -> None:
+    """Before minutes of sampling: MNIST's reader and the digits it reads against (none for an FID's folder)."""
+    if not reading.real_dir:
+        load_classifier(reading.classifier)
+        load_mnist(reading.data_root, train=False, download=False)
+
+
 def sweep(args: argparse.Namespace, reading: Reading, sample: SampleConfig) -> tuple[list[dict], Path]:
     """benchmark.py nfe | guidance | fewstep: the rows of a quality sweep, plotted; returns them and their JSON path."""
     out_dir, title = Path(reading.out_dir), f"N={reading.n} per setting"
     if args.command == "fewstep":
+        check_reader(reading)
         minutes = [float(m) for m in args.minutes.split(",")] if args.minutes else None
         rows = few_step_rows(args.checkpoints.split(","), [int(k) for k in args.nfe.split(",")], reading, sample,
                              args.n_straightness, args.guided, minutes)
@@ -435,6 +446,7 @@ def sweep(args: argparse.Namespace, reading: Reading, sample: SampleConfig) -> t
             plot_minutes(rows, out_dir / "fewstep_minutes.png", title)
         return rows, out_dir / "fewstep.json"
     loaded = load_for_sampling(args.checkpoint, sample.solver, sample.steps, sample.guidance, sample.device)
+    check_reader(reading)
     if args.command == "guidance":
         drawn = loaded.sampler
         settings = [dict(solver=drawn.solver, steps=drawn.steps, guidance=float(w)) for w in args.scales.split(",")]
@@ -455,11 +467,54 @@ def sweep(args: argparse.Namespace, reading: Reading, sample: SampleConfig) -> t
     return rows, out_dir / "nfe.json"
 
 
+LISTS = {"solvers": str, "steps": int, "tolerances": float, "scales": float, "nfe": int, "minutes": float, "sizes": int}
+COUNTS = {"n": (1, 100_000), "warmup": (0, 10_000), "ref_steps": (0, 100_000), "n_straightness": (10, 100_000),
+          "exact_n": (0, 10_000), "n_real": (1, 100_000)}  # (least, most) a command takes
+OUTPUTS = {"out": check_file_out, "out_dir": check_writable, "stats_cache": check_writable}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every list, count and output flag parsed and bounded before any work, each refusal naming its flag."""
+    for name, kind in LISTS.items():
+        text = getattr(args, name, None)
+        if not isinstance(text, str) or not text:
+            continue
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--{name} takes comma-separated {kind.__name__}s, got {text!r}") from None
+        if kind is str and (bad := [v for v in values if v not in FIXED_STEP]):
+            raise ValueError(f"--{name}: unknown fixed-step solver(s) {bad}: choose from {', '.join(FIXED_STEP)}")
+        if kind is not str and not all(0 < v <= 100_000 for v in values):
+            raise ValueError(f"--{name} takes values in (0, 100000], got {text!r}")
+    for name, (least, most) in COUNTS.items():
+        if getattr(args, name, None) is not None and not least <= getattr(args, name) <= most:
+            raise ValueError(f"--{name.replace('_', '-')} must lie in {least}..{most}, got {getattr(args, name)}")
+    if args.command == "train-speed" and not 1 <= args.steps <= 100_000:
+        raise ValueError(f"--steps must be >= 1 and at most 100000, got {args.steps}")
+    if not 0 <= getattr(args, "guided", 0) <= 100:  # (not: NaN fails too)
+        raise ValueError(f"--guided must lie in [0, 100] (0 = none), got {args.guided}")
+    for name in ("settings", "exact_setting"):
+        for text in (getattr(args, name, None) or "").split(",") if getattr(args, name, None) else ():
+            try:
+                parse_setting(text)
+            except ValueError as e:
+                raise ValueError(f"--{name.replace('_', '-')} {text!r}: {e}") from None
+    for name, check in OUTPUTS.items():
+        if getattr(args, name, None):
+            check(Path(getattr(args, name)), f"--{name.replace('_', '-')}")
+    if getattr(args, "real_dir", None) and not Path(args.real_dir).is_dir():
+        raise ValueError(f"--real-dir {args.real_dir} is not a folder of images")
+    if args.command == "library-path":
+        load_checkpoint(args.checkpoint)  # read here: the timed processes would each fail on it
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = parser()
     args, rest = p.parse_known_args(argv)
     if rest and args.command != "train-speed":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    check_args(args)
     sample = config_from(args, SampleConfig(), NOT_SAMPLED.get(args.command, ()))
     sample.check()
     if args.command == "train-speed":

@@ -80,6 +80,10 @@ class Deadline:
         early = self.fit_early and self.step_time >= CALIBRATION_SHARE * self.seconds
         return self.timed >= CALIBRATION_STEPS or early
 
+    def retime(self) -> None:
+        """Forget the steps timed so far: from here a step costs something else (a term joined the loss)."""
+        self.steps, self.step_time, self.timed, self.timed_time = 0, 0.0, 0, 0.0
+
     def end_done(self) -> None:
         """Record an epoch end: the time since the epoch's last step."""
         time_now = now()
@@ -127,6 +131,11 @@ class Horizon:
         if refit:
             self.refit(step, rt, say)
         return refit
+
+    def retime(self) -> None:
+        """The steps change cost from here on: the end is fitted again on the new ones alone, once they are timed."""
+        if self.deadline:
+            self.deadline.retime()
 
     def epoch_ended(self, step: int, rt: Runtime, say) -> bool:
         """Time the epoch end just done and refit the end to the time left (not after the run's last end); True if

@@ -215,9 +215,13 @@ def load_folder(folder: str | Path) -> dict:
 def read_json(path: Path) -> dict:
     """A JSON file of an exported folder; CheckpointError when it is not valid JSON."""
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(found).__name__}, not the object an exported folder has: "
+                              "export the model again with `python pretrained.py export`")
+    return found
 
 
 def mnist_checkpoint(path: str | Path | None = None, root: Path = Path(".")) -> tuple[Path, str | None]:

@@ -49,9 +49,13 @@ def add_flags(parser: argparse.ArgumentParser, config: Any, exclude: Sequence[st
             continue
         default = getattr(config, f.name)
         doc = help_text.get(f.name, "")
-        text = doc if "default" in doc else f"{doc} (default: {default})"
-        set_by = [f"{name} {_shown(values[f.name])}" for name, values in (presets or {}).items() if f.name in values]
-        text += f" [preset {', '.join(set_by)}]" if set_by else ""
+        text = doc if "default" in doc else f"{doc} (default: {_shown(default)})"
+        set_by = {name: values[f.name] for name, values in (presets or {}).items() if f.name in values}
+        if set_by:  # the value each preset starts from, where one sets it
+            rest = [name for name in presets if name not in set_by]
+            text = f"{doc} (default: " + "; ".join(
+                [f"{_shown(value)} with --preset {name}" for name, value in set_by.items()]
+                + ([f"{_shown(default)} with {' or '.join(rest)}"] if rest else [])) + ")"
         if hints[f.name] is bool:
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=text)
@@ -61,7 +65,9 @@ def add_flags(parser: argparse.ArgumentParser, config: Any, exclude: Sequence[st
 
 
 def _shown(value: Any) -> str:
-    """A preset's value as its flag takes it: (1, 2, 3) -> 1,2,3."""
+    """A value as its flag takes it: (1, 2, 3) -> 1,2,3; () and None -> none."""
+    if value is None or value == ():
+        return "none"
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
@@ -101,11 +107,11 @@ def field_comments(config_cls: type) -> dict[str, str]:
 
 def parse_configs(configs: Sequence[Any], presets: dict[str, dict[str, Any]] | None = None,
                   default_preset: str | None = None, argv: Sequence[str] | None = None,
-                  description: str = "") -> tuple[list[Any], str | None]:
+                  description: str = "", prog: str | None = None) -> tuple[list[Any], str | None]:
     """Parse argv into copies of `configs` (dataclass instances holding the defaults). Returns the filled configs and
     the preset name used. A preset's keys may belong to any of the configs; a key that belongs to none is a programming
-    error and raises."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+    error and raises. prog: the command its usage line names (default: the script's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,

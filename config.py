@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -61,6 +61,12 @@ class TrainConfig:
     time_limit: float = 0.0  # minutes the run may take at most: the epochs, or an earlier fitted end; 0 = off
 
 
+# values past these run for days, fill no machine's memory or change nothing: refused as typing slips
+AT_MOST = {"epochs": 100_000, "batch_size": 1 << 20, "num_workers": 256, "val_t_points": 1000, "lr": 10.0,
+           "warmup_steps": 10**8, "t_grid": 10_000, "sample_every": 10**6, "log_every": 10**8,
+           "time_budget": 10**6, "time_limit": 10**6, "save_every": 10**6, "grad_clip": 10**6, "weight_decay": 10.0}
+
+
 def run_kind(cfg: TrainConfig) -> str:
     """The kind a training script's checkpoints record: meanflow, or a first rectified flow."""
     return "meanflow" if cfg.objective == "meanflow" else "1-rectified"
@@ -82,9 +88,13 @@ def resolve_meanflow(cfg: TrainConfig, model_cfg: UNetConfig, meanflow: MeanFlow
                      ) -> MeanFlowConfig | None:
     """The run's MeanFlow config, checked and its folded guidance resolved once (checkpoints record it); None for
     flow matching."""
+    meanflow = meanflow or MeanFlowConfig()
     if cfg.objective != "meanflow":
+        default = MeanFlowConfig()
+        if changed := [f.name for f in fields(meanflow) if getattr(meanflow, f.name) != getattr(default, f.name)]:
+            raise ValueError(f"{flag(changed[0])} shapes MeanFlow's training: it needs --objective meanflow")
         return None
-    return (meanflow or MeanFlowConfig()).resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))
+    return meanflow.resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))
 
 
 def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
@@ -105,6 +115,9 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     for name in ("lr", "epochs"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"{flag(name)} must be > 0, got {getattr(cfg, name)}")
+    for name, most in AT_MOST.items():
+        if getattr(cfg, name) > most:
+            raise ValueError(f"{flag(name)} must be at most {most:,} (no run means more), got {getattr(cfg, name)}")
     for name in ("ema_decay", "label_dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
@@ -116,25 +129,41 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.resume and cfg.init_from:
         raise ValueError("--resume continues a run with its own weights; --init-from starts a new one from another "
                          "run's: give one of the two")
-    if not math.isfinite(cfg.t_mu) or (cfg.t_mu and cfg.t_schedule != "logit-normal"):
-        raise ValueError(f"--t-mu {cfg.t_mu} shifts the logit-normal training times: give a finite value with "
-                         "--t-schedule logit-normal, or --t-mu 0")
+    if not -10 <= cfg.t_mu <= 10 or (cfg.t_mu and cfg.t_schedule != "logit-normal"):
+        raise ValueError(f"--t-mu {cfg.t_mu} shifts the logit-normal training times: give a finite value in [-10, 10] "
+                         "with --t-schedule logit-normal, or --t-mu 0")
     if cfg.objective == "meanflow" and cfg.t_grid:
         raise ValueError("--t-grid (k-step distillation) trains a velocity at k times; --objective meanflow "
                          "trains average velocities: use one of the two")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    for f in fields(cfg):  # inf passes the bounds above, and a run would only meet it as a NaN loss
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise ValueError(f"{flag(f.name)} must be a finite number, got {getattr(cfg, f.name)}")
 
 
-def check_outputs(cfg: TrainConfig) -> str | None:
-    """A fresh run moves another run's files in --out-dir aside (or refuses: --existing) and returns what it moved;
-    every output folder must be writable. For the main process before the process group exists, so no other rank
-    has written anything."""
+def output_folders(cfg: TrainConfig) -> list[tuple[Path, str]]:
+    """The folders a run writes into, each with the flag that names it."""
+    return [(Path(cfg.out_dir), "--out-dir"), (output_path(cfg.out, cfg).parent, "--out"),
+            (output_path(cfg.sample_dir, cfg), "--sample-dir")]
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Every output path usable, and --existing refuse honoured: checks only, nothing is created or moved (the scripts
+    call it before any data is read, the loop again before its run)."""
     checkpoint = output_path(cfg.out, cfg)
     if checkpoint.is_dir():
         raise ValueError(f"--out {checkpoint} is a folder: give a file path (e.g. {checkpoint}/best.pth)")
-    moved = None if cfg.resume else keep_earlier_run(Path(cfg.out_dir), checkpoint, cfg.existing)
-    for folder, name in ((Path(cfg.out_dir), "--out-dir"), (checkpoint.parent, "--out"),
-                         (output_path(cfg.sample_dir, cfg), "--sample-dir")):
+    for folder, name in output_folders(cfg):
         check_writable(folder, name)
+    if not cfg.resume and cfg.existing == "refuse":
+        keep_earlier_run(Path(cfg.out_dir), checkpoint, "refuse")  # raises where another run's files are there
+
+
+def make_room(cfg: TrainConfig) -> str | None:
+    """The last step before a run starts, after every check: move another run's files in --out-dir aside (a fresh run)
+    and create the output folders; returns what was moved. For the main process only: no other rank writes files."""
+    moved = None if cfg.resume else keep_earlier_run(Path(cfg.out_dir), output_path(cfg.out, cfg), cfg.existing)
+    for folder, _ in output_folders(cfg):
+        folder.mkdir(parents=True, exist_ok=True)
     return moved

@@ -65,10 +65,14 @@ def load_mnist(root: str | Path, train: bool, image_size: int = 28, download: bo
     from torchvision.datasets import MNIST
 
     root = Path(root)
+    raw = root / "MNIST" / "raw"
+    created = [p for p in (raw, *raw.absolute().parents) if not p.exists()]  # what a download would make
     try:
-        unpack_local_gz(root / "MNIST" / "raw")
+        unpack_local_gz(raw)
         ds = MNIST(str(root), train=train, download=download)
     except (RuntimeError, OSError, EOFError) as e:  # "Dataset not found", a failed download, a broken .gz
+        for folder in created:  # a failed download leaves no empty folders behind to change the next message
+            shutil.rmtree(folder, ignore_errors=True)
         raise DataError(
             f"MNIST not found under {root}/MNIST/raw ({str(e).splitlines()[0]}). Put the four files "
             "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), "

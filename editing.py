@@ -26,7 +26,8 @@ from torch import nn
 from checkpoint import MNIST_TRAINED
 from cli import add_flags, add_weights_flag, config_from, run
 from data import DataError, ImageFolder, find_images, load_mnist, readable
-from sampling import (Loaded, SampleConfig, check_guidance, check_labels, check_request, label_tensor,
+from runlog import check_file_out
+from sampling import (Loaded, SampleConfig, check_guidance, check_image_out, check_labels, check_request, label_tensor,
                       load_for_sampling, save_grid)
 from solvers import Sampler, flow_batches
 
@@ -160,6 +161,9 @@ def parse_indices(text: str) -> list[int]:
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
             lo, _, hi = part.partition("-")
+            if int(hi or lo) < int(lo):
+                raise argparse.ArgumentTypeError(f"the range {part} is reversed: write it low to high, e.g. "
+                                                 f"{hi}-{lo}")
             out += list(range(int(lo), int(hi or lo) + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"indices look like 0-3,7 (got {text!r})")
@@ -173,7 +177,9 @@ def real_images(loaded: Loaded, data_root: str | None, image_dir: str | None, in
     """Images (B, C, H, W) in [0, 1] and labels at the indices: MNIST test digits, or a folder's sorted images
     (labels from class sub-folders named as the checkpoint's classes)."""
     cfg = loaded.model.config
-    if (data_root is None) == (image_dir is None):
+    if data_root is not None and image_dir is not None:
+        raise ValueError("--data-root and --image-dir both given: the images come from one of them, not both")
+    if data_root is None and image_dir is None:
         raise ValueError("give the images: --data-root DIR (MNIST test digits) or --image-dir DIR (a folder)")
     if data_root is not None:
         data = load_mnist(data_root, train=False, image_size=cfg.image_size, download=False)
@@ -224,6 +230,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     sample = config_from(args, SampleConfig())
     sample.check()
+    if args.command == "invert":
+        check_file_out(Path(args.out), "--out")
+    else:
+        check_image_out(args.out)
+    if args.command == "interpolate" and not 2 <= args.frames <= 1000:
+        raise ValueError(f"--frames must lie in 2..1000 (the two ends and those between), got {args.frames}")
     # invert runs both ways at the recorded guidance; swap inverts at w = 1 and redraws at the recorded guidance
     loaded = load_for_sampling(args.checkpoint, sample.solver, sample.steps, sample.guidance, sample.device,
                                args.weights == "ema")

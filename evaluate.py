@@ -29,9 +29,10 @@ from checkpoint import CheckpointError, save_checkpoint
 from cli import add_flags, add_weights_flag, config_from, run
 from data import ImageFolder, TensorImages, load_mnist
 from fid import (EXTRACTOR, STATS_DIR, RealStats, frechet_distance, frechet_from_stats, gaussian_stats,
-                 inception_features, real_files, real_floor, real_stats, to_uint8)
+                 inception_features, precision_recall, real_files, real_floor, real_stats, to_uint8)
 from likelihood import LikelihoodConfig, image_bits_per_dim
 from progress import progress
+from runlog import check_file_out, check_writable
 from sampling import SampleConfig, Samples, check_guidance, load_for_sampling, sample_model
 from solvers import Sampler, Velocity, guided_velocity, make_noise, solve
 
@@ -42,6 +43,7 @@ OWN_PATH = ""  # train_classifier's out: the arch's own path (CLASSIFIERS); None
 # no model trains on or is selected by (mnist_train.py validates on held-out training digits). The split's halves
 # come from different writers (NIST SD-3, SD-1), so contiguous index ranges would measure that shift instead.
 REFERENCE_SEED = 0
+MAX_N = 100_000  # images any measuring command draws at most (the FID's usual N is 50,000)
 
 
 class Reader(nn.Module):
@@ -121,6 +123,8 @@ def train_classifier(data_root: str, epochs: int | None = None, subset: int = 0,
         raise ValueError(f"unknown classifier arch {arch!r}: choose one of {', '.join(CLASSIFIERS)}")
     network, default_epochs, shift, own_path = CLASSIFIERS[arch]
     epochs = default_epochs if epochs is None else epochs
+    if not 1 <= epochs <= 100:
+        raise ValueError(f"--epochs must lie in 1..100, got {epochs}")
     out = own_path if out == OWN_PATH else out
     torch.manual_seed(seed)
     train_set = load_mnist(data_root, train=True, download=False)
@@ -169,8 +173,12 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
         arch = next((f" --arch {a}" for a, c in CLASSIFIERS.items() if Path(c[3]) == Path(path) and a != "cnn"), "")
         raise CheckpointError(f"classifier {path} not found: make it first with `python evaluate.py train-classifier "
                               f"--data-root DIR{arch} --out {path}` (a few CPU minutes)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("kind") != "mnist-classifier":
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # garbage, a truncated file, pickled objects: none of them is a reader
+        raise CheckpointError(f"{path} is not an MNIST classifier written by evaluate.py ({type(e).__name__})"
+                              ) from None
+    if not isinstance(state, dict) or state.get("kind") != "mnist-classifier":
         raise CheckpointError(f"{path} is not an MNIST classifier written by evaluate.py")
     arch = state.get("arch", "cnn")  # files from before the arch key hold the first CNN
     if arch not in CLASSIFIERS:
@@ -216,9 +224,11 @@ def mnist_quality(model: nn.Module, classifier: Reader, real: TensorImages, n: i
     _, real_feats = predict(classifier, images[reference])
     _, other_feats = predict(classifier, images[other])
     frechet, floor = frechet_distance(fake_feats, real_feats), frechet_distance(other_feats, real_feats)
+    per_class = [precision_recall(real_feats[real.labels[reference] == c], fake_feats[labels == c]) for c in range(10)]
     return {"n": n, "solver": sampler.solver, "steps": sampler.steps, "nfe": samples.nfe, "seconds": samples.seconds,
             "guidance": sampler.guidance, "accuracy": (preds == labels).float().mean().item(),
             "frechet": frechet, "floor": floor, "excess": frechet - floor,
+            "precision": sum(p for p, _ in per_class) / 10, "recall": sum(r for _, r in per_class) / 10,
             "reference": f"MNIST test, class-balanced random (seed {REFERENCE_SEED})"}
 
 
@@ -305,9 +315,10 @@ def inception_fid(model: nn.Module, real_dir: str, n: int, sampler: Sampler, see
 
 def test_digits(data_root: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 pixels (n, 1, 28, 28) and labels (n,) of the class-balanced random test digits (reference_sets)."""
-    if n < 10 or n % 10:
-        raise ValueError(f"--n {n}: MNIST test digits are drawn class-balanced, so give a multiple of 10")
     real = load_mnist(data_root, train=False, download=False)
+    most = int(torch.bincount(real.labels, minlength=10).min()) * 10
+    if n < 10 or n % 10 or n > most:
+        raise ValueError(f"--n {n}: MNIST test digits are drawn class-balanced, so give a multiple of 10 up to {most}")
     index = reference_sets(real.labels, n)[0]
     return real.images[index], real.labels[index]
 
@@ -382,6 +393,7 @@ def sampled_metrics(args: argparse.Namespace, sample: SampleConfig) -> dict:
     print(f"N={result['n']}  solver {sampler.solver}  steps {sampler.steps}  NFE {result['nfe']} per image  "
           f"conditional accuracy {result['accuracy']:.2%}  Fréchet distance (MNIST-CNN features) "
           f"{result['frechet']:.3f}  real-vs-real floor {result['floor']:.3f}  excess {result['excess']:.3f}  "
+          f"precision {result['precision']:.3f}  recall {result['recall']:.3f} (per class, k = 3)  "
           f"classifier accuracy {accuracy:.2%}")
     return result
 
@@ -430,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     if args.command == "train-classifier":
         start, out = time.perf_counter(), args.out or CLASSIFIERS[args.arch][3]
+        check_file_out(Path(out), "--out")
         epochs = CLASSIFIERS[args.arch][1] if args.epochs is None else args.epochs
         print(f"training the {args.arch} reader: {epochs} epochs over MNIST's 60,000 training digits (minutes on a "
               f"CPU) -> {out}", flush=True)
@@ -437,6 +450,16 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"test_accuracy": accuracy, "seconds": time.perf_counter() - start, "path": out}
         print(f"classifier test accuracy {accuracy:.2%} ({result['seconds']:.0f} s) -> {out}")
         return result
+    if not 1 <= args.n <= MAX_N:  # each image costs memory and minutes: a count nobody means is refused, not run
+        raise ValueError(f"--n must lie in 1..{MAX_N:,}, got {args.n}")
+    if getattr(args, "n_real", None) is not None and not 1 <= args.n_real <= MAX_N:
+        raise ValueError(f"--n-real must lie in 1..{MAX_N:,}, got {args.n_real}")
+    if args.json:
+        check_file_out(Path(args.json), "--json")
+    if getattr(args, "stats_cache", None):
+        check_writable(Path(args.stats_cache), "--stats-cache")
+    if args.command == "likelihood":
+        config_from(args, LikelihoodConfig()).sampler()
     sample = config_from(args, SampleConfig(), NOT_SAMPLED.get(args.command, ()))
     sample.check()
     if args.command == "likelihood":

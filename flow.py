@@ -109,9 +109,11 @@ class MeanFlowConfig:
         for name in ("mf_share", "mf_curriculum"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(self, name)}")
-        if not (self.mf_sigma > 0 and self.mf_weight_power >= 0 and (self.mf_guidance or 0) >= 0):
+        if not (0 < self.mf_sigma <= 10 and 0 <= self.mf_weight_power <= 10 and 0 <= (self.mf_guidance or 0) <= 100
+                and -10 <= self.mf_mu <= 10):
             raise ValueError(f"--mf-sigma must be > 0, --mf-weight-power and --mf-guidance >= 0 (got {self.mf_sigma}, "
-                             f"{self.mf_weight_power}, {self.mf_guidance})")
+                             f"{self.mf_weight_power}, {self.mf_guidance}); at most 10, 10 and 100; --mf-mu in "
+                             f"[-10, 10] (got {self.mf_mu})")
         if self.mf_guidance not in (None, 1) and not can_guide:
             raise ValueError(f"--mf-guidance {self.mf_guidance} folds classifier-free guidance into training: it "
                              "needs classes and --label-dropout > 0 (the unconditional velocity it guides against)")
@@ -219,6 +221,21 @@ def grid_map_loss(net: nn.Module, path: torch.Tensor, y: torch.Tensor | None) ->
     return F.mse_loss(net(start, t.to(start.dtype), y, t_end.to(start.dtype)).float(), target.float())
 
 
+def grid_map_error(model: nn.Module, path: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """grid_map_loss without its draws, per item (B,): the squared error of every jump of every sampler on path's
+    grid (B, K + 1, C, H, W), averaged per sampler, then evenly over the samplers, as training weighs them."""
+    b, k = path.shape[0], path.shape[1] - 1
+    per_sampler = []
+    for length in (k // n for n in range(1, k + 1) if k % n == 0):
+        errors = []
+        for i in range(0, k, length):
+            t, t_end = (torch.full((b,), s / k, device=path.device) for s in (i, i + length))
+            target = (path[:, i + length] - path[:, i]) * (k / length)
+            errors.append((model(path[:, i], t, y, t_end).float() - target.float()).square().flatten(1).mean(1))
+        per_sampler.append(torch.stack(errors).mean(0))
+    return torch.stack(per_sampler).mean(0)
+
+
 VAL_NOISE_START = 1234  # validation item i uses noise sample VAL_NOISE_START + i of seed 0: a fixed validation loss
 
 
@@ -227,13 +244,18 @@ def validation_loss(model: nn.Module, data: Dataset, rt: Runtime, batch_size: in
                     conditional: bool) -> float:
     """Mean flow-matching loss on held-out data (items (x1, y), or reflow pairs (x1, y, x0)) at a fixed grid of t_points
     times; item i's noise is sample VAL_NOISE_START + i of seed 0 (pairs bring their own), so the loss compares across
-    epochs, batch sizes and numbers of processes, each rank taking a contiguous share (sums in fp64)."""
+    epochs, batch sizes and numbers of processes, each rank taking a contiguous share (sums in fp64). Pairs with their
+    paths (x1, y, x0, path) measure what a one-step model trains instead: grid_map_error, every jump fixed."""
     start, stop = len(data) * rt.rank // rt.world, len(data) * (rt.rank + 1) // rt.world
     ts, sums = (torch.arange(t_points) + 0.5) / t_points, torch.zeros(2, dtype=torch.float64, device=rt.device)
     for first in range(start, stop, batch_size):
         idx = range(first, min(first + batch_size, stop))
         x, y, *pair = default_collate([data[i] for i in idx])
         x, y = x.to(rt.device), y.to(rt.device) if conditional else None
+        if len(pair) == 2:  # held-out paths: the jumps a one-step model learns
+            sums[0] += grid_map_error(model, pair[1].to(rt.device), y).double().sum() * x[0].numel()
+            sums[1] += x.numel()
+            continue
         noise = None if pair else make_noise(len(idx), (t_points, *x.shape[1:]), 0, rt.device, VAL_NOISE_START + first)
         for k, t in enumerate(ts):
             x0, tb = pair[0].to(rt.device) if pair else noise[:, k], t.expand(len(x)).to(rt.device)

@@ -11,23 +11,27 @@ checkpoint's recorded sampler in `model.sampler` and its class names in `model.c
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
-from typing import Sequence
+import dataclasses as _dataclasses
+from typing import TYPE_CHECKING
 
-import torch
-
+import sampling as _sampling
+import solvers as _solvers
 from checkpoint import PRETRAINED
-from sampling import label_tensor, load_for_sampling, sample_model
-from solvers import Sampler
-from unet import ConditionalUNet
+
+if TYPE_CHECKING:  # torch.hub lists every public callable here as an entry point: the models and helpers only
+    from pathlib import Path
+    from typing import Sequence
+
+    import torch
+
+    from unet import ConditionalUNet
 
 dependencies = ["torch", "safetensors", "PIL"]  # what torch.hub checks before it imports this file
 
 
 def from_checkpoint(checkpoint_path: str | Path, device: str | None = None, use_ema: bool = True) -> ConditionalUNet:
     """The model of a checkpoint file or exported folder, with its recorded sampler and class names attached."""
-    loaded = load_for_sampling(checkpoint_path, device=device, use_ema=use_ema)
+    loaded = _sampling.load_for_sampling(checkpoint_path, device=device, use_ema=use_ema)
     loaded.model.sampler = loaded.sampler
     loaded.model.class_names = loaded.ckpt.get("class_names")
     return loaded.model
@@ -55,6 +59,7 @@ def sample(model: ConditionalUNet, labels: Sequence[int | str] | torch.Tensor | 
     """Images (B, C, H, W) in [0, 1] from an entry's model: B = len(labels) (class indices or names), else n (classes
     cycled); solver / steps / guidance given here replace the model's recorded ones."""
     if labels is not None:
-        labels = label_tensor(labels, getattr(model, "class_names", None))
+        labels = _sampling.label_tensor(labels, getattr(model, "class_names", None))
         n = len(labels)
-    return sample_model(model, n, labels, replace(getattr(model, "sampler", Sampler()), **sampler), seed).images
+    recorded = getattr(model, "sampler", _solvers.Sampler())
+    return _sampling.sample_model(model, n, labels, _dataclasses.replace(recorded, **sampler), seed).images

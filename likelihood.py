@@ -41,7 +41,13 @@ class LikelihoodConfig:
     marginal: bool = False  # log p(x) under the unconditional velocity (null label) instead of log p(x | y)
 
     def sampler(self) -> Sampler:
-        """The ODE these settings integrate, unguided."""
+        """The ODE these settings integrate, unguided; ValueError naming the flag for a setting it cannot use."""
+        if not 0 < self.tolerance <= 1 or not 1 <= self.steps <= 100_000:
+            raise ValueError(f"--tolerance must lie in (0, 1] and --steps in 1..100000, got {self.tolerance}, "
+                             f"{self.steps}")
+        if self.divergence not in ("exact", "hutchinson") or not 1 <= self.probes <= 1000:
+            raise ValueError(f"--divergence must be exact or hutchinson and --probes lie in 1..1000, got "
+                             f"{self.divergence!r}, {self.probes}")
         return Sampler(self.solver, self.steps, 1.0, self.tolerance, self.tolerance)
 
 

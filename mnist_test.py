@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import MNIST_TRAINED, mnist_checkpoint
 from cli import add_flags, add_weights_flag, config_from, run
-from sampling import SampleConfig, load_for_sampling, sample_model, save_grid
+from sampling import SampleConfig, check_image_out, load_for_sampling, sample_model, save_grid
 
 MAX_PER_DIGIT = 1000  # a row of 1,000 digits is a 60,000-pixel-wide PNG already
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     sample.check()
     if not 1 <= args.per_digit <= MAX_PER_DIGIT:
         p.error(f"--per-digit must lie in 1..{MAX_PER_DIGIT} (one grid row each), got {args.per_digit}")
+    check_image_out(args.out)
     labels = torch.tensor(args.digits).repeat_interleave(args.per_digit)
     checkpoint, note = mnist_checkpoint(args.checkpoint)
     if note:

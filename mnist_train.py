@@ -16,7 +16,7 @@ import torch
 from cli import parse_configs, run
 from data import load_mnist
 from sampling import MEANFLOW_SAMPLER, sample_model
-from config import TrainConfig, check_train_config, resolve_meanflow, run_kind
+from config import TrainConfig, check_outputs, check_train_config, resolve_meanflow, run_kind
 from flow import MeanFlowConfig, can_guide
 from solvers import Sampler
 from trainer import train
@@ -92,8 +92,16 @@ def main(argv: list[str] | None = None) -> dict:
     (cfg, model_cfg, data_cfg, meanflow), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     print(f"preset: {preset}")
     check_train_config(cfg)  # impossible settings fail here, before any data is read
-    check_config(model_cfg)
+    check_outputs(cfg)  # and unusable output paths, before anything is downloaded, created or moved
+    try:
+        check_config(model_cfg)
+    except ValueError as e:
+        hint = " (--preset cpu-dit sets a DiT that trains on a CPU)" if model_cfg.backbone == "dit" else ""
+        raise ValueError(f"{e}{hint}") from None
     resolve_meanflow(cfg, model_cfg, meanflow)  # MeanFlow's refusals, before any data
+    if model_cfg.num_classes is None and cfg.label_dropout not in (0, TrainConfig.label_dropout):
+        raise ValueError(f"--label-dropout {cfg.label_dropout} drops labels, but --num-classes none trains an "
+                         "unconditional model: there are none to drop (leave the flag out)")
     if model_cfg.in_channels != 1 or model_cfg.num_classes not in (10, None):
         raise ValueError("MNIST has 1 channel and 10 classes: --in-channels must be 1 and --num-classes 10 "
                          "(or none for an unconditional model)")

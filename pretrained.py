@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -74,6 +75,9 @@ def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema",
     return out
 
 
+FOLDER = "path/to/this/folder"  # how the card's code names the exported folder
+
+
 def model_card(config: dict, n_params: int, notes: str = "") -> str:
     """README.md of an exported folder: what the model is, how it was trained, how to load and sample it."""
     cfg, train, sampler = config["model_config"], config["training"], config.get("sampler")
@@ -104,7 +108,7 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
         f"t {tc.get('t_schedule', 'uniform')}{shift}, "
         f"noise {tc.get('coupling', 'independent')}, AdamW beta2 {tc.get('adam_beta2', 0.999)}, "
         f"label dropout {config.get('label_dropout')} |",
-        f"| validation loss | {'n/a' if val is None else f'{val:.4f}'} |",
+        f"| validation loss | {f'{val:.4f}' if val is not None and math.isfinite(val) else 'n/a (not validated)'} |",
     ]
     if config.get("lineage"):
         lines.append(f"| lineage | from a {config['lineage'].get('parent_kind')} parent "
@@ -115,7 +119,9 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
               'images = sample_from_checkpoint("path/to/this/folder", labels=[0, 1, 2])  # (3, C, H, W) in [0, 1]'
               if classes or cfg.get("num_classes") else
               'images = sample_from_checkpoint("path/to/this/folder", batch_size=4)  # (4, C, H, W) in [0, 1]',
-              "", "from unet import ConditionalUNet", 'model = ConditionalUNet.from_pretrained("path/to/this/folder")',
+              "", *(["from dit import DiT", f"model = DiT.from_pretrained({FOLDER!r})"]
+                    if cfg.get("backbone", "unet") == "dit" else
+                    ["from unet import ConditionalUNet", f"model = ConditionalUNet.from_pretrained({FOLDER!r})"]),
               "```", "",
               "The folder loads without pickle (`model.safetensors`, `config.json`, `flow_config.json`); it samples "
               "with the recorded sampler unless told otherwise.", ""]
@@ -158,6 +164,16 @@ def measured_section(m: dict | None) -> list[str]:
     return []
 
 
+def read_text(path: str, flag: str) -> str:
+    """A text file a flag names; ValueError naming the flag when it is missing, a folder, binary or not JSON-able."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {path} is not a UTF-8 text file") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: {e.strerror}") from None
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,8 +186,14 @@ def main(argv: list[str] | None = None) -> Path:
     e.add_argument("--notes", default=None, help="a Markdown file whose text goes into the model card")
     e.add_argument("--metrics", default=None, help="a JSON file of measured figures (evaluate.py mnist --json)")
     args = p.parse_args(argv)
-    notes = Path(args.notes).read_text() if args.notes else ""
-    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    notes = read_text(args.notes, "--notes") if args.notes else ""
+    try:
+        metrics = json.loads(read_text(args.metrics, "--metrics")) if args.metrics else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--metrics {args.metrics} is not JSON ({e})") from None
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ValueError(f"--metrics {args.metrics} holds a JSON {type(metrics).__name__}, not the object that "
+                         "`evaluate.py mnist --json` writes")
     out = export(args.checkpoint, args.out, args.weights, notes, metrics, args.force)
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
     return out

@@ -23,7 +23,7 @@ from cli import parse_configs, run
 from data import image_folder_splits, load_celeba
 # sample_from_checkpoint: re-exported, the seed's import path
 from sampling import MEANFLOW_SAMPLER, sample_from_checkpoint
-from config import TrainConfig, check_train_config, resolve_meanflow, run_kind
+from config import TrainConfig, check_outputs, check_train_config, resolve_meanflow, run_kind
 from flow import MeanFlowConfig, can_guide
 from solvers import Sampler
 from trainer import train
@@ -74,9 +74,13 @@ def main(argv: list[str] | None = None) -> dict:
     # no preset: the seed's 128 px
     (cfg, model_cfg, data_cfg, meanflow), preset = parse_configs(DEFAULTS, PRESETS, None, argv, __doc__)
     check_train_config(cfg)  # impossible settings fail here, before any data is read
+    check_outputs(cfg)  # and unusable output paths, before anything is downloaded, created or moved
     check_config(model_cfg)
     resolve_meanflow(cfg, model_cfg, meanflow)  # MeanFlow's refusals, before any data
     check_data_flags(data_cfg, model_cfg)
+    if not data_cfg.class_from_folders and cfg.label_dropout not in (0, TrainConfig.label_dropout):
+        raise ValueError(f"--label-dropout {cfg.label_dropout} drops labels, but without --class-from-folders the "
+                         "model is unconditional: there are none to drop (leave the flag out)")
     if data_cfg.dataset == "celeba":
         train_set, val_set, class_names = load_celeba(data_cfg.data_root, model_cfg.image_size)
     elif data_cfg.dataset == "folder":
@@ -114,8 +118,8 @@ def check_data_flags(data_cfg: FolderData, model_cfg: UNetConfig) -> None:
     if data_cfg.dataset == "celeba" and folder_only:
         raise ValueError("--class-from-folders and --val-fraction apply to --dataset folder; "
                          "CelebA has no classes here and its own validation split")
-    if not 0 <= data_cfg.val_fraction < 1 or data_cfg.val_size < 1:
-        raise ValueError(f"--val-fraction must lie in [0, 1) and --val-size be >= 1 "
+    if not 0 <= data_cfg.val_fraction < 1 or not 1 <= data_cfg.val_size <= 1_000_000:
+        raise ValueError(f"--val-fraction must lie in [0, 1) and --val-size in 1..1000000 "
                          f"(got {data_cfg.val_fraction}, {data_cfg.val_size})")
 
 

@@ -33,6 +33,8 @@ from cli import add_flags, add_weights_flag, config_from, parse_configs, run
 from config import TrainConfig, check_train_config
 from cpu import keep_freed_memory
 from device import launched_ranks, rank_device, resolve_device
+from matching import MatchConfig
+from runlog import check_writable
 from sampling import MEANFLOW_SAMPLER, SampleConfig, check_request, load_for_sampling
 from solvers import FIXED_STEP, Sampler, flow_batches, make_noise
 from trainer import train
@@ -90,6 +92,7 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
     rank, world, local_rank = launched_ranks()
     if count < 1 or shard_size < 1:
         raise ValueError("--count and --shard-size must be >= 1")
+    check_writable(Path(out_dir), "--out-dir")
     device = rank_device(resolve_device(sample.device), local_rank)
     check_request(count, sample.batch_size)
     loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, device, use_ema)
@@ -177,6 +180,7 @@ def load_pairs(folder: str | Path, val_size: int, states: bool = False) -> tuple
         raise ValueError(f"{folder} holds endpoints only, not the paths between them: draw pairs with "
                          "`reflow.py pairs --states`")
     xs = torch.cat([s["xs"] for s in shards]) if states else None
+    val_size = val_size or min(1000, max(1, len(x1) // 20))
     if not 0 < val_size < len(x1):
         raise ValueError(f"--val-size must lie between 1 and {len(x1) - 1} (of {len(x1)} pairs)")
     cut = len(x1) - val_size
@@ -189,7 +193,7 @@ class PairData:
     """Which pairs a reflow or distillation run trains on."""
 
     pairs: str = "runs/reflow/pairs"  # folder written by `reflow.py pairs`
-    val_size: int = 1000  # the last N pairs, held out for the validation loss
+    val_size: int = 0  # the last N pairs, held out for the validation loss; 0 = a twentieth of them, at most 1000
     k: int = 1  # distill only: Euler steps of the distilled model (1, 2, 4, ...)
     recommend_steps: int = 2  # train only: the Euler steps recorded as this model's sampler
 
@@ -200,14 +204,25 @@ DEFAULTS = [
     TrainConfig(epochs=4, batch_size=64, lr=2e-4, lr_schedule="cosine", warmup_steps=100, out_dir="runs/reflow",
                 init_from="parent", select_by="last"),  # out_dir: runs/reflow/<kind> unless given
     PairData(),
+    MatchConfig(),
 ]
 
 
 def stage(command: str, argv: list[str]) -> dict:
     """reflow.py train / distill: the shared training loop on fixed pairs, from the parent's weights."""
     title = f"reflow.py {command}: " + (__doc__ or "").splitlines()[0]
-    (cfg, data), _ = parse_configs(DEFAULTS, None, None, argv, title)
+    defaults = [replace(DEFAULTS[0], init_from="parent" if command == "train" else ""), *DEFAULTS[1:]]
+    (cfg, data, match), _ = parse_configs(defaults, None, None, argv, title, prog=f"reflow.py {command}")
     check_train_config(replace(cfg, init_from=""))  # here --init-from also names the stage's model: kept on resume
+    match.check()
+    unused = {"train": ("k", 1), "distill": ("recommend_steps", 2)}[command]
+    if getattr(data, unused[0]) != unused[1]:
+        raise ValueError(f"--{unused[0].replace('_', '-')} does nothing in `reflow.py {command}`: leave it out")
+    if not (1 <= data.k <= 1000 and 1 <= data.recommend_steps <= 1000):
+        raise ValueError(f"--k and --recommend-steps must lie in 1..1000, got {data.k}, {data.recommend_steps}")
+    if match.dm_weight and not (command == "distill" and cfg.objective == "meanflow"):
+        raise ValueError("--dm-weight matches a one-step model's jumps to its teacher: it needs `reflow.py distill "
+                         "--objective meanflow`")
     if cfg.t_grid:
         raise ValueError("--t-grid is set by `reflow.py distill --k`")
     if cfg.objective == "meanflow" and command == "train":
@@ -216,8 +231,9 @@ def stage(command: str, argv: list[str]) -> dict:
     grid = cfg.objective == "meanflow"  # distill: the parent's average velocities on its grid
     train_set, val_set, manifest = load_pairs(data.pairs, data.val_size, states=grid)
     init_from = manifest["parent"] if cfg.init_from == "parent" else cfg.init_from
-    if command == "distill" and cfg.init_from == "parent":
-        raise ValueError("distill starts from the reflowed model: pass --init-from PATH (its best.pth)")
+    if command == "distill" and cfg.init_from in ("", "parent"):
+        raise ValueError("distill starts from trained weights: pass --init-from PATH (the reflowed model's best.pth, "
+                         "or with --objective meanflow the flow itself)")
     if not init_from:
         raise ValueError("--init-from is empty: reflow stages start from trained weights (the default: parent)")
     source = load_checkpoint(init_from)
@@ -233,15 +249,17 @@ def stage(command: str, argv: list[str]) -> dict:
         kind = f"{rectified_order(manifest['parent_kind']) + 1}-rectified"
         sampler = Sampler("euler", data.recommend_steps)
     else:
-        if data.k < 1:
-            raise ValueError(f"--k must be >= 1, got {data.k}")
         kind, cfg = f"distilled-{data.k}", replace(cfg, t_grid=data.k)
         sampler = Sampler("euler", data.k)
     out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
     cfg = replace(cfg, init_from="" if cfg.resume else init_from, out_dir=out_dir)
+    if match.dm_weight:  # the real side: the flow the pairs were drawn from, unless told
+        match = replace(match, dm_teacher=match.dm_teacher or manifest["parent"])
+        lineage["teacher"] = {"path": match.dm_teacher, "sha256": sha256(match.dm_teacher)}
     summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),
                     extra={"kind": kind, "lineage": lineage, "sampler": sampler.record(),
-                           "dataset": source.get("dataset") or "reflow-pairs"})  # the parent's data, in its paths
+                           "dataset": source.get("dataset") or "reflow-pairs"},  # the parent's data, in its paths
+                    match=match)
     print(f"done: {kind}, {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min); sample with {sampler}")
     return summary

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,15 +112,20 @@ def keep_earlier_run(out_dir: Path, checkpoint: Path, existing: str) -> str | No
 
 
 def check_writable(folder: Path, flag: str) -> None:
-    """Create folder if needed and write a test file into it: ValueError naming the flag if that fails."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"{flag}: {folder} (or a folder above it) is a file: pick another path") from None
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot write into {folder} ({e.strerror}): pick a writable path") from None
+    """folder exists and takes files, or can be created: ValueError naming the flag where a file stands in its path or
+    the nearest existing folder refuses writes. Creates nothing: a refused run leaves the disk as it found it."""
+    existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise ValueError(f"{flag}: {folder} (or a folder above it) is a file: pick another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write into {folder} ({existing} is not writable): pick a writable path")
+
+
+def check_file_out(path: Path, flag: str) -> None:
+    """path can be written as a file: not a folder, and its folder exists and takes files or can be created."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give a file path inside it")
+    check_writable(path.parent, flag)
 
 
 class TrainingDiverged(ValueError):

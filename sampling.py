@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
+from runlog import check_file_out
 from cpu import keep_freed_memory
 from device import resolve_device
 from flow import can_guide
@@ -25,6 +26,7 @@ from unet import ConditionalUNet
 # what --objective meanflow checkpoints record: one jump along the average velocity from noise to data, 1 NFE
 # (guidance, where wanted, is folded into training by --mf-guidance; why: docs/meanflow.md)
 MEANFLOW_SAMPLER = Sampler("meanflow", 1, 1.0)
+IMAGE_OUT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what a sample grid may be saved as
 
 
 @dataclass
@@ -152,6 +154,14 @@ def save_grid(images: torch.Tensor, path: str | Path, labels: torch.Tensor | Non
     return path
 
 
+def check_image_out(path: str | Path, flag: str = "--out") -> None:
+    """An image path save_grid can write: a known extension, and a writable place (checked before any sampling)."""
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_OUT:
+        raise ValueError(f"{flag} {path}: give an image file name ending in {', '.join(IMAGE_OUT)}")
+    check_file_out(path, flag)
+
+
 def grid_request(num_classes: int | None) -> tuple[int, torch.Tensor | None]:
     """(images, labels) of a training run's sample grid: 10 per class for up to 10 classes, or 64 without classes."""
     if num_classes is None:
@@ -232,6 +242,8 @@ def sample_from_checkpoint(checkpoint_path: str | Path | dict, out_path: str | P
     """
     n = len(labels) if labels is not None else batch_size
     check_request(n, batch_size)
+    if out_path is not None:
+        check_image_out(out_path, "out_path")
     loaded = load_for_sampling(checkpoint_path, solver, steps, guidance, device, use_ema)
     class_names = loaded.ckpt.get("class_names")
     if labels is not None:

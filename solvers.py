@@ -72,6 +72,8 @@ FIXED_STEP = {"euler": euler, "midpoint": midpoint, "heun": heun, "rk4": rk4, "m
 NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "meanflow": 1}  # velocity evaluations per fixed step
 ADAPTIVE = ("dopri5",)  # handed to torchdiffeq
 SOLVERS = tuple(FIXED_STEP) + ADAPTIVE
+MAX_STEPS = 100_000  # steps a fixed-step solve may take: 50x the 2,000-step reference of docs/sampling.md
+MAX_GUIDANCE = 100.0  # w past this only saturates the images
 DOPRI5_CALLS_PER_STEP = 6  # dopri5's velocity calls per step (7 stages, the last reused): a plan's estimate
 
 
@@ -79,8 +81,8 @@ def check_solver(solver: str, steps: int) -> None:
     """Raise ValueError for an unknown solver name, or fewer than 1 step for a fixed-step solver."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
-    if solver in FIXED_STEP and steps < 1:
-        raise ValueError(f"steps must be >= 1 for {solver}, got {steps}")
+    if solver in FIXED_STEP and not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must lie in 1..{MAX_STEPS:,} for {solver}, got {steps}")
 
 
 def solve(v: Velocity, x0: torch.Tensor, solver: str = "midpoint", steps: int = 10, rtol: float = 1e-3,
@@ -134,6 +136,9 @@ class Sampler:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 what = " (1 = none, 0 = unconditional)" if name == "guidance" else ""
                 raise ValueError(f"{name} must be a finite number{what}, got {value!r}")
+        if not 0 <= self.guidance <= MAX_GUIDANCE or self.rtol <= 0 or self.atol <= 0:
+            raise ValueError(f"guidance must lie in [0, {MAX_GUIDANCE}] (1 = none, 0 = unconditional) and the "
+                             f"tolerances be > 0, got {self.guidance}, rtol {self.rtol}, atol {self.atol}")
         check_solver(self.solver, self.steps)
 
     @classmethod
@@ -142,8 +147,14 @@ class Sampler:
         """The caller's choices, else those a checkpoint records (its "sampler"), else the defaults."""
         names = {f.name for f in fields(cls)}
         chosen = {"solver": solver, "steps": steps, "guidance": guidance}
-        return cls(**{**{k: v for k, v in (record or {}).items() if k in names},
-                      **{k: v for k, v in chosen.items() if v is not None}})
+        stored = {k: v for k, v in (record or {}).items() if k in names and chosen.get(k) is None}
+        if stored:
+            try:
+                cls(**stored)  # a bad record is the file's fault, not the caller's: said so
+            except ValueError as e:
+                raise ValueError(f"the checkpoint's recorded sampler {stored} is invalid ({e}): pass --solver, "
+                                 "--steps and --guidance to sample it") from None
+        return cls(**{**stored, **{k: v for k, v in chosen.items() if v is not None}})
 
     def __str__(self) -> str:
         tolerances = f" (rtol {self.rtol:g}, atol {self.atol:g})" if self.solver in ADAPTIVE else ""

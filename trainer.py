@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,19 +20,20 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from budget import Horizon, learning_rate
-from checkpoint import (build_model, check_resume, load_checkpoint, load_ema_weights, publish, restore,
-                        save_checkpoint)
-from config import (TrainConfig, check_outputs, check_train_config, objective_model_config, output_path,
-                    resolve_meanflow)
+from checkpoint import (CheckpointError, build_model, check_resume, load_checkpoint, load_ema_weights, publish,
+                        restore, save_checkpoint)
+from config import (TrainConfig, check_outputs, check_train_config, make_room, objective_model_config,
+                    output_path, resolve_meanflow)
 from cpu import keep_freed_memory
 from data import Batch, ShardedSampler
 from device import Runtime, StopRequest, global_mean, ignore_sigint, launched_ranks, setup_runtime
 from ema import EMA
 from flow import (MeanFlowConfig, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
                   ot_noise, sample_t, validation_loss)
+from matching import Critic, MatchConfig, one_jump
 from progress import live_bars
 from runlog import RunLog, check_finite, plot_losses
-from sampling import draw_grid, grid_request
+from sampling import draw_grid, grid_request, load_for_sampling
 from solvers import Sampler
 from unet import ConditionalUNet, UNetConfig
 
@@ -52,6 +53,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     rt: Runtime  # where it runs: device, rank, autocast, memory format
+    critic: Critic | None = None  # distribution matching's teacher and fake network (MatchConfig.dm_weight > 0)
 
 
 def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
@@ -93,9 +95,13 @@ def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: floa
         x0 = ot_noise(x, y)
     for group in parts.optimizer.param_groups:
         group["lr"] = cfg.lr if lr is None else lr
+    matching = parts.critic is not None and step >= parts.critic.start  # (the critic comes with grid paths only)
     with rt.autocast():
         if cfg.objective == "meanflow" and path is not None:
             loss = grid_map_loss(parts.net, path, y)
+            if matching:  # the jumps' distribution, from fresh noise, beside the paths' regression
+                jump = one_jump(parts.net, torch.randn_like(x), y)
+                loss = loss + parts.critic.cfg.dm_weight * parts.critic.loss(jump, y)
         elif cfg.objective == "meanflow":  # the target runs on the plain module, the loss through parts.net
             loss = mean_flow_loss(parts.net, x, y, meanflow or MeanFlowConfig(), label_dropout=cfg.label_dropout, x0=x0,
                                   plain=parts.model, alpha=alpha)
@@ -110,6 +116,8 @@ def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: floa
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
     parts.ema.update(parts.model)
+    if matching:
+        parts.critic.follow(jump, y, rt.autocast)
     return loss.detach()
 
 
@@ -136,21 +144,26 @@ class Run:
 
 
 def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: Dataset | None, extra: dict,
-            meanflow: MeanFlowConfig | None) -> Run:
+            meanflow: MeanFlowConfig | None, match: MatchConfig | None = None) -> Run:
     """Set up the run: processes and device, model and optimizer, the data order and the planned end."""
     if getattr(train_set, "paired", False) and (cfg.hflip or cfg.coupling != "independent"):
         raise ValueError("--hflip and --coupling ot cannot be used with reflow pairs: each image comes with its own "
                          "noise")
     model_cfg = objective_model_config(cfg, model_cfg)
-    if launched_ranks()[0] == 0 and (moved := check_outputs(cfg)):  # before any work: another run's files kept
-        tqdm.write(moved)
+    rank, world, _ = launched_ranks()
+    check_train_config(cfg, world)
+    if rank == 0:
+        check_outputs(cfg)
     meanflow = resolve_meanflow(cfg, model_cfg, meanflow)
-    rt, parts = setup(cfg, model_cfg)
-    per_rank = cfg.batch_size // rt.world
-    order = ShardedSampler(len(train_set), per_rank, cfg.seed, rt.rank, rt.world)
+    per_rank = cfg.batch_size // world
+    order = ShardedSampler(len(train_set), per_rank, cfg.seed, rank, world)
     if order.batches == 0:
         raise ValueError(f"{len(train_set)} training images do not fill one batch of {per_rank} per process: "
                          "lower --batch-size")
+    rt, parts = setup(cfg, model_cfg)
+    if match and match.dm_weight:
+        parts.critic = critic(match, rt, parts)
+        parts.critic.start = match.dm_start * order.batches
     loader = DataLoader(train_set, batch_size=per_rank, sampler=order, drop_last=True, num_workers=cfg.num_workers,
                         pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                         worker_init_fn=ignore_sigint)
@@ -158,6 +171,19 @@ def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set
     horizon = Horizon(planned, order.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
     return Run(cfg, model_cfg, meanflow, rt, parts, order, loader, val_set,
                horizon, extra, Sampler.recorded(extra.get("sampler")))
+
+
+def critic(match: MatchConfig, rt: Runtime, parts: Parts) -> Critic:
+    """Distribution matching's teacher (match.dm_teacher at its recorded guidance, frozen) and its fake network."""
+    loaded = load_for_sampling(match.dm_teacher, device=rt.device)
+    student = parts.model.config
+    if loaded.model.config.average_velocity or replace(loaded.model.config, average_velocity=True) != student:
+        raise ValueError(f"--dm-teacher {match.dm_teacher} holds another model than the student (the teacher must be "
+                         "the flow the student was converted from)")
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    wrap = (lambda m: nn.parallel.DistributedDataParallel(m, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                          else None)) if rt.ddp else (lambda m: m)
+    return Critic(loaded.model.to(memory_format=memory_format), loaded.sampler.guidance, match, wrap)
 
 
 def resume(run: Run) -> tuple[int, float]:
@@ -175,10 +201,18 @@ def resume(run: Run) -> tuple[int, float]:
     run.extra["lineage"] = run.extra.get("lineage") or ckpt.get("lineage")  # a resumed conversion keeps its parent
     check_resume(ckpt, run.model_cfg, cfg.batch_size, run.order.batches, run.rt.world, path)
     restore(ckpt, parts.model, parts.ema, parts.optimizer, parts.scaler)
+    if parts.critic:
+        if "critic_state" not in ckpt:
+            raise CheckpointError(f"--resume {path} was trained without distribution matching: resume it without "
+                                  "--dm-weight, or start a new run with --init-from")
+        parts.critic.load_state_dict(ckpt["critic_state"])
     if run.horizon.restore(ckpt):  # finish the run as it was planned, not a new budget
         run.say(f"time budget: keeping the resumed run's end at step {run.horizon.schedule}")
     step, batches = ckpt["step"], run.order.batches
     run.say(f"resumed from {path} at step {step} (epoch {step // batches}, {step % batches} steps into the next)")
+    if step >= run.horizon.total:
+        run.say(f"nothing to do: that run already reached its end at step {run.horizon.total} (a longer --epochs or "
+                "--max-steps trains on)")
     return step, ckpt.get("best_val_loss", math.inf)
 
 
@@ -189,17 +223,20 @@ def checkpoint_state(run: Run, step: int, loss: float, val: float | None, best_v
             "best_val_loss": best_val, "steps_per_epoch": run.order.batches, "world_size": run.rt.world,
             **run.horizon.state(), "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
             "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
-            "model_config": asdict(run.model_cfg), "train_config": configs, **run.extra}
+            "model_config": asdict(run.model_cfg), "train_config": configs, **run.extra,
+            **({"critic_state": p.critic.state_dict()} if p.critic else {})}
 
 
 def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: Dataset | None = None,
           class_names: list[str] | None = None, extra: dict | None = None,
-          meanflow: MeanFlowConfig | None = None) -> dict:
+          meanflow: MeanFlowConfig | None = None, match: MatchConfig | None = None) -> dict:
     """Train a ConditionalUNet on train_set (items (x1, y), or reflow pairs (x1, y, x0)); returns a summary."""
     # build: processes, device, model, optimizer, data order, the planned end
-    run = prepare(cfg, model_cfg, train_set, val_set, {**(extra or {}), "class_names": class_names}, meanflow)
+    run = prepare(cfg, model_cfg, train_set, val_set, {**(extra or {}), "class_names": class_names}, meanflow, match)
     # resume: weights, optimizer, step and the planned end of an earlier run
     step, best_val = resume(run)
+    if run.rt.main and (moved := make_room(cfg)):  # every check passed: only now is another run's folder moved
+        run.say(moved)
     conditional = run.model_cfg.num_classes is not None  # an epoch end's network evaluations: grid, validation
     grid = grid_request(run.model_cfg.num_classes)[0] * run.sampler.planned_nfe(conditional) // cfg.sample_every
     run.horizon.start(grid + (len(val_set) * cfg.val_t_points // run.rt.world if val_set is not None else 0),
@@ -278,6 +315,8 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
         batch = Batch(*(t.to(rt.device, non_blocking=True) if t is not None else None
                         for t in (x, y if conditional else None, *pair)))  # pairs: their noise, and their paths
         lr, alpha = learning_rate(cfg, step, horizon.schedule), curriculum_alpha(step / horizon.schedule, curriculum)
+        if parts.critic and step == parts.critic.start:
+            horizon.retime()  # distribution matching joins: dearer steps from here, so the end is fitted on these
         loss = train_step(parts, cfg, batch, step, lr, run.meanflow, alpha)
         first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, step + 1)
         loss_sum += loss

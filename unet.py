@@ -26,7 +26,7 @@ class UNetConfig:
     num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
     attention_resolutions: tuple[int, ...] = (7,)  # feature-map sides (pixels) that get self-attention
     dropout: float = 0.1  # dropout inside ResBlocks
-    num_classes: int | None = 10  # None = unconditional; index num_classes is the "no label" token
+    num_classes: int | None = 10  # classes; none = an unconditional model (index num_classes is the "no label" token)
     head_channels: int = 32  # channels per attention head
     upsample_conv: bool = True  # a 3x3 conv after each nearest upsampling (off: the next ResBlock's conv mixes)
     average_velocity: bool = False  # also embed t_end - t: u(x_t, t, t_end) over [t, t_end] (--objective meanflow)
@@ -228,10 +228,25 @@ def config_from_dict(stored: dict) -> UNetConfig:
 BACKBONES = ("unet", "dit")
 
 
+# the largest value each size field may take: past these a network is too big to build on any machine here
+SIZE_LIMITS = {"image_size": 1024, "in_channels": 64, "base_channels": 4096, "num_res_blocks": 32,
+               "head_channels": 4096, "patch_size": 64, "depth": 256}
+
+
 def check_config(cfg: UNetConfig) -> None:
     """Raise ValueError with a readable message when the model cannot be built for cfg."""
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown --backbone {cfg.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    for name, most in SIZE_LIMITS.items():
+        if not 1 <= getattr(cfg, name) <= most:
+            raise ValueError(f"--{name.replace('_', '-')} must lie in 1..{most}, got {getattr(cfg, name)}")
+    if not cfg.channel_mult or not all(1 <= m <= 64 for m in cfg.channel_mult) or len(cfg.channel_mult) > 8:
+        raise ValueError(f"--channel-mult takes 1 to 8 multipliers in 1..64, got "
+                         f"{','.join(map(str, cfg.channel_mult)) or 'none'}")
+    if cfg.num_classes is not None and not 1 <= cfg.num_classes <= 100_000:
+        raise ValueError(f"--num-classes must lie in 1..100000 (or none: unconditional), got {cfg.num_classes}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must lie in [0, 1), got {cfg.dropout}")
     if cfg.backbone == "dit":
         if cfg.patch_size < 1 or cfg.image_size % cfg.patch_size or cfg.depth < 1:
             raise ValueError(f"a DiT cuts {cfg.image_size} px images into patches of --patch-size {cfg.patch_size} "

@@ -20,19 +20,22 @@ def table(columns: list[str], body: list[str]) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *body]
 
 
-def one_step(name: str = "one-step/zen4.json") -> list[str]:
-    """One step from make train's flow: each route's excess Fréchet at 1 and 2 NFE by both readers, and its ratio to the
-    flow's own excess at its recorded sampler (the first row)."""
+def one_step(name: str = "one-step/xeon.json") -> list[str]:
+    """One step from make train's flow, routes at equal added minutes: each reading's excess Fréchet by both readers
+    (its ratio to the flow's own excess at its recorded sampler, the first row), digits as asked, and per-class
+    precision / recall in the reader's features; readings at two noise seeds are averaged."""
     routes = rows(name)
     flow = routes[0]["readings"][0]
     body = []
     for row in routes:
         added = "—" if row["added_minutes"] is None else f"{row['added_minutes']:.1f}"
-        body += [f"| {row['route']} | {added} | {row['total_minutes']:.1f} | {r['sampler']} | {r['nfe']} | "
-                 f"{r['cnn']:.1f} ({r['cnn'] / flow['cnn']:.1f}x, {r['cnn_accuracy']:.1%}) | "
-                 f"{r['bn']:.2f} ({r['bn'] / flow['bn']:.1f}x, {r['bn_accuracy']:.1%}) |" for r in row["readings"]]
-    return table(["route", "minutes after the flow", "total minutes", "sampler", "NFE", "CNN (x flow)",
-                  "BN-CNN (x flow)"], body)
+        for r in row["readings"]:
+            cells = [f"{r[k]:.{2 if k == 'bn' else 1}f} ({r[k] / flow[k]:.1f}x, {r[f'{k}_accuracy']:.1%}, "
+                     f"{r[f'{k}_precision']:.2f} / {r[f'{k}_recall']:.2f})" for k in ("cnn", "bn")]
+            seeds = f" (seeds {', '.join(map(str, r['seeds']))})" if len(r.get("seeds", [0])) > 1 else ""
+            body.append(f"| {row['route']} | {added} | {r['sampler']}{seeds} | {r['nfe']} | {' | '.join(cells)} |")
+    return table(["route (commands in the JSON)", "minutes after the flow", "sampler", "NFE",
+                  "CNN: excess (x flow, as asked, P / R)", "BN-CNN: excess (x flow, as asked, P / R)"], body)
 
 
 def one_step_photos(name: str = "one-step/cifar-zen4.json") -> list[str]:

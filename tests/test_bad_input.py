@@ -97,7 +97,7 @@ CASES = [
     ("mnist_train", ["--channel-mult", "x"], "invalid comma-separated integers"),
     ("mnist_train", ["--resume", f"{G}/mnist.pth", "--init-from", f"{G}/mnist.pth"], "give one of the two"),
     ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--solver", "rk45"], "unknown solver 'rk45'"),
-    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--steps", "0"], "steps must be >= 1"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--steps", "0"], "steps must lie in 1.."),
     ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--guidance", "inf"], "guidance must be a finite number"),
     ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--digits", "3,10"], "--digits must be between 0 and 9"),
     ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--digits", "a"], "--digits takes comma-separated digits"),
@@ -113,7 +113,7 @@ CASES = [
     ("reflow", ["train", "--pairs", f"{G}/pairs", "--objective", "meanflow"], "distill --objective meanflow"),
     ("reflow", ["train", "--pairs", f"{G}/pairs", "--val-size", "50"], "--val-size must lie between"),
     ("reflow", ["distill", "--pairs", f"{G}/pairs", "--k", "0", "--init-from", f"{G}/tiny.pth", "--val-size", "4"],
-     "--k must be >= 1"),
+     "--k and --recommend-steps must lie in 1..1000"),
     ("reflow", ["distill", "--pairs", f"{G}/pairs", "--objective", "meanflow", "--init-from", f"{G}/tiny.pth"],
      "holds endpoints only"),
     ("reflow", ["distill", "--pairs", f"{G}/pairs", "--val-size", "4"], "pass --init-from PATH"),
@@ -124,7 +124,7 @@ CASES = [
     ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--weights", "best", "--out-dir", f"{G}/p5"],
      "invalid choice: 'best'"),
     ("editing", ["swap", "--checkpoint", f"{G}/mnist.pth", "--solver", "rk45", "--data-root", G], "unknown solver"),
-    ("editing", ["invert", "--checkpoint", f"{G}/mnist.pth", "--steps", "0", "--data-root", G], "steps must be"),
+    ("editing", ["invert", "--checkpoint", f"{G}/mnist.pth", "--steps", "0", "--data-root", G], "steps must lie in"),
     ("evaluate", ["straightness", "--checkpoint", f"{G}/missing.pth"], "not found"),
     ("evaluate", ["likelihood", "--checkpoint", f"{G}/mnist.pth"], "give the images"),
     ("pretrained", ["export", "--checkpoint", f"{G}/notes.txt", "--out", f"{G}/e3"], "truncated or not"),
@@ -164,7 +164,7 @@ API = [
     (lambda g: sample_from_checkpoint(g / "missing.pth"), CheckpointError, "not found"),
     (lambda g: sample_from_checkpoint(g / "mnist.pth", labels=[1.5]), ValueError, "class indices"),
     (lambda g: sample_from_checkpoint(g / "mnist.pth", labels=[10]), ValueError, "label 10 is out of range"),
-    (lambda g: sample_from_checkpoint(g / "mnist.pth", steps=0), ValueError, "steps must be >= 1"),
+    (lambda g: sample_from_checkpoint(g / "mnist.pth", steps=0), ValueError, "steps must lie in 1.."),
     (lambda g: sample_from_checkpoint(g / "mnist.pth", solver="ode45"), ValueError, "unknown solver"),
     (lambda g: sample_from_checkpoint(g / "mnist.pth", guidance=float("nan")), ValueError, "finite"),
     (lambda g: sample_from_checkpoint(g / "mnist.pth", out_path=g / "notes.txt" / "x.png"), (ValueError, OSError),
@@ -189,3 +189,31 @@ def test_the_python_entry_points_raise_one_clear_error(given, call, error, messa
         call(given)
     assert message in str(raised.value) and "\n" not in str(raised.value).strip()
     assert checksums(given) == before
+
+
+def test_a_refused_run_leaves_an_earlier_checkpoint_where_it_was(tmp_path, mnist_root, monkeypatch):
+    """--out-dir a file is refused before the earlier run's checkpoint would be moved aside."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "flow_matching_mnist.pth").write_bytes(b"the earlier run")
+    (tmp_path / "afile").write_text("a file")
+    before = checksums(tmp_path)
+    with pytest.raises(SystemExit):
+        run_main(lambda: mnist_train.main(["--data-root", str(mnist_root), "--out-dir", "afile"]))
+    assert checksums(tmp_path) == before and sorted(p.name for p in tmp_path.rglob("*")) == [
+        "afile", "checkpoints", "flow_matching_mnist.pth"]
+
+
+def test_a_failed_download_removes_the_folders_it_made(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    import data
+
+    def offline(self):
+        (Path(self.root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does, then fails
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(MNIST, "download", offline)
+    with pytest.raises(data.DataError, match="MNIST not found"):
+        data.load_mnist(tmp_path / "new" / "data", train=True)
+    assert list(tmp_path.iterdir()) == []

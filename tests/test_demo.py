@@ -107,7 +107,7 @@ def test_a_bad_input_is_one_line_on_the_page_and_the_server_keeps_serving(page):
     browser, _ = page
     type_into(browser, "draw-steps", "0")
     text, _ = run(browser, "Draw", "draw-button", "draw-info")
-    assert text == "error: steps must be >= 1 for midpoint, got 0"
+    assert text == "error: steps must lie in 1..100,000 for midpoint, got 0"
     type_into(browser, "draw-steps", "")
     type_into(browser, "draw-guidance", "nan")
     text, _ = run(browser, "Draw", "draw-button", "draw-info")

@@ -33,3 +33,10 @@ def test_from_checkpoint_takes_any_checkpoint_and_sample_takes_overrides(tmp_pat
     assert model.sampler == Sampler()  # it records none: the defaults
     assert torch.equal(hub("sample", model, n=3, solver="euler", steps=2, seed=5),
                        sample_from_checkpoint(tmp_path / "m.pth", batch_size=3, solver="euler", steps=2, seed=5))
+
+
+def test_the_hub_lists_only_the_models_and_helpers():
+    import hubconf  # torch.hub.list's rule, which takes no local repo: every public callable is an entry point
+
+    entries = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
+    assert entries == {"from_checkpoint", "mnist_1rf", "mnist_one_step", "cifar10_1rf", "sample"}

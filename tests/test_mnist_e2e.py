@@ -92,7 +92,7 @@ def test_generate_sample_keeps_the_seed_signature(trained):
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "nowhere.pth"], "not found"),
     (["--solver", "rk9"], "unknown solver 'rk9'"),
-    (["--steps", "0"], "steps must be >= 1"),
+    (["--steps", "0"], "steps must lie in 1.."),
     (["--per-digit", "0"], "--per-digit must lie in 1..1000"),
     (["--guidance", "nan"], "guidance must be a finite number"),
     (["--digits", "3,12"], "--digits must be between 0 and 9"),

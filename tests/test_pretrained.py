@@ -190,3 +190,28 @@ def test_mnist_test_uses_the_committed_model_until_make_train_has_run(tmp_path, 
     tiny = tmp_path / checkpoint.MNIST_TRAINED
     tiny_checkpoint(tiny)
     assert checkpoint.mnist_checkpoint() == (tiny.relative_to(tmp_path), None)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_the_cards_own_code_runs_for_each_backbone(backbone, tmp_path, monkeypatch):
+    """The card's "Use" block, run as written (its folder path filled in), loads the exported network of either
+    backbone; a run that never validated shows no validation loss (not inf)."""
+    from helpers import TINY, TINY_DIT
+
+    tiny_checkpoint(tmp_path / "m.pth", TINY_DIT if backbone == "dit" else TINY)
+    save_checkpoint(tmp_path / "m.pth", {**load_checkpoint(tmp_path / "m.pth"), "best_val_loss": float("inf")})
+    folder = pretrained.export(tmp_path / "m.pth", tmp_path / "export")
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(folder))
+    monkeypatch.chdir(ROOT)
+    scope = {}
+    exec(code, scope)
+    assert type(scope["model"]).__name__ == ("DiT" if backbone == "dit" else "ConditionalUNet")
+    assert scope["images"].shape[0] == 3 and "| validation loss | n/a (not validated) |" in card
+
+
+def test_the_committed_one_step_model_names_the_committed_flow_as_its_parent():
+    """pretrained/mnist-meanflow was made from pretrained/mnist-1rf as it is committed: its lineage's sha256 is that
+    folder's (weights and configs), for the paths it regressed on and for the weights it started from."""
+    lineage = json.loads((ROOT / "pretrained" / "mnist-meanflow" / "flow_config.json").read_text())["lineage"]
+    assert lineage["parent_sha256"] == lineage["pairs"]["parent_sha256"] == sha256(ROOT / "pretrained" / "mnist-1rf")

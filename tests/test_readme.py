@@ -73,7 +73,7 @@ def one(rows: list[dict], **match) -> dict:
 
 
 def test_the_readme_quotes_figures_as_the_json_behind_them_has_them():
-    rows = json_rows("one-step/zen4.json")
+    rows = json_rows("one-step/xeon.json")
     flow = rows[0]["readings"][0]
     made = [r for r in rows if r["command"] == "make one-step"]
     assert len(made) == 1

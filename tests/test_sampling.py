@@ -51,7 +51,7 @@ def test_nearby_seeds_draw_disjoint_noise_and_any_range_can_be_drawn_alone():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(batch_size=0), "batch_size must be >= 1, got 0"),
     (dict(labels=[]), "nothing to draw: 0 images"),
-    (dict(steps=0), "steps must be >= 1 for midpoint"),
+    (dict(steps=0), "steps must lie in 1..100,000 for midpoint"),
     (dict(solver="rk5"), "unknown solver 'rk5'"),
     (dict(batch_size=2.5), "batch_size must be a whole number, got 2.5"),
     (dict(steps=1.5), "steps must be a whole number, got 1.5"),
