@@ -40,6 +40,12 @@ def given(tmp_path_factory) -> Path:
     (root / "cut.pth").write_bytes((root / "mnist.pth").read_bytes()[:3000])
     (root / "run").mkdir()
     (root / "run" / "log.jsonl").write_text(json.dumps({"kind": "step", "step": 1, "loss": 1.0}) + "\n")
+    pretrained.export(root / "mnist.pth", root / "listed")
+    (root / "listed" / "config.json").write_text("[1, 2]")  # a model folder whose config is a JSON list
+    (root / "list.json").write_text("[1]")
+    (root / "binary.bin").write_bytes(bytes(range(256)))
+    nan = load_checkpoint(root / "mnist.pth")
+    torch.save({**nan, "sampler": {"solver": "midpoint", "steps": 4, "guidance": float("nan")}}, root / "nan.pth")
     reflow.draw_pairs(root / "tiny.pth", root / "pairs", count=20, shard_size=10,
                       sample=SampleConfig(solver="euler", steps=2, guidance=1.0))
     reflow.draw_pairs(root / "tiny.pth", root / "badpairs", count=20, shard_size=10,
@@ -128,6 +134,29 @@ CASES = [
     ("evaluate", ["straightness", "--checkpoint", f"{G}/missing.pth"], "not found"),
     ("evaluate", ["likelihood", "--checkpoint", f"{G}/mnist.pth"], "give the images"),
     ("pretrained", ["export", "--checkpoint", f"{G}/notes.txt", "--out", f"{G}/e3"], "truncated or not"),
+    # the cases of issue 58, each named there
+    ("mnist_test", ["--checkpoint", f"{G}/listed"], "holds a JSON list, not the object"),
+    ("evaluate", ["mnist", "--checkpoint", f"{G}/mnist.pth", "--classifier", f"{G}/mnist.pth", "--data-root", "{data}"],
+     "is not an MNIST classifier written by evaluate.py"),
+    ("pretrained", ["export", "--checkpoint", f"{G}/mnist.pth", "--out", f"{G}/e4", "--metrics", f"{G}/list.json"],
+     "holds a JSON list, not the object"),
+    ("pretrained", ["export", "--checkpoint", f"{G}/mnist.pth", "--out", f"{G}/e5", "--metrics", f"{G}/binary.bin"],
+     "--metrics"),
+    ("pretrained", ["export", "--checkpoint", f"{G}/mnist.pth", "--out", f"{G}/e6", "--notes", f"{G}/binary.bin"],
+     "--notes"),
+    ("mnist_test", ["--checkpoint", f"{G}/nan.pth"], "the checkpoint's recorded sampler"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--out", f"{G}/samples"], "give an image file name ending in"),
+    ("mnist_test", ["--checkpoint", f"{G}/mnist.pth", "--out", f"{G}/notes.txt/x.png"], "is a file: pick another"),
+    ("reflow", ["pairs", "--checkpoint", f"{G}/tiny.pth", "--out-dir", f"{G}/notes.txt"], "is a file: pick another"),
+    ("editing", ["swap", "--checkpoint", f"{G}/mnist.pth", "--indices", "5-2", "--data-root", G], "reversed"),
+    ("editing", ["swap", "--checkpoint", f"{G}/mnist.pth", "--data-root", G, "--image-dir", G], "not both"),
+    ("mnist_train", ["--backbone", "dit", "--out-dir", f"{G}/o"], "--preset cpu-dit"),
+    ("mnist_train", ["--num-classes", "none", "--label-dropout", "0.5", "--out-dir", f"{G}/o"], "none to drop"),
+    ("mnist_train", ["--lr", "inf", "--out-dir", f"{G}/o"], "--lr must be"),
+    ("evaluate", ["likelihood", "--checkpoint", f"{G}/mnist.pth", "--n", str(10**9)], "--n must lie in"),
+    ("evaluate", ["train-classifier", "--data-root", "{data}", "--epochs", "0"], "--epochs must lie in 1..100"),
+    ("reflow", ["distill", "--pairs", f"{G}/pairs", "--init-from", f"{G}/tiny.pth", "--recommend-steps", "3"],
+     "does nothing in `reflow.py distill`"),
     # class: a model of other data or kind
     ("mnist_train", ["--data-root", "{data}", "--subset", "64", "--batch-size", "32", "--init-from", f"{G}/tiny.pth",
                      "--out-dir", f"{G}/o"], "image_size: 8 vs 28"),

@@ -64,3 +64,18 @@ def test_the_weights_choice_has_one_spelling_and_the_old_one_still_works(capsys)
     assert "--raw-weights is now --weights raw" in capsys.readouterr().err
     for module in (mnist_test, reflow):
         assert "add_weights_flag(" in inspect.getsource(module) and "\"--raw-weights\"" not in inspect.getsource(module)
+
+
+def test_help_names_the_command_and_each_presets_value_as_the_default(capsys):
+    import mnist_train
+    import reflow
+
+    with pytest.raises(SystemExit):
+        reflow.main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: reflow.py distill") and "(default: parent)" not in text
+    with pytest.raises(SystemExit):
+        mnist_train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.004 with --preset cpu; 0.0002 with --preset gpu" in text and "(1, 2, 2)" not in text
+    assert "(default: none with --preset cpu; 14,7 with --preset gpu" in text  # --attention-resolutions
