@@ -10,7 +10,7 @@ import reflow
 from checkpoint import load_checkpoint
 from flow import flow_matching_loss, sample_t
 from helpers import tiny_checkpoint, tiny_config, training_times
-from sampling import load_for_sampling, sample_model
+from sampling import SampleConfig, load_for_sampling, sample_model
 from solvers import Sampler
 
 PAIR_FLAGS = ["--count", "96", "--shard-size", "32", "--solver", "euler", "--steps", "2", "--batch-size", "40",
@@ -189,3 +189,10 @@ def test_an_exported_folder_is_a_parent_like_its_checkpoint(parent, tmp_path):
     reflow.main(["train", "--pairs", str(tmp_path / "from_folder"), "--out-dir", str(tmp_path / "rf2"), *STAGE_FLAGS])
     child = load_checkpoint(tmp_path / "rf2" / "best.pth")
     assert child["kind"] == "2-rectified" and child["lineage"]["parent_sha256"] == reflow.sha256(folder)
+
+
+def test_the_default_validation_share_fits_a_small_pairs_folder(parent, tmp_path):
+    reflow.draw_pairs(parent, tmp_path / "pairs", count=40, shard_size=20,
+                      sample=SampleConfig(solver="euler", steps=2, guidance=1.0))
+    train_set, val_set, _ = reflow.load_pairs(tmp_path / "pairs", val_size=reflow.PairData().val_size)
+    assert (len(train_set), len(val_set)) == (38, 2)  # a twentieth held out, where 1,000 would leave none

@@ -413,3 +413,11 @@ def test_loggers_without_their_package_say_how_to_get_it(tmp_path, monkeypatch):
         train(tiny_config(tmp_path, logger="wandb"), TINY, blobs(), blobs(24, seed=1))
     with pytest.raises(ValueError, match="unknown --logger 'mlflow'"):
         train(tiny_config(tmp_path, logger="mlflow"), TINY, blobs(), blobs(24, seed=1))
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
+    train(tiny_config(tmp_path, epochs=1), TINY, blobs(), None)
+    capsys.readouterr()
+    summary = train(tiny_config(tmp_path, epochs=1, resume="auto"), TINY, blobs(), None)
+    said = capsys.readouterr().out
+    assert summary["step"] == 6 and "nothing to do: that run already reached its end at step 6" in said
