@@ -25,6 +25,9 @@ def test_the_committed_models_load_with_their_recorded_samplers_and_sample():
     assert one_step.sampler.steps == 1 and hub("sample", one_step, n=4).shape == (4, 1, 28, 28)
     photos = hub("cifar10_1rf", device="cpu")
     assert photos.class_names[3] == "cat" and hub("sample", photos, labels=["cat", 8]).shape == (2, 3, 32, 32)
+    jumps = hub("cifar10_one_step", device="cpu")
+    assert jumps.sampler.steps == 1 and jumps.class_names == photos.class_names
+    assert hub("sample", jumps, labels=["ship"]).shape == (1, 3, 32, 32)
 
 
 def test_from_checkpoint_takes_any_checkpoint_and_sample_takes_overrides(tmp_path):
@@ -39,4 +42,4 @@ def test_the_hub_lists_only_the_models_and_helpers():
     import hubconf  # torch.hub.list's rule, which takes no local repo: every public callable is an entry point
 
     entries = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
-    assert entries == {"from_checkpoint", "mnist_1rf", "mnist_one_step", "cifar10_1rf", "sample"}
+    assert entries == {"from_checkpoint", "mnist_1rf", "mnist_one_step", "cifar10_1rf", "cifar10_one_step", "sample"}

@@ -210,8 +210,9 @@ def test_the_cards_own_code_runs_for_each_backbone(backbone, tmp_path, monkeypat
     assert scope["images"].shape[0] == 3 and "| validation loss | n/a (not validated) |" in card
 
 
-def test_the_committed_one_step_model_names_the_committed_flow_as_its_parent():
-    """pretrained/mnist-meanflow was made from pretrained/mnist-1rf as it is committed: its lineage's sha256 is that
-    folder's (weights and configs), for the paths it regressed on and for the weights it started from."""
-    lineage = json.loads((ROOT / "pretrained" / "mnist-meanflow" / "flow_config.json").read_text())["lineage"]
-    assert lineage["parent_sha256"] == lineage["pairs"]["parent_sha256"] == sha256(ROOT / "pretrained" / "mnist-1rf")
+def test_the_committed_one_step_models_name_the_committed_flows_as_their_parents():
+    """Each committed one-step model was made from a committed flow as it is: its lineage's sha256 is that folder's
+    (weights and configs), for the paths it regressed on and for the weights it started from."""
+    for child, parent in (("mnist-meanflow", "mnist-1rf"), ("cifar10-one-step", "cifar10-1rf")):
+        lineage = json.loads((ROOT / "pretrained" / child / "flow_config.json").read_text())["lineage"]
+        assert lineage["parent_sha256"] == lineage["pairs"]["parent_sha256"] == sha256(ROOT / "pretrained" / parent)
