@@ -21,6 +21,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def changed_flags(config: Any) -> list[str]:
+    """The flags of a config dataclass instance whose values differ from its class's defaults, in field order."""
+    default = type(config)()
+    return [flag(f.name) for f in fields(config) if getattr(config, f.name) != getattr(default, f.name)]
+
+
 def _parser_for(tp: Any):
     """argparse `type` for an annotation: int, float, str, tuples of ints, Optional[...]; its __name__ is what the
     flag takes, so that argparse says "invalid comma-separated integers value: 'x'"."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from budget import LR_SCHEDULES
-from cli import flag
+from cli import changed_flags, flag
 from flow import COUPLINGS, OBJECTIVES, T_SCHEDULES, MeanFlowConfig, can_guide
 from runlog import LOGGERS, check_writable, keep_earlier_run
 from unet import UNetConfig
@@ -90,9 +90,8 @@ def resolve_meanflow(cfg: TrainConfig, model_cfg: UNetConfig, meanflow: MeanFlow
     flow matching."""
     meanflow = meanflow or MeanFlowConfig()
     if cfg.objective != "meanflow":
-        default = MeanFlowConfig()
-        if changed := [f.name for f in fields(meanflow) if getattr(meanflow, f.name) != getattr(default, f.name)]:
-            raise ValueError(f"{flag(changed[0])} shapes MeanFlow's training: it needs --objective meanflow")
+        if changed := changed_flags(meanflow):
+            raise ValueError(f"{changed[0]} shapes MeanFlow's training: it needs --objective meanflow")
         return None
     return meanflow.resolved(can_guide(model_cfg.num_classes, cfg.label_dropout))
 

@@ -11,12 +11,13 @@ Clean image estimate of a velocity v at x_t (t = 0 noise, t = 1 data): x̂ = x_t
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cli import changed_flags
 from flow import interpolate
 from solvers import guided_velocity
 
@@ -40,9 +41,8 @@ class MatchConfig:
             raise ValueError(f"--dm-weight must lie in [0, 100], --dm-fake-lr in (0, 1], --dm-fake-steps in 1..100 and "
                              f"--dm-start in 0..100000 (got {self.dm_weight}, {self.dm_fake_lr}, {self.dm_fake_steps}, "
                              f"{self.dm_start})")
-        if not self.dm_weight and (changed := [f.name for f in fields(self) if getattr(self, f.name) !=
-                                                  getattr(MatchConfig, f.name)]):
-            raise ValueError(f"--{changed[0].replace('_', '-')} shapes distribution matching: it needs --dm-weight > 0")
+        if not self.dm_weight and (changed := changed_flags(self)):
+            raise ValueError(f"{changed[0]} shapes distribution matching: it needs --dm-weight > 0")
         if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
             raise ValueError(f"--dm-t-min and --dm-t-max must satisfy 0 <= min < max <= 1 (got {self.dm_t_min}, "
                              f"{self.dm_t_max})")
