@@ -20,7 +20,6 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall shared CPUs
@@ -33,8 +32,8 @@ from PIL import Image, UnidentifiedImageError
 
 from checkpoint import PRETRAINED, CheckpointError, load_checkpoint, mnist_checkpoint
 from data import DataError, load_mnist, to_rgb
-from editing import inversion_sampler, invert_model, regenerate
-from sampling import Loaded, check_labels, load_for_sampling, sample_model, save_grid
+from editing import class_swap, inversion_sampler, psnr
+from sampling import Loaded, load_for_sampling, sample_model, save_grid
 from solvers import SOLVERS, Sampler, integrate, make_noise
 
 OUT = Path(tempfile.mkdtemp(prefix="flow-demo-"))  # the page's images, served by Gradio from here
@@ -66,13 +65,13 @@ def chosen_sampler(model: Loaded, solver: str, steps_text: str, guidance_text: s
     steps, guidance = number(steps_text, "steps"), number(guidance_text, "guidance")
     if steps is not None and (not math.isfinite(steps) or steps != int(steps)):
         raise PageError(f"steps must be a whole number, got {steps_text}")
-    return Sampler.recorded(model.ckpt.get("sampler"), None if solver == "recorded" else solver,
+    return Sampler.recorded(model.record.sampler, None if solver == "recorded" else solver,
                             None if steps is None else int(steps), guidance)
 
 
 def class_names(model: Loaded) -> list[str]:
     """The names of the model's classes: those its checkpoint records, else their indices (none: unconditional)."""
-    return model.ckpt.get("class_names") or [str(i) for i in range(model.model.config.num_classes or 0)]
+    return model.record.class_names or [str(i) for i in range(model.model.config.num_classes or 0)]
 
 
 def class_indices(model: Loaded, names: list[str]) -> list[int]:
@@ -95,7 +94,7 @@ def draw(path: str, names: list[str], per_class: float, solver: str, steps: str,
     seconds = time.perf_counter() - start
     by_class = labels is not None and count > 1  # a row per class; one of each: a single row in class order
     grid = save_grid(samples.images, OUT / f"draw-{time.time_ns()}.png", samples.labels if by_class else None,
-                     model.ckpt.get("class_names"), scale=3, ncol=None if by_class else len(samples.images))
+                     model.record.class_names, scale=3, ncol=None if by_class else len(samples.images))
     return str(grid), (f"{len(samples.images)} images, {sampler}: **{samples.nfe} NFE** per image, "
                        f"**{seconds:.2f} s** on {torch.get_num_threads()} CPU thread(s)")
 
@@ -165,17 +164,13 @@ def edit(path: str, data_root: str, index: float | None, upload: Image.Image | N
     image = source_digit(model, data_root, index, upload if upload is not None else drawn(sketch))
     label = torch.tensor(class_indices(model, [own]))
     goals = torch.tensor(class_indices(model, targets))
-    check_labels(goals, model.model.config.num_classes)
     sampler = inversion_sampler(model, None, None)
-    exact = replace(sampler, guidance=1.0)  # inverted under its own label at w = 1: the flow that maps it back
-    noise = invert_model(model.model, image, label, exact).noise
-    back = regenerate(model.model, noise, label, exact)
-    swapped = regenerate(model.model, noise.expand(len(goals), -1, -1, -1), goals, sampler)
-    grid = save_grid(torch.cat([image, back, swapped]), OUT / f"edit-{time.time_ns()}.png", ncol=len(goals) + 2,
+    # its own class first: the image redrawn from its inverted noise is its reconstruction
+    back, *swapped = class_swap(model.model, image, label, torch.cat([label, goals]), sampler)[0].split(1)
+    grid = save_grid(torch.cat([image, back, *swapped]), OUT / f"edit-{time.time_ns()}.png", ncol=len(goals) + 2,
                      scale=4)
     names = class_names(model)
-    psnr = -10 * math.log10(max((back - image).square().mean().item(), 1e-10))
-    return str(grid), (f"the image, its reconstruction ({psnr:.1f} dB), then redrawn as "
+    return str(grid), (f"the image, its reconstruction ({psnr(back, image).item():.1f} dB), then redrawn as "
                        f"{', '.join(names[i] for i in goals.tolist())} ({sampler}; inverted at w = 1)")
 
 

@@ -16,11 +16,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,15 +25,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 import torch
 
-from checkpoint import MNIST_TRAINED, load_checkpoint
+from checkpoint import MNIST_TRAINED
 from cli import add_flags, config_from, parse_configs, run
-from config import objective_model_config, resolve_meanflow
+from config import check_run
 from data import Batch, load_mnist
 from cpu import cpu_class, cpu_name, isa_caps
 from editing import gaussianity, invert_model, psnr, regenerate
-from evaluate import (CLASSIFIER_PATH, balanced_labels, fid_quality, generated_features, load_classifier, mnist_quality,
-                      straightness_of, test_digits)
+from evaluate import balanced_labels, fid_quality, generated_features, mnist_quality, straightness_of, test_digits
 from likelihood import image_bits_per_dim
+from readers import CLASSIFIER_PATH, load_classifier
 from runlog import check_file_out, check_writable, figure
 from fid import STATS_DIR, cache_stats, frechet_from_stats, gaussian_stats, real_features, real_files, real_stats
 from sampling import Loaded, SampleConfig, check_guidance, checkpoint_can_guide, load_for_sampling
@@ -66,8 +62,8 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
     module = {"mnist": mnist_train, "rf": rectified_flow_train}[script]
     default = module.default_preset() if hasattr(module, "default_preset") else None
     (cfg, model_cfg, _, meanflow), preset = parse_configs(module.DEFAULTS, module.PRESETS, default, argv)
-    model_cfg, meanflow = objective_model_config(cfg, model_cfg), resolve_meanflow(cfg, model_cfg, meanflow)
-    rt, parts = setup(cfg, model_cfg)
+    run_cfg = check_run(cfg, model_cfg, meanflow)
+    rt, parts, model_cfg = *setup(run_cfg), run_cfg.model
     shape = (cfg.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     x = torch.rand(shape, device=rt.device) * 2 - 1
     y = torch.randint(0, model_cfg.num_classes, (cfg.batch_size,), device=rt.device) if model_cfg.num_classes else None
@@ -76,7 +72,7 @@ def train_speed(script: str, argv: list[str], steps: int, warmup: int) -> dict:
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = train_step(parts, cfg, Batch(x, y), step, meanflow=meanflow)
+        loss = train_step(parts, cfg, Batch(x, y), step, meanflow=run_cfg.meanflow)
     loss.item()  # wait for the device
     seconds = time.perf_counter() - start
     return {"script": script, "preset": preset, "images_per_s": steps * cfg.batch_size / seconds,
@@ -145,7 +141,7 @@ def few_step_rows(paths: list[str], nfe: list[int], reading: Reading, sample: Sa
     rows = []
     for i, path in enumerate(paths):
         loaded = load_for_sampling(path, device=sample.device)
-        model, kind = loaded.model, loaded.ckpt.get("kind", "1-rectified")
+        model, kind = loaded.model, loaded.record.kind
         solver, steps, guidance = loaded.sampler.solver, loaded.sampler.steps, loaded.sampler.guidance
         jump = "meanflow" if model.config.average_velocity else "euler"
         # every NFE budget unguided, and with the recorded guidance where it has one (a guided step costs two NFE)
@@ -187,7 +183,7 @@ def inversion_rows(paths: list[str], settings: list[Sampler], data_root: str, n:
     images, rows, batch = pixels.float() / 255, [], sample.batch_size
     for i, path in enumerate(paths):
         loaded = load_for_sampling(path, device=sample.device)
-        model, kind = loaded.model, loaded.ckpt.get("kind", "1-rectified")
+        model, kind = loaded.model, loaded.record.kind
         for setting in settings:
             inverted = invert_model(model, images, labels, setting, batch)
             back = regenerate(model, inverted.noise, labels, setting, batch)
@@ -298,34 +294,6 @@ def fid_sizes(checkpoint: str, real_dir: str, n: int, sizes: list[int], sample: 
             "rows": rows}
 
 
-LIBRARY_CALL = """
-import sys
-from rectified_flow_train import sample_from_checkpoint
-labels = [d for d in range(10) for _ in range(int(sys.argv[2]))]
-sample_from_checkpoint(sys.argv[1], labels=labels, batch_size=256, solver="euler", steps=8, guidance=1.0, seed=0)
-"""
-
-
-def library_path(checkpoint: str, n: int) -> list[dict]:
-    """Wall and CPU seconds of one request (n digits, Euler 8, w = 1, batch 256) in a fresh process: the script
-    (mnist_test.py) against a bare import of the library (what a notebook does), which must not be slower."""
-    per_digit, rows = max(n // 10, 1), []
-    commands = {"mnist_test.py": [sys.executable, "mnist_test.py", "--checkpoint", checkpoint, "--per-digit",
-                                  str(per_digit), "--solver", "euler", "--steps", "8", "--guidance", "1",
-                                  "--out", str(Path(tempfile.mkdtemp()) / "grid.png")],
-                "sample_from_checkpoint": [sys.executable, "-c", LIBRARY_CALL, checkpoint, str(per_digit)]}
-    for name, command in commands.items():
-        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).parent)
-        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-        rows.append({"path": name, "n": 10 * per_digit, "wall_s": wall, "user_s": after.ru_utime - before.ru_utime,
-                     "system_s": after.ru_stime - before.ru_stime})
-        print(f"{name:>22}: {10 * per_digit} digits in {wall:.1f} s wall, {rows[-1]['user_s']:.1f} s user + "
-              f"{rows[-1]['system_s']:.1f} s system CPU", flush=True)
-    print(f"library / script wall time: {rows[1]['wall_s'] / rows[0]['wall_s']:.2f}")
-    return rows
-
-
 def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver") -> None:
     """Fréchet distance (or Inception FID) vs x, one line per solver (or per model kind), log-x for NFE."""
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
@@ -358,10 +326,9 @@ def plot(rows: list[dict], x: str, path: Path, title: str, group: str = "solver"
         ax.legend(fontsize=8)
 
 
-# SampleConfig fields a command does not take from the flags: it sweeps them, or sets them itself
-NOT_SAMPLED = {"train-speed": ("steps",), "nfe": ("solver", "steps"), "guidance": ("guidance",),
-               "fewstep": ("solver", "steps", "guidance"), "inversion": ("solver", "steps", "guidance"),
-               "library-path": ()}
+# SampleConfig fields a command sweeps or sets itself: no flag of theirs
+SWEPT = {"train-speed": ("steps",), "nfe": ("solver", "steps"), "guidance": ("guidance",),
+               "fewstep": ("solver", "steps", "guidance"), "inversion": ("solver", "steps", "guidance")}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -385,12 +352,12 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("--checkpoint", default=MNIST_TRAINED, help="checkpoint or exported folder to read "
                            "(default: %(default)s)")
         add_flags(q, Reading())
-        add_flags(q, SampleConfig(), NOT_SAMPLED[name])
+        add_flags(q, SampleConfig(), SWEPT[name])
     q = sub.choices["nfe"]
     q.add_argument("--solvers", default="euler,midpoint,heun,rk4", help="fixed-step solvers (default: %(default)s)")
     q.add_argument("--steps", default="2,4,8,16,32", help="steps per fixed-step solver")
     q.add_argument("--tolerances", default="1e-2,1e-3,1e-4", help="dopri5 rtol=atol values; empty to skip")
-    q.add_argument("--ref-steps", type=int, default=2000, help="rk4 steps of the reference (the seed's 2000); 0 = none")
+    q.add_argument("--ref-steps", type=int, default=2000, help="rk4 steps of the reference (FlowGen's 2000); 0 = none")
     sub.choices["guidance"].add_argument("--scales", default="1,1.5,2,3,5", help="guidance scales w (default: "
                                          "%(default)s)")
     f = sub.choices["fewstep"]
@@ -418,11 +385,7 @@ def parser() -> argparse.ArgumentParser:
     inv.add_argument("--n", type=int, default=100, help="MNIST test digits (class-balanced)")
     inv.add_argument("--data-root", default="data", help="folder holding MNIST/raw (default: %(default)s)")
     inv.add_argument("--out-dir", default="benchmarks", help="where inversion.json goes (default: %(default)s)")
-    add_flags(inv, SampleConfig(), NOT_SAMPLED["inversion"])
-    lib = sub.add_parser("library-path", help="sample_from_checkpoint in a fresh process against mnist_test.py")
-    lib.add_argument("--checkpoint", default=MNIST_TRAINED, help="checkpoint to sample (default: %(default)s)")
-    lib.add_argument("--n", type=int, default=1000, help="digits per request")
-    lib.add_argument("--out", default="benchmarks/library_path.json", help="JSON to write (default: %(default)s)")
+    add_flags(inv, SampleConfig(), SWEPT["inversion"])
     return p
 
 
@@ -505,8 +468,6 @@ def check_args(args: argparse.Namespace) -> None:
             check(Path(getattr(args, name)), f"--{name.replace('_', '-')}")
     if getattr(args, "real_dir", None) and not Path(args.real_dir).is_dir():
         raise ValueError(f"--real-dir {args.real_dir} is not a folder of images")
-    if args.command == "library-path":
-        load_checkpoint(args.checkpoint)  # read here: the timed processes would each fail on it
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -515,7 +476,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rest and args.command != "train-speed":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     check_args(args)
-    sample = config_from(args, SampleConfig(), NOT_SAMPLED.get(args.command, ()))
+    sample = config_from(args, SampleConfig(), SWEPT.get(args.command, ()))
     sample.check()
     if args.command == "train-speed":
         rows, out = [train_speed(args.script, rest, args.steps, args.warmup)], Path(args.out)
@@ -532,8 +493,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out.write_text(json.dumps({"machine": machine(), **result, "rows": rows}, indent=2))
         print(f"wrote {out}")
         return rows
-    elif args.command == "library-path":
-        rows, out = library_path(args.checkpoint, args.n), Path(args.out)
     elif args.command == "inversion":
         settings = [parse_setting(text) for text in args.settings.split(",")]
         rows = inversion_rows(args.checkpoints.split(","), settings, args.data_root, args.n, sample, args.exact_n,

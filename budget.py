@@ -18,7 +18,7 @@ SKIP_STEPS = 3  # the run's first steps allocate memory and pick kernels: not ti
 CALIBRATION_STEPS = 20  # timed steps before the first fit
 CALIBRATION_SHARE = 0.25  # ... or fewer, once the steps have taken this share of the budget (if fit_early)
 FORWARD_SHARE = 1 / 3  # an image's forward pass costs about a third of its training step (forward + backward)
-SAID_AGAIN = 0.02  # a refitted end is said again once it moves by more than this share
+ANNOUNCE_AGAIN = 0.02  # a refitted end is printed again once it moves by more than this share
 SLOW_END_SHARE = 0.25  # an epoch end over this share of the budget gets a hint to make it cheaper
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -101,7 +101,7 @@ class Deadline:
 
 
 class Horizon:
-    """Where the run ends: `schedule`, the step at which the LR schedule reaches its end, and `total`, the step training
+    """Where the run ends: `lr_end`, the step at which the LR schedule reaches its end, and `stop`, the step training
     stops at (earlier under --max-steps). Without minutes it is the planned epochs; with them it is refitted to the time
     left as the run goes: --time-budget sets it, --time-limit only caps the planned epochs (`cap`)."""
 
@@ -110,24 +110,25 @@ class Horizon:
         self.minutes = min((m for m in (budget_minutes, limit_minutes) if m), default=0.0)
         self.cap = None if budget_minutes else planned  # --time-limit alone never runs past the planned epochs
         self.deadline: Deadline | None = None  # started with the run, while the end is not fitted yet
-        self.said: int | None = None  # the end last fitted and said (None: not fitted to the minutes yet)
-        self.schedule = planned
+        self.fitted = False  # whether lr_end is fitted to the minutes yet
+        self.announced: int | None = None  # the fitted end last printed (printed again when it moves)
+        self.lr_end = planned
 
     @property
-    def total(self) -> int:
+    def stop(self) -> int:
         """The step training stops at."""
-        return min(self.schedule, self.max_steps) if self.max_steps else self.schedule
+        return min(self.lr_end, self.max_steps) if self.max_steps else self.lr_end
 
     def start(self, end_forwards: int, images_per_step: int, fit_early: bool) -> None:
         """Start the clock (with minutes, unless a resumed run kept its fitted end)."""
-        if self.minutes and self.said is None:
+        if self.minutes and not self.fitted:
             self.deadline = Deadline(self.minutes, end_forwards, images_per_step, fit_early=fit_early)
 
     def step_ended(self, step: int, at_epoch_end: bool, log_step: bool, rt: Runtime, say) -> bool:
         """Time a step; True if it refitted the end: once calibrated, then at log steps (common to all ranks: DDP-safe),
         but not at an epoch's end, which epoch_ended refits with its time counted."""
         refit = bool(self.deadline and self.deadline.step_done() and not at_epoch_end
-                     and (self.said is None or log_step))
+                     and (not self.fitted or log_step))
         if refit:
             self.refit(step, rt, say)
         return refit
@@ -140,14 +141,14 @@ class Horizon:
     def epoch_ended(self, step: int, rt: Runtime, say) -> bool:
         """Time the epoch end just done and refit the end to the time left (not after the run's last end); True if
         that stopped the run here, before its planned end."""
-        if self.deadline and (step < self.total or self.said is None):
+        if self.deadline and (step < self.stop or not self.fitted):
             self.deadline.end_done()
             return self.refit(step, rt, say)
         return False
 
     def epochs(self) -> str:
         """Epochs the run will train, for progress lines: "?" until a --time-budget is fitted."""
-        return "?" if self.cap is None and self.said is None else str(math.ceil(self.schedule / self.steps_per_epoch))
+        return "?" if self.cap is None and not self.fitted else str(math.ceil(self.lr_end / self.steps_per_epoch))
 
     def refit(self, step: int, rt: Runtime, say) -> bool:
         """Move the end to the last step that the time left allows (every rank must call this at the same step); True
@@ -155,28 +156,29 @@ class Horizon:
         elapsed, step_s, end_s = self.deadline.measures(rt)
         horizon = fit_horizon(step, elapsed, step_s, end_s, self.steps_per_epoch, self.deadline.seconds)
         horizon = min(horizon, self.cap) if self.cap is not None else horizon
-        spent = self.said is not None and horizon == step < self.schedule  # e.g. an epoch end that ran long
+        spent = self.fitted and horizon == step < self.lr_end  # e.g. an epoch end that ran long
         if spent:
-            say(f"time budget spent at step {step}, before the planned end at {self.schedule}: stopping")
-        elif self.said is None or abs(horizon - self.said) > SAID_AGAIN * self.said:
+            say(f"time budget spent at step {step}, before the planned end at {self.lr_end}: stopping")
+        elif not self.fitted or abs(horizon - self.announced) > ANNOUNCE_AGAIN * self.announced:
             say(f"time budget {self.minutes:g} min: {elapsed / 60:.1f} min used, {step_s:.3f} s/step, "
                 f"{end_s:.1f} s per epoch end -> training ends at step {horizon} "
                 f"({horizon / self.steps_per_epoch:.2f} epochs)")
-            if self.said is None and end_s > SLOW_END_SHARE * self.deadline.seconds:
+            if not self.fitted and end_s > SLOW_END_SHARE * self.deadline.seconds:
                 say(f"each epoch end (validation, checkpoint, sample grid) takes ~{end_s:.0f} s, over a quarter of "
                     "the budget: a lower --val-size or --val-t-points or a higher --sample-every leaves more of it to "
                     "training")
-            self.said = horizon
-        self.schedule = horizon
+            self.fitted, self.announced = True, horizon
+        self.lr_end = horizon
         return spent
 
     def state(self) -> dict:
         """What a checkpoint keeps, so that a resumed run ends where this one planned to."""
-        return {"schedule_steps": self.schedule, "horizon_fitted": self.said is not None}
+        return {"schedule_steps": self.lr_end, "horizon_fitted": self.fitted}
 
     def restore(self, ckpt: dict) -> bool:
         """Keep a resumed budget run's fitted end instead of fitting a new budget; True if it did."""
         if not (self.minutes and ckpt.get("horizon_fitted")):
             return False
-        self.schedule = self.said = ckpt["schedule_steps"]
+        self.lr_end = self.announced = ckpt["schedule_steps"]
+        self.fitted = True
         return True

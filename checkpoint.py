@@ -1,10 +1,11 @@
 """Reading models: checkpoint files (one dict that is enough to resume training and to sample) and the folders
 that pretrained.py exports, both into that dict; writing checkpoints atomically; the checks of a resume.
 
-Keys: the seed's `epoch`, `model_state`, `ema_state`, `optimizer_state`, `loss`, plus `format`,
+Keys: FlowGen's `epoch`, `model_state`, `ema_state`, `optimizer_state`, `loss`, plus `format`,
 `format_version`, `step`, `model_config`, `train_config`, `scaler_state`, `val_loss`,
-`best_val_loss` and `class_names`. Weights are saved from the unwrapped module, so no
-`module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) prefix reaches disk.
+`best_val_loss` and the run record's (`RunRecord`: `kind`, `sampler`, FlowGen's `class_names`, ...). Weights are
+saved from the unwrapped module, so no `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) prefix reaches
+disk.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from dit import DiT
-from unet import CONFIG, WEIGHTS, ConditionalUNet, UNetConfig, config_from_dict
+from unet import CONFIG, WEIGHTS, ConditionalUNet, ModelConfig, VelocityNet, config_from_dict
 
 FORMAT = "flow-image-generator"
 FORMAT_VERSION = 1
@@ -36,8 +37,31 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or not one of ours."""
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run is beyond its configs, made once per run by the script that trains: every checkpoint and exported
+    folder carries its fields as top-level keys, and the one loader reads them back (older files lack some: None)."""
+
+    kind: str = "1-rectified"  # n-rectified | distilled-k | meanflow (check_kind)
+    sampler: dict | None = None  # the sampler to draw with (solvers.Sampler.record()); None: the repo default
+    class_names: list[str] | None = None  # class i's name (FlowGen's key); None: class indices only
+    dataset: str | None = None  # mnist | folder | celeba | reflow-pairs: what the images are
+    lineage: dict | None = None  # the weights the run started from (parent, parent_sha256, parent_kind), pairs, teacher
+    preset: str | None = None  # the training script's --preset
+    data_root: str | None = None  # where the training images were read
+
+    @classmethod
+    def read(cls, ckpt: dict) -> RunRecord:
+        """The record of a checkpoint's (or exported folder's) dict."""
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls) if ckpt.get(f.name) is not None})
+
+    def state(self) -> dict:
+        """The keys a checkpoint or exported folder stores."""
+        return asdict(self)
+
+
 def clean_state_dict(state: dict) -> dict:
-    """Strip wrapper prefixes so weights from any wrapper load into a plain ConditionalUNet."""
+    """Strip wrapper prefixes so weights from any wrapper load into a plain network."""
     cleaned = {}
     for key, value in state.items():
         while key.startswith(WRAPPER_PREFIXES):
@@ -119,7 +143,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a Flow Image Generator checkpoint (no 'model_state')")
     if "model_config" not in ckpt:
         raise CheckpointError(
-            f"{path} has weights but no 'model_config' (a seed-era checkpoint?): build "
+            f"{path} has weights but no 'model_config' (a FlowGen-era checkpoint?): build "
             "ConditionalUNet(...) with its original arguments and load ckpt['model_state'] yourself"
         )
     check_format_version(ckpt, path)
@@ -133,8 +157,8 @@ def check_format_version(found: dict, source: str | Path) -> None:
                               f"<= {FORMAT_VERSION}: update this repo (git pull)")
 
 
-def model_config_from(ckpt: dict) -> UNetConfig:
-    """UNetConfig stored in a checkpoint (lists back to tuples, unknown keys rejected)."""
+def model_config_from(ckpt: dict) -> ModelConfig:
+    """ModelConfig stored in a checkpoint (lists back to tuples, unknown keys rejected)."""
     try:
         return config_from_dict(ckpt["model_config"])
     except ValueError as e:
@@ -142,19 +166,19 @@ def model_config_from(ckpt: dict) -> UNetConfig:
 
 
 def ema_weights(ckpt: dict) -> dict:
-    """EMA weights of a checkpoint, whether stored as EMA.state_dict() or as a plain state dict (seed)."""
+    """EMA weights of a checkpoint, whether stored as EMA.state_dict() or as a plain state dict (FlowGen)."""
     ema = ckpt.get("ema_state")
     if ema is None:
         raise CheckpointError("checkpoint has no EMA weights (an export of the raw ones?): sample with use_ema=False")
     return ema["weights"] if "weights" in ema else ema
 
 
-def build_model(cfg: UNetConfig) -> ConditionalUNet | DiT:
+def build_model(cfg: ModelConfig) -> VelocityNet:
     """The network a model config describes: its backbone, a U-Net or a DiT."""
     return DiT(cfg) if cfg.backbone == "dit" else ConditionalUNet(cfg)
 
 
-def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> ConditionalUNet | DiT:
+def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> VelocityNet:
     """Rebuild the model from the stored config and load the EMA (default) or raw weights."""
     model = build_model(model_config_from(ckpt))
     if not use_ema and "model_state" not in ckpt:
@@ -200,12 +224,10 @@ def load_folder(folder: str | Path) -> dict:
         state = load_file(folder / WEIGHTS)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{folder / WEIGHTS} is truncated or not a safetensors file ({e})") from e
-    ckpt = {k: config.get(k) for k in ("model_config", "class_names", "kind", "lineage", "dataset")}
+    ckpt = {"model_config": config["model_config"], **RunRecord.read(config).state()}
     model_config_from(ckpt)  # a config.json from another model fails here, with its keys named
     ckpt.update({k: v for k, v in config["training"].items() if k != "train_config"})
     ckpt["train_config"] = {"label_dropout": config.get("label_dropout")}
-    if config.get("sampler"):
-        ckpt["sampler"] = config["sampler"]
     weights = config.get("weights", "ema")
     ckpt["ema_state" if weights == "ema" else "model_state"] = {"weights": state} if weights == "ema" else state
     ckpt["exported"] = weights
@@ -235,7 +257,7 @@ def mnist_checkpoint(path: str | Path | None = None, root: Path = Path(".")) -> 
                                       f"model {PRETRAINED / 'mnist-1rf'}")
 
 
-def check_same_model(ckpt: dict, model_cfg: UNetConfig, path: str) -> None:
+def check_same_model(ckpt: dict, model_cfg: ModelConfig, path: str) -> None:
     """The checkpoint must hold the model we are about to train."""
     stored = model_config_from(ckpt)
     if stored != model_cfg:
@@ -244,7 +266,7 @@ def check_same_model(ckpt: dict, model_cfg: UNetConfig, path: str) -> None:
                               "pass the same model flags/preset as that run, or start a new --out-dir")
 
 
-def check_resume(ckpt: dict, model_cfg: UNetConfig, batch_size: int, steps_per_epoch: int, world: int,
+def check_resume(ckpt: dict, model_cfg: ModelConfig, batch_size: int, steps_per_epoch: int, world: int,
                  path: str) -> None:
     """The checkpoint must hold the model we are about to train, and the same steps per epoch. Another batch size,
     number of processes or training set changes how steps map to epochs and data, so the resumed run would silently
@@ -296,7 +318,7 @@ def check_kind(kind: str | None, path: str | Path) -> str:
     return kind
 
 
-def load_ema_weights(path: str | Path, model_cfg: UNetConfig, models: list[torch.nn.Module],
+def load_ema_weights(path: str | Path, model_cfg: ModelConfig, models: list[torch.nn.Module],
                      device: torch.device) -> dict:
     """Load the EMA weights of the checkpoint at path (which must hold model_cfg's model) into each of models; returns
     its lineage entry (path, sha256, kind). A velocity model may start an average-velocity one (meanflow): its

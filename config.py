@@ -1,4 +1,5 @@
-"""TrainConfig: how to train, every field a flag of the training scripts, and the checks it gets before a run starts."""
+"""TrainConfig: how to train, every field a flag of the training scripts; RunConfig: a run's configs after check_run,
+the one check they get, before any data is read."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,10 @@ from typing import ClassVar
 from budget import LR_SCHEDULES
 from cli import changed_flags, flag
 from flow import COUPLINGS, OBJECTIVES, T_SCHEDULES, MeanFlowConfig, can_guide
-from runlog import LOGGERS, check_writable, keep_earlier_run
-from unet import UNetConfig
+from device import launched_ranks
+from matching import MatchConfig
+from runlog import LOGGERS, check_writable, keep_earlier_run, output_path
+from unet import ModelConfig, check_config
 
 
 @dataclass
@@ -67,24 +70,49 @@ AT_MOST = {"epochs": 100_000, "batch_size": 1 << 20, "num_workers": 256, "val_t_
            "time_budget": 10**6, "time_limit": 10**6, "save_every": 10**6, "grad_clip": 10**6, "weight_decay": 10.0}
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's configs as check_run passed them: how to train, the model the objective trains, MeanFlow's settings
+    (resolved; None for flow matching) and distribution matching's (None: off). trainer.train takes nothing else."""
+
+    train: TrainConfig
+    model: ModelConfig
+    meanflow: MeanFlowConfig | None = None
+    match: MatchConfig | None = None
+
+
+def check_run(cfg: TrainConfig, model_cfg: ModelConfig, meanflow: MeanFlowConfig | None = None,
+              match: MatchConfig | None = None) -> RunConfig:
+    """The one check of a run's configs, made before any data is read: impossible settings, the model, the output
+    paths (main process), MeanFlow's and distribution matching's refusals; returns what the loop trains."""
+    rank, world, _ = launched_ranks()
+    check_train_config(cfg, world)
+    check_config(model_cfg)
+    model_cfg = objective_model_config(cfg, model_cfg)
+    if rank == 0:
+        check_outputs(cfg)
+    if match is not None:
+        match.check()
+    match = match if match and match.dm_weight else None
+    if match and cfg.objective != "meanflow":
+        raise ValueError("--dm-weight matches a one-step model's jumps to its teacher: it needs `reflow.py distill "
+                         "--objective meanflow`")
+    return RunConfig(cfg, model_cfg, resolve_meanflow(cfg, model_cfg, meanflow), match)
+
+
 def run_kind(cfg: TrainConfig) -> str:
     """The kind a training script's checkpoints record: meanflow, or a first rectified flow."""
     return "meanflow" if cfg.objective == "meanflow" else "1-rectified"
 
 
-def output_path(template: str, cfg: TrainConfig) -> Path:
-    """A path flag with {out_dir} filled in."""
-    return Path(template.replace("{out_dir}", cfg.out_dir))
-
-
-def objective_model_config(cfg: TrainConfig, model_cfg: UNetConfig) -> UNetConfig:
+def objective_model_config(cfg: TrainConfig, model_cfg: ModelConfig) -> ModelConfig:
     """The model config the objective trains: meanflow's U-Net takes the jump's end time too."""
     if model_cfg.average_velocity and cfg.objective != "meanflow":
         raise ValueError("--average-velocity is set by --objective meanflow; flow matching trains the velocity only")
     return replace(model_cfg, average_velocity=True) if cfg.objective == "meanflow" else model_cfg
 
 
-def resolve_meanflow(cfg: TrainConfig, model_cfg: UNetConfig, meanflow: MeanFlowConfig | None
+def resolve_meanflow(cfg: TrainConfig, model_cfg: ModelConfig, meanflow: MeanFlowConfig | None
                      ) -> MeanFlowConfig | None:
     """The run's MeanFlow config, checked and its folded guidance resolved once (checkpoints record it); None for
     flow matching."""
@@ -143,14 +171,14 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
 
 def output_folders(cfg: TrainConfig) -> list[tuple[Path, str]]:
     """The folders a run writes into, each with the flag that names it."""
-    return [(Path(cfg.out_dir), "--out-dir"), (output_path(cfg.out, cfg).parent, "--out"),
-            (output_path(cfg.sample_dir, cfg), "--sample-dir")]
+    return [(Path(cfg.out_dir), "--out-dir"), (output_path(cfg.out, cfg.out_dir).parent, "--out"),
+            (output_path(cfg.sample_dir, cfg.out_dir), "--sample-dir")]
 
 
 def check_outputs(cfg: TrainConfig) -> None:
     """Every output path usable, and --existing refuse honoured: checks only, nothing is created or moved (the scripts
     call it before any data is read, the loop again before its run)."""
-    checkpoint = output_path(cfg.out, cfg)
+    checkpoint = output_path(cfg.out, cfg.out_dir)
     if checkpoint.is_dir():
         raise ValueError(f"--out {checkpoint} is a folder: give a file path (e.g. {checkpoint}/best.pth)")
     for folder, name in output_folders(cfg):
@@ -162,7 +190,7 @@ def check_outputs(cfg: TrainConfig) -> None:
 def make_room(cfg: TrainConfig) -> str | None:
     """The last step before a run starts, after every check: move another run's files in --out-dir aside (a fresh run)
     and create the output folders; returns what was moved. For the main process only: no other rank writes files."""
-    moved = None if cfg.resume else keep_earlier_run(Path(cfg.out_dir), output_path(cfg.out, cfg), cfg.existing)
+    moved = None if cfg.resume else keep_earlier_run(Path(cfg.out_dir), output_path(cfg.out, cfg.out_dir), cfg.existing)
     for folder, _ in output_folders(cfg):
         folder.mkdir(parents=True, exist_ok=True)
     return moved

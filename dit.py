@@ -8,10 +8,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from unet import TimeEmbedding, UNetConfig, conditioning, config_from_dict
+from unet import ModelConfig, VelocityNet
 
 
 def positions(side: int, width: int) -> torch.Tensor:
@@ -57,22 +56,15 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class DiT(nn.Module, PyTorchModelHubMixin, library_name="pytorch", license="mit",
-          tags=["rectified-flow", "flow-matching", "dit"]):
+class DiT(VelocityNet, library_name="pytorch", license="mit", tags=["rectified-flow", "flow-matching", "dit"]):
     """DiT v(x, t, y): x (B, C, H, W), t (B,) in [0, 1], y (B,) class indices or None; cfg.base_channels is the token
     width, cfg.depth the blocks, cfg.head_channels the channels per attention head, cfg.patch_size the patch side."""
 
-    def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
-        super().__init__()
-        if isinstance(config, dict):  # config.json read back (the Hub mixin passes its keys again as kwargs)
-            config, kwargs = config_from_dict(config), {}
-        cfg = config or config_from_dict(kwargs)
-        if cfg.backbone != "dit":
-            raise ValueError(f"this config builds a {cfg.backbone}, not a DiT: load it with load_for_sampling")
-        self.config, width, p = cfg, cfg.base_channels, cfg.patch_size
-        self.time_embed = TimeEmbedding(width)
-        self.interval_embed = TimeEmbedding(width) if cfg.average_velocity else None
-        self.class_embed = nn.Embedding(cfg.num_classes + 1, width) if cfg.num_classes is not None else None
+    backbone = "dit"
+
+    def build(self, cfg: ModelConfig, width: int) -> None:
+        """Patch embedding, fixed positions, the blocks and the zero-initialised adaLN output layer."""
+        p = cfg.patch_size
         self.patch = nn.Conv2d(cfg.in_channels, width, p, stride=p)
         self.register_buffer("pos", positions(cfg.image_size // p, width), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(width, width // cfg.head_channels, cfg.dropout) for _ in range(cfg.depth))
@@ -87,7 +79,7 @@ class DiT(nn.Module, PyTorchModelHubMixin, library_name="pytorch", license="mit"
                 t_end: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, H, W) at x_t, or with t_end (B,) the average velocity over [t, t_end] (None: t_end = t);
         y may hold num_classes (the null token) for guidance."""
-        c = conditioning(self, t, y, t_end)
+        c = self.conditioning(t, y, t_end)
         b, ch, side, p = x.shape[0], self.config.in_channels, self.config.image_size // self.config.patch_size, \
             self.config.patch_size
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)

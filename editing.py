@@ -87,7 +87,7 @@ def invert_from_checkpoint(checkpoint: str | Path | dict, images: torch.Tensor, 
     what the checkpoint records; a meanflow jump becomes the default ODE solver), run from t = 1 back to t = 0.
     """
     loaded = load_for_sampling(checkpoint, solver, steps, guidance, device, use_ema)
-    labels = label_tensor(labels, loaded.ckpt.get("class_names")) if labels is not None else None
+    labels = label_tensor(labels, loaded.record.class_names) if labels is not None else None
     return invert_model(loaded.model, images, labels, inversion_sampler(loaded, solver, steps), batch_size).noise
 
 
@@ -121,7 +121,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return out.to(a.dtype).view(len(weights), *a.shape)
 
 
-def interpolate(model: nn.Module, pair: torch.Tensor, labels: torch.Tensor | None, frames: int = 8,
+def interpolate_images(model: nn.Module, pair: torch.Tensor, labels: torch.Tensor | None, frames: int = 8,
                 sampler: Sampler = Sampler()) -> torch.Tensor:
     """frames images (frames, C, H, W) in [0, 1] from pair[0] to pair[1] (2, C, H, W) through their inverted noises. Two
     images of one class interpolate under that label; of two classes, under the null label (the unconditional flow, w =
@@ -185,7 +185,7 @@ def real_images(loaded: Loaded, data_root: str | None, image_dir: str | None, in
         data = load_mnist(data_root, train=False, image_size=cfg.image_size, download=False)
     else:
         root = Path(image_dir)
-        names = loaded.ckpt.get("class_names") if cfg.num_classes is not None else None
+        names = loaded.record.class_names if cfg.num_classes is not None else None
         files = readable(find_images(root))
         if names:
             files = [f for f in files if f.relative_to(root).parts[0] in names]
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
 def swap_classes(loaded: Loaded, images: torch.Tensor, labels: torch.Tensor | None, to: list[int] | None,
                  sampler: Sampler, out: str) -> dict:
     """editing.py swap: each image, then it redrawn as each target class, a grid row per image."""
-    model, names = loaded.model, loaded.ckpt.get("class_names")
+    model, names = loaded.model, loaded.record.class_names
     if model.config.num_classes is None:
         raise ValueError("swap needs a class-conditional model: this one is unconditional")
     targets = torch.tensor(to) if to is not None else torch.arange(model.config.num_classes)
@@ -284,7 +284,7 @@ def interpolate_pairs(loaded: Loaded, data_root: str | None, image_dir: str | No
         images, labels = real_images(loaded, data_root, image_dir, list(pair))
         if labels is not None and labels[0] != labels[1]:
             check_guidance(loaded.ckpt, 0.0)  # two classes meet under the null label
-        rows.append(torch.cat([images[:1], interpolate(loaded.model, images, labels, frames, sampler),
+        rows.append(torch.cat([images[:1], interpolate_images(loaded.model, images, labels, frames, sampler),
                                images[1:]]))
     save_grid(torch.cat(rows), out, ncol=frames + 2)
     print(f"wrote {out}: {len(pairs)} pair(s), {frames} frames each between the two real images "

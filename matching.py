@@ -11,14 +11,16 @@ Clean image estimate of a velocity v at x_t (t = 0 noise, t = 1 data): x̂ = x_t
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cli import changed_flags
+from device import Runtime
 from flow import interpolate
+from sampling import load_for_sampling
 from solvers import guided_velocity
 
 
@@ -96,8 +98,8 @@ class Critic:
         t = self.cfg.dm_t_min + (self.cfg.dm_t_max - self.cfg.dm_t_min) * torch.rand(len(jump), device=jump.device)
         return distribution_matching_loss(jump, self.real, self.fake_net, y, t.to(jump.dtype))
 
-    def follow(self, jump: torch.Tensor, y: torch.Tensor | None, autocast) -> torch.Tensor:
-        """dm_fake_steps flow-matching updates of the fake network on the student's jumps (detached); the last loss."""
+    def follow(self, jump: torch.Tensor, y: torch.Tensor | None, autocast) -> None:
+        """dm_fake_steps flow-matching updates of the fake network on the student's jumps (detached)."""
         jump = jump.detach()
         for _ in range(self.cfg.dm_fake_steps):
             with autocast():
@@ -107,7 +109,6 @@ class Critic:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        return loss.detach()
 
     def state_dict(self) -> dict:
         return {"fake": self.fake.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -115,3 +116,15 @@ class Critic:
     def load_state_dict(self, state: dict) -> None:
         self.fake.load_state_dict(state["fake"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def critic_for(cfg: MatchConfig, student: nn.Module, rt: Runtime) -> Critic:
+    """The run's critic: its teacher (cfg.dm_teacher at its recorded guidance, frozen, on rt's device) and fake net."""
+    loaded = load_for_sampling(cfg.dm_teacher, device=rt.device)
+    if loaded.model.config.average_velocity or replace(loaded.model.config, average_velocity=True) != student.config:
+        raise ValueError(f"--dm-teacher {cfg.dm_teacher} holds another model than the student (the teacher must be "
+                         "the flow the student was converted from)")
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    gpu = [rt.device.index] if rt.device.type == "cuda" else None
+    wrap = (lambda m: nn.parallel.DistributedDataParallel(m, device_ids=gpu)) if rt.ddp else (lambda m: m)
+    return Critic(loaded.model.to(memory_format=memory_format), loaded.sampler.guidance, cfg, wrap)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_for_sampling(checkpoint, sample.solver, sample.steps, sample.guidance, sample.device,
                                use_ema=args.weights == "ema")
     samples = sample_model(loaded.model, len(labels), labels, loaded.sampler, sample.seed, sample.batch_size)
-    save_grid(samples.images, args.out, samples.labels, loaded.ckpt.get("class_names"))
+    save_grid(samples.images, args.out, samples.labels, loaded.record.class_names)
     drawn = samples.sampler
     print(f"wrote {args.out}: {len(labels)} digits, solver {drawn.solver}, steps {drawn.steps}, "
           f"NFE {samples.nfe} per image, guidance {drawn.guidance}, {samples.seconds:.2f} s")

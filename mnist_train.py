@@ -16,11 +16,12 @@ import torch
 from cli import parse_configs, run
 from data import load_mnist
 from sampling import MEANFLOW_SAMPLER, sample_model
-from config import TrainConfig, check_outputs, check_train_config, resolve_meanflow, run_kind
+from checkpoint import RunRecord
+from config import TrainConfig, check_run, run_kind
 from flow import MeanFlowConfig, can_guide
 from solvers import Sampler
 from trainer import train
-from unet import UNetConfig, check_config
+from unet import ModelConfig
 
 
 @dataclass
@@ -35,8 +36,8 @@ class MNISTData:
 
 DEFAULTS = [
     TrainConfig(epochs=20, batch_size=64, lr=1e-4, out_dir="checkpoints/mnist",
-                out="checkpoints/flow_matching_mnist.pth"),  # the seed's published file name
-    UNetConfig(image_size=28, in_channels=1, num_classes=10),
+                out="checkpoints/flow_matching_mnist.pth"),  # FlowGen's published file name
+    ModelConfig(image_size=28, in_channels=1, num_classes=10),
     MNISTData(),
     MeanFlowConfig(),
 ]
@@ -58,7 +59,7 @@ PRESETS["cpu-dit"] = {**PRESETS["cpu"], "backbone": "dit", "base_channels": 128,
                       "epochs": 2, "lr": 1e-3, "adam_beta2": 0.999, "t_mu": 0.0, "coupling": "independent"}
 
 
-def mnist_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> Sampler:
+def mnist_sampler(model_cfg: ModelConfig, cfg: TrainConfig) -> Sampler:
     """The sampler MNIST checkpoints record: midpoint, 4 steps, w = 1.1 where guidance exists (else 1); mild guidance
     measured better than none on both metrics (docs/sampling.md)."""
     if cfg.objective == "meanflow":
@@ -70,7 +71,7 @@ def generate_sample(model: torch.nn.Module, img_size: tuple[int, int, int] = (1,
                     labels: list[int] | torch.Tensor | None = None, num_samples: int = 1,
                     solver: str = Sampler.solver, guidance: float = Sampler.guidance,
                     seed: int | None = None) -> torch.Tensor:
-    """Images (B, *img_size) in [0, 1] from a ConditionalUNet; B = len(labels) or num_samples (the seed's helper)."""
+    """Images (B, *img_size) in [0, 1] from a ConditionalUNet; B = len(labels) or num_samples (FlowGen's helper)."""
     cfg = model.config
     if tuple(img_size) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         want = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -91,14 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     (cfg, model_cfg, data_cfg, meanflow), preset = parse_configs(DEFAULTS, PRESETS, default_preset(), argv, __doc__)
     print(f"preset: {preset}")
-    check_train_config(cfg)  # impossible settings fail here, before any data is read
-    check_outputs(cfg)  # and unusable output paths, before anything is downloaded, created or moved
-    try:
-        check_config(model_cfg)
-    except ValueError as e:
-        hint = " (--preset cpu-dit sets a DiT that trains on a CPU)" if model_cfg.backbone == "dit" else ""
+    try:  # every setting and output path, before anything is downloaded, created or moved
+        run_cfg = check_run(cfg, model_cfg, meanflow)
+    except ValueError as e:  # a DiT sized by the U-Net's flags: name the preset that sizes one
+        hint = " (--preset cpu-dit sets a DiT that trains on a CPU)" if "DiT" in str(e) else ""
         raise ValueError(f"{e}{hint}") from None
-    resolve_meanflow(cfg, model_cfg, meanflow)  # MeanFlow's refusals, before any data
     if model_cfg.num_classes is None and cfg.label_dropout not in (0, TrainConfig.label_dropout):
         raise ValueError(f"--label-dropout {cfg.label_dropout} drops labels, but --num-classes none trains an "
                          "unconditional model: there are none to drop (leave the flag out)")
@@ -113,9 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     cut = len(digits) - data_cfg.val_size  # the test split stays unseen: it is evaluate.py's reference
     train_set = torch.utils.data.Subset(digits, range(min(data_cfg.subset, cut) if data_cfg.subset else cut))
     val_set = torch.utils.data.Subset(digits, range(cut, len(digits)))
-    summary = train(cfg, model_cfg, train_set, val_set, class_names=[str(d) for d in range(10)],
-                    extra={"kind": run_kind(cfg), "dataset": "mnist", "preset": preset,
-                           "sampler": mnist_sampler(model_cfg, cfg).record()}, meanflow=meanflow)
+    record = RunRecord(run_kind(cfg), mnist_sampler(model_cfg, cfg).record(), [str(d) for d in range(10)], "mnist",
+                       preset=preset, data_root=data_cfg.data_root)
+    summary = train(run_cfg, train_set, val_set, record)
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary

@@ -19,8 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from checkpoint import (CARD, CONFIG, FLOW_CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, clean_state_dict, ema_weights,
-                        load_checkpoint, sync_folder)
+from checkpoint import (CARD, CONFIG, FLOW_CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, RunRecord, clean_state_dict,
+                        ema_weights, load_checkpoint, sync_folder)
 from cli import add_weights_flag, run
 from solvers import Sampler
 
@@ -40,8 +40,7 @@ def export(checkpoint: str | Path | dict, out: str | Path, weights: str = "ema",
     state = clean_state_dict(ema_weights(ckpt) if weights == "ema" else ckpt["model_state"])
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "weights": weights,
-        "model_config": ckpt["model_config"], "sampler": ckpt.get("sampler"), "class_names": ckpt.get("class_names"),
-        "kind": ckpt.get("kind", "1-rectified"), "lineage": ckpt.get("lineage"), "dataset": ckpt.get("dataset"),
+        "model_config": ckpt["model_config"], **RunRecord.read(ckpt).state(),
         "label_dropout": (ckpt.get("train_config") or {}).get("label_dropout"),  # whether guidance was trained
         "training": {**{k: ckpt.get(k) for k in TRAINING_KEYS}, "train_config": ckpt.get("train_config")},
         "metrics": metrics,

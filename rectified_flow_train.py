@@ -1,6 +1,6 @@
 """Rectified-flow training on CelebA or any folder of images, on CPU, one GPU, DataParallel or DDP.
 
-    python rectified_flow_train.py --data-root img_align_celeba            # seed defaults, 128 px
+    python rectified_flow_train.py --data-root img_align_celeba            # FlowGen's defaults, 128 px
     python rectified_flow_train.py --preset celeba64 --amp bf16 --compile
     torchrun --nproc_per_node=8 rectified_flow_train.py --preset celeba64   # DDP
 
@@ -21,13 +21,14 @@ import torch
 
 from cli import parse_configs, run
 from data import image_folder_splits, load_celeba
-# sample_from_checkpoint: re-exported, the seed's import path
+# sample_from_checkpoint: re-exported, FlowGen's import path
 from sampling import MEANFLOW_SAMPLER, sample_from_checkpoint
-from config import TrainConfig, check_outputs, check_train_config, resolve_meanflow, run_kind
+from checkpoint import RunRecord
+from config import TrainConfig, check_run, run_kind
 from flow import MeanFlowConfig, can_guide
 from solvers import Sampler
 from trainer import train
-from unet import UNetConfig, check_config
+from unet import ModelConfig
 
 __all__ = ["sample_from_checkpoint", "main"]
 
@@ -46,14 +47,14 @@ class FolderData:
 DEFAULTS = [
     TrainConfig(epochs=1000, batch_size=64, lr=1e-5, weight_decay=0.01, warmup_steps=1000, hflip=True, num_workers=4,
                 out_dir="checkpoints", out="{out_dir}/rf_best.pth"),
-    UNetConfig(image_size=128, in_channels=3, base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+    ModelConfig(image_size=128, in_channels=3, base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                attention_resolutions=(16,), dropout=0.1, num_classes=None),
     FolderData(),
     MeanFlowConfig(),
 ]
 
 PRESETS = {
-    "celeba128": {},  # the seed's setting: 128 px
+    "celeba128": {},  # FlowGen's setting: 128 px
     # logit-normal t as small32 measured it on CIFAR-10; untested on a GPU (docs/training.md)
     "celeba64": dict(image_size=64, attention_resolutions=(16, 8), batch_size=128, lr=1e-4, t_schedule="logit-normal"),
     # CPU-sized 32 px: the best FID per CPU-minute measured on the CIFAR-10 folder (docs/results-cifar.md); a grid
@@ -71,13 +72,12 @@ PRESETS["dit32"] = {**PRESETS["small32"], "backbone": "dit", "base_channels": 19
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, build the data sets, run the shared training loop."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # no preset: the seed's 128 px
+    # no preset: FlowGen's 128 px
     (cfg, model_cfg, data_cfg, meanflow), preset = parse_configs(DEFAULTS, PRESETS, None, argv, __doc__)
-    check_train_config(cfg)  # impossible settings fail here, before any data is read
-    check_outputs(cfg)  # and unusable output paths, before anything is downloaded, created or moved
-    check_config(model_cfg)
-    resolve_meanflow(cfg, model_cfg, meanflow)  # MeanFlow's refusals, before any data
     check_data_flags(data_cfg, model_cfg)
+    # every setting and output path, before any data is read; the flags say whether the model is class-conditional,
+    # the folders later say how many classes
+    run_cfg = check_run(cfg, replace(model_cfg, num_classes=1 if data_cfg.class_from_folders else None), meanflow)
     if not data_cfg.class_from_folders and cfg.label_dropout not in (0, TrainConfig.label_dropout):
         raise ValueError(f"--label-dropout {cfg.label_dropout} drops labels, but without --class-from-folders the "
                          "model is unconditional: there are none to drop (leave the flag out)")
@@ -87,18 +87,18 @@ def main(argv: list[str] | None = None) -> dict:
         train_set, val_set, class_names = image_folder_splits(
             data_cfg.data_root, model_cfg.image_size, data_cfg.val_fraction, data_cfg.class_from_folders)
 
-    model_cfg = replace(model_cfg, num_classes=len(class_names) if class_names else None)  # the data decides
+    model_cfg = replace(run_cfg.model, num_classes=len(class_names) if class_names else None)  # the data decides
     if val_set is not None and len(val_set) > data_cfg.val_size:
         val_set = torch.utils.data.Subset(val_set, range(data_cfg.val_size))
-    summary = train(cfg, model_cfg, train_set, val_set, class_names,
-                    extra={"kind": run_kind(cfg), "dataset": data_cfg.dataset, "data_root": data_cfg.data_root,
-                           "preset": preset, "sampler": folder_sampler(model_cfg, cfg).record()}, meanflow=meanflow)
+    record = RunRecord(run_kind(cfg), folder_sampler(model_cfg, cfg).record(), class_names, data_cfg.dataset,
+                       preset=preset, data_root=data_cfg.data_root)
+    summary = train(replace(run_cfg, model=model_cfg), train_set, val_set, record)
     print(f"done: {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min)")
     return summary
 
 
-def folder_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> Sampler:
+def folder_sampler(model_cfg: ModelConfig, cfg: TrainConfig) -> Sampler:
     """The sampler photo checkpoints record: Euler, 16 steps, w = 2 where guidance exists (else 1), chosen by
     Inception FID of the 60-minute CIFAR-10 model (docs/results-cifar.md)."""
     if cfg.objective == "meanflow":
@@ -106,7 +106,7 @@ def folder_sampler(model_cfg: UNetConfig, cfg: TrainConfig) -> Sampler:
     return Sampler("euler", 16, 2.0 if can_guide(model_cfg.num_classes, cfg.label_dropout) else 1.0)
 
 
-def check_data_flags(data_cfg: FolderData, model_cfg: UNetConfig) -> None:
+def check_data_flags(data_cfg: FolderData, model_cfg: ModelConfig) -> None:
     """Refuse flags that the data overrides or that do nothing with the chosen --dataset."""
     if data_cfg.dataset not in ("folder", "celeba"):
         raise ValueError(f"unknown --dataset {data_cfg.dataset!r}: choose folder or celeba")

@@ -28,9 +28,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch
 from torch.utils.data import Dataset
 
-from checkpoint import CheckpointError, load_checkpoint, model_config_from, save_checkpoint, sha256
+from checkpoint import CheckpointError, RunRecord, load_checkpoint, model_config_from, save_checkpoint, sha256
 from cli import add_flags, add_weights_flag, config_from, parse_configs, run
-from config import TrainConfig, check_train_config
+from config import TrainConfig, check_run
 from cpu import keep_freed_memory
 from device import launched_ranks, rank_device, resolve_device
 from matching import MatchConfig
@@ -100,13 +100,13 @@ def draw_pairs(checkpoint: str | Path, out_dir: str | Path, count: int = 20_000,
     if states and drawn_with.solver not in FIXED_STEP:
         raise ValueError(f"--states keeps the points of a fixed-step grid: {drawn_with.solver} has none (use euler, "
                          "midpoint, heun or rk4)")
-    order = rectified_order(loaded.ckpt.get("kind"))
+    order = rectified_order(loaded.record.kind)
     keep_freed_memory()
     cfg, out_dir = loaded.model.config, Path(out_dir)
     manifest = {"parent": str(checkpoint), "parent_sha256": sha256(checkpoint), "parent_kind": f"{order}-rectified",
                 **drawn_with.record(), "seed": sample.seed, "count": count, "shard_size": shard_size,
                 "use_ema": use_ema, "states": states, "model_config": asdict(cfg),
-                "class_names": loaded.ckpt.get("class_names")}
+                "class_names": loaded.record.class_names}
     check_room(out_dir, count, cfg.in_channels * cfg.image_size**2 * (3 + 2 * (drawn_with.steps - 1) * states))
     write_manifest(out_dir, manifest)
     start_time, drawn, nfe = time.perf_counter(), 0, 0
@@ -161,14 +161,18 @@ def read_shard(path: Path) -> dict:
                          "same `reflow.py pairs` command again to redraw it") from e
 
 
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a folder of pairs (what they were drawn from and how); ValueError when there is none."""
+    if not (Path(folder) / MANIFEST).is_file():
+        raise ValueError(f"no {MANIFEST} in {folder}: draw pairs first with "
+                         f"`python reflow.py pairs --out-dir {folder}`")
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
 def load_pairs(folder: str | Path, val_size: int, states: bool = False) -> tuple[Pairs, Pairs, dict]:
     """(train pairs, the last val_size pairs held out, manifest); every shard must be present; states: items carry
     their paths (pairs drawn with --states)."""
-    folder = Path(folder)
-    if not (folder / MANIFEST).is_file():
-        raise ValueError(f"no {MANIFEST} in {folder}: draw pairs first with "
-                         f"`python reflow.py pairs --out-dir {folder}`")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    folder, manifest = Path(folder), read_manifest(folder)
     n_shards = -(-manifest["count"] // manifest["shard_size"])
     missing = [j for j in range(n_shards) if not shard_path(folder, j).is_file()]
     if missing:
@@ -213,31 +217,24 @@ def stage(command: str, argv: list[str]) -> dict:
     title = f"reflow.py {command}: " + (__doc__ or "").splitlines()[0]
     defaults = [replace(DEFAULTS[0], init_from="parent" if command == "train" else ""), *DEFAULTS[1:]]
     (cfg, data, match), _ = parse_configs(defaults, None, None, argv, title, prog=f"reflow.py {command}")
-    check_train_config(replace(cfg, init_from=""))  # here --init-from also names the stage's model: kept on resume
-    match.check()
     unused = {"train": ("k", 1), "distill": ("recommend_steps", 2)}[command]
     if getattr(data, unused[0]) != unused[1]:
         raise ValueError(f"--{unused[0].replace('_', '-')} does nothing in `reflow.py {command}`: leave it out")
     if not (1 <= data.k <= 1000 and 1 <= data.recommend_steps <= 1000):
         raise ValueError(f"--k and --recommend-steps must lie in 1..1000, got {data.k}, {data.recommend_steps}")
-    if match.dm_weight and not (command == "distill" and cfg.objective == "meanflow"):
-        raise ValueError("--dm-weight matches a one-step model's jumps to its teacher: it needs `reflow.py distill "
-                         "--objective meanflow`")
     if cfg.t_grid:
         raise ValueError("--t-grid is set by `reflow.py distill --k`")
     if cfg.objective == "meanflow" and command == "train":
         raise ValueError("reflow.py train trains a velocity on pairs; the one-step model from a flow's paths is "
                          "`reflow.py distill --objective meanflow` (docs/one-step.md)")
-    grid = cfg.objective == "meanflow"  # distill: the parent's average velocities on its grid
-    train_set, val_set, manifest = load_pairs(data.pairs, data.val_size, states=grid)
-    init_from = manifest["parent"] if cfg.init_from == "parent" else cfg.init_from
     if command == "distill" and cfg.init_from in ("", "parent"):
         raise ValueError("distill starts from trained weights: pass --init-from PATH (the reflowed model's best.pth, "
                          "or with --objective meanflow the flow itself)")
+    manifest = read_manifest(data.pairs)
+    init_from = manifest["parent"] if cfg.init_from == "parent" else cfg.init_from
     if not init_from:
         raise ValueError("--init-from is empty: reflow stages start from trained weights (the default: parent)")
     source = load_checkpoint(init_from)
-    model_cfg = model_config_from(source)
     lineage = {"parent": init_from, "parent_sha256": sha256(init_from),
                "parent_kind": source.get("kind", "1-rectified"),
                "pairs": {k: manifest[k] for k in ("parent", *PAIR_SETTINGS)}}
@@ -252,14 +249,16 @@ def stage(command: str, argv: list[str]) -> dict:
         kind, cfg = f"distilled-{data.k}", replace(cfg, t_grid=data.k)
         sampler = Sampler("euler", data.k)
     out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
+    # --init-from names the stage's model, kept on resume: the weights come from the resumed run then
     cfg = replace(cfg, init_from="" if cfg.resume else init_from, out_dir=out_dir)
     if match.dm_weight:  # the real side: the flow the pairs were drawn from, unless told
         match = replace(match, dm_teacher=match.dm_teacher or manifest["parent"])
         lineage["teacher"] = {"path": match.dm_teacher, "sha256": sha256(match.dm_teacher)}
-    summary = train(cfg, model_cfg, train_set, val_set, manifest.get("class_names"),
-                    extra={"kind": kind, "lineage": lineage, "sampler": sampler.record(),
-                           "dataset": source.get("dataset") or "reflow-pairs"},  # the parent's data, in its paths
-                    match=match)
+    run_cfg = check_run(cfg, model_config_from(source), match=match)  # before the pairs are read
+    train_set, val_set, _ = load_pairs(data.pairs, data.val_size, states=cfg.objective == "meanflow")
+    record = RunRecord(kind, sampler.record(), manifest.get("class_names"),
+                       source.get("dataset") or "reflow-pairs", lineage)  # the parent's data, in its paths
+    summary = train(run_cfg, train_set, val_set, record)
     print(f"done: {kind}, {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min); sample with {sampler}")
     return summary

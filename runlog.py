@@ -23,7 +23,12 @@ SCALARS = {"step": {"loss": "train/loss", "lr": "train/lr"},  # record kind -> {
            "epoch": {"loss": "epoch/train_loss", "val_loss": "epoch/val_loss", "images_per_s": "epoch/images_per_s"}}
 
 
-def open_log(path: Path, resume_step: int | None):
+def output_path(template: str, out_dir: str) -> Path:
+    """A path flag of a run (--out, --sample-dir) with {out_dir} filled in."""
+    return Path(template.replace("{out_dir}", out_dir))
+
+
+def open_jsonl(path: Path, resume_step: int | None):
     """log.jsonl for appending: a fresh run starts it empty; a resumed run keeps only records up to its step."""
     if resume_step is None or not path.is_file():
         return open(path, "w")
@@ -158,7 +163,7 @@ class RunLog:
             (out_dir / "config.json").write_text(json.dumps(config, indent=2))
         self.sink = (TensorBoard(out_dir / "tensorboard", resume_step) if logger == "tensorboard" else
                      WandB(out_dir, resume_step, config) if logger == "wandb" else None)
-        self.jsonl = open_log(out_dir / "log.jsonl", resume_step)
+        self.jsonl = open_jsonl(out_dir / "log.jsonl", resume_step)
 
     def write(self, record: dict) -> None:
         """One record ({"kind": "step" | "epoch", "step": ..., ...}) to every log."""

@@ -15,13 +15,13 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
+from checkpoint import RunRecord, load_checkpoint, model_config_from, model_from_checkpoint
 from runlog import check_file_out
 from cpu import keep_freed_memory
 from device import resolve_device
 from flow import can_guide
 from solvers import Sampler, flow_batches, make_noise
-from unet import ConditionalUNet
+from unet import VelocityNet
 
 # what --objective meanflow checkpoints record: one jump along the average velocity from noise to data, 1 NFE
 # (guidance, where wanted, is folded into training by --mf-guidance; why: docs/meanflow.md)
@@ -170,7 +170,7 @@ def grid_request(num_classes: int | None) -> tuple[int, torch.Tensor | None]:
     return len(labels), labels
 
 
-def draw_grid(model: ConditionalUNet, path: Path, sampler: Sampler, class_names: list[str] | None) -> Path:
+def draw_grid(model: VelocityNet, path: Path, sampler: Sampler, class_names: list[str] | None) -> Path:
     """A training run's sample grid at path: one row per class (up to 10), or 64 images, drawn with sampler."""
     n, labels = grid_request(model.config.num_classes)
     samples = sample_model(model, n, labels, sampler, seed=0)
@@ -181,9 +181,14 @@ def draw_grid(model: ConditionalUNet, path: Path, sampler: Sampler, class_names:
 class Loaded:
     """A checkpoint made ready to sample: the model on its device, the dict it came from, and the sampler to use."""
 
-    model: ConditionalUNet
+    model: VelocityNet
     ckpt: dict
     sampler: Sampler
+
+    @property
+    def record(self) -> RunRecord:
+        """What the run that made the model was: kind, class names, dataset, lineage."""
+        return RunRecord.read(self.ckpt)
 
 
 def load_for_sampling(checkpoint: str | Path | dict, solver: str | None = None, steps: int | None = None,
@@ -231,7 +236,7 @@ def sample_from_checkpoint(checkpoint_path: str | Path | dict, out_path: str | P
                            seed: int | None = None, device: str | torch.device | None = None,
                            use_ema: bool = True) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1] from a checkpoint file or exported folder alone (or its dict); writes a grid PNG
-    when out_path is given. The seed's call, `sample_from_checkpoint(checkpoint_path=..., out_path=..., steps=...,
+    when out_path is given. FlowGen's call, `sample_from_checkpoint(checkpoint_path=..., out_path=..., steps=...,
     batch_size=...)`, works as it writes it.
 
     B is len(labels) when labels are given (class indices, or class names where the checkpoint records them),
@@ -245,7 +250,7 @@ def sample_from_checkpoint(checkpoint_path: str | Path | dict, out_path: str | P
     if out_path is not None:
         check_image_out(out_path, "out_path")
     loaded = load_for_sampling(checkpoint_path, solver, steps, guidance, device, use_ema)
-    class_names = loaded.ckpt.get("class_names")
+    class_names = loaded.record.class_names
     if labels is not None:
         labels = label_tensor(labels, class_names)
     samples = sample_model(loaded.model, n, labels, loaded.sampler, seed, batch_size)

@@ -20,22 +20,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from budget import Horizon, learning_rate
-from checkpoint import (CheckpointError, build_model, check_resume, load_checkpoint, load_ema_weights, publish,
-                        restore, save_checkpoint)
-from config import (TrainConfig, check_outputs, check_train_config, make_room, objective_model_config,
-                    output_path, resolve_meanflow)
+from checkpoint import (CheckpointError, RunRecord, build_model, check_resume, load_checkpoint, load_ema_weights,
+                        publish, restore, save_checkpoint)
+from config import RunConfig, TrainConfig, make_room
 from cpu import keep_freed_memory
 from data import Batch, ShardedSampler
 from device import Runtime, StopRequest, global_mean, ignore_sigint, launched_ranks, setup_runtime
 from ema import EMA
 from flow import (MeanFlowConfig, curriculum_alpha, flow_matching_loss, grid_map_loss, mean_flow_loss,
                   ot_noise, sample_t, validation_loss)
-from matching import Critic, MatchConfig, one_jump
+from matching import Critic, critic_for, one_jump
 from progress import live_bars
-from runlog import RunLog, check_finite, plot_losses
-from sampling import draw_grid, grid_request, load_for_sampling
+from runlog import RunLog, check_finite, output_path, plot_losses
+from sampling import draw_grid, grid_request
 from solvers import Sampler
-from unet import ConditionalUNet, UNetConfig
+from unet import ModelConfig, VelocityNet
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -47,16 +46,16 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 class Parts:
     """What a training step touches."""
 
-    model: ConditionalUNet  # the plain module: what is saved and averaged
+    model: VelocityNet  # the plain module: what is saved and averaged
     net: nn.Module  # the model as called: compiled and/or wrapped for DDP / DataParallel
     ema: EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     rt: Runtime  # where it runs: device, rank, autocast, memory format
-    critic: Critic | None = None  # distribution matching's teacher and fake network (MatchConfig.dm_weight > 0)
+    critic: Critic | None = None  # distribution matching's teacher and fake network (RunConfig.match)
 
 
-def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
+def build(cfg: TrainConfig, model_cfg: ModelConfig, rt: Runtime) -> Parts:
     """Model, EMA, optimizer and grad scaler for cfg on rt's device, in rt's memory format."""
     keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -74,11 +73,14 @@ def build(cfg: TrainConfig, model_cfg: UNetConfig, rt: Runtime) -> Parts:
     return Parts(model, net, EMA(model, cfg.ema_decay), optimizer, scaler, rt)
 
 
-def setup(cfg: TrainConfig, model_cfg: UNetConfig) -> tuple[Runtime, Parts]:
-    """The run's one set-up: processes, device and speed settings, then the model and its optimizer."""
-    check_train_config(cfg, launched_ranks()[1])  # before joining a process group
-    rt = setup_runtime(cfg.device, cfg.parallel, cfg.amp, cfg.channels_last, cfg.compile, cfg.deterministic)
-    return rt, build(cfg, model_cfg, rt)
+def setup(cfg: RunConfig) -> tuple[Runtime, Parts]:
+    """The run's one set-up: processes, device and speed settings, then the model and its optimizer (and, with
+    distribution matching, its critic)."""
+    tc = cfg.train
+    rt = setup_runtime(tc.device, tc.parallel, tc.amp, tc.channels_last, tc.compile, tc.deterministic)
+    parts = build(tc, cfg.model, rt)
+    parts.critic = critic_for(cfg.match, parts.model, rt) if cfg.match else None
+    return rt, parts
 
 
 def train_step(parts: Parts, cfg: TrainConfig, batch: Batch, step: int, lr: float | None = None,
@@ -126,7 +128,7 @@ class Run:
     """What stays fixed through a run: its configs, where it runs, what it trains on and writes."""
 
     cfg: TrainConfig
-    model_cfg: UNetConfig
+    model_cfg: ModelConfig
     meanflow: MeanFlowConfig | None
     rt: Runtime
     parts: Parts
@@ -134,8 +136,8 @@ class Run:
     loader: DataLoader
     val_set: Dataset | None
     horizon: Horizon
-    extra: dict  # kind, sampler, lineage, class names: what the script that trains records in every checkpoint
-    sampler: Sampler  # what the epoch ends' sample grids are drawn with: the one extra["sampler"] records
+    record: RunRecord  # what the run is (kind, sampler, class names, lineage): every checkpoint carries it
+    sampler: Sampler  # what the epoch ends' sample grids are drawn with: the one the record names
 
     def say(self, text: str) -> None:
         """A line on rank 0, above the progress bar."""
@@ -143,62 +145,43 @@ class Run:
             tqdm.write(text)
 
 
-def prepare(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: Dataset | None, extra: dict,
-            meanflow: MeanFlowConfig | None, match: MatchConfig | None = None) -> Run:
-    """Set up the run: processes and device, model and optimizer, the data order and the planned end."""
-    if getattr(train_set, "paired", False) and (cfg.hflip or cfg.coupling != "independent"):
+def prepare(cfg: RunConfig, train_set: Dataset, val_set: Dataset | None, record: RunRecord) -> Run:
+    """Set up the checked run: processes and device, model and optimizer, the data order and the planned end."""
+    tc = cfg.train
+    if getattr(train_set, "paired", False) and (tc.hflip or tc.coupling != "independent"):
         raise ValueError("--hflip and --coupling ot cannot be used with reflow pairs: each image comes with its own "
                          "noise")
-    model_cfg = objective_model_config(cfg, model_cfg)
     rank, world, _ = launched_ranks()
-    check_train_config(cfg, world)
-    if rank == 0:
-        check_outputs(cfg)
-    meanflow = resolve_meanflow(cfg, model_cfg, meanflow)
-    per_rank = cfg.batch_size // world
-    order = ShardedSampler(len(train_set), per_rank, cfg.seed, rank, world)
+    per_rank = tc.batch_size // world
+    order = ShardedSampler(len(train_set), per_rank, tc.seed, rank, world)
     if order.batches == 0:
         raise ValueError(f"{len(train_set)} training images do not fill one batch of {per_rank} per process: "
                          "lower --batch-size")
-    rt, parts = setup(cfg, model_cfg)
-    if match and match.dm_weight:
-        parts.critic = critic(match, rt, parts)
-        parts.critic.start = match.dm_start * order.batches
-    loader = DataLoader(train_set, batch_size=per_rank, sampler=order, drop_last=True, num_workers=cfg.num_workers,
-                        pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+    rt, parts = setup(cfg)
+    if parts.critic:
+        parts.critic.start = cfg.match.dm_start * order.batches
+    loader = DataLoader(train_set, batch_size=per_rank, sampler=order, drop_last=True, num_workers=tc.num_workers,
+                        pin_memory=rt.device.type == "cuda", persistent_workers=tc.num_workers > 0,
                         worker_init_fn=ignore_sigint)
-    planned = math.ceil(cfg.epochs * order.batches)  # a fractional last epoch ends inside it
-    horizon = Horizon(planned, order.batches, cfg.max_steps, cfg.time_budget, cfg.time_limit)
-    return Run(cfg, model_cfg, meanflow, rt, parts, order, loader, val_set,
-               horizon, extra, Sampler.recorded(extra.get("sampler")))
+    planned = math.ceil(tc.epochs * order.batches)  # a fractional last epoch ends inside it
+    horizon = Horizon(planned, order.batches, tc.max_steps, tc.time_budget, tc.time_limit)
+    return Run(tc, cfg.model, cfg.meanflow, rt, parts, order, loader, val_set, horizon, record,
+               Sampler.recorded(record.sampler))
 
 
-def critic(match: MatchConfig, rt: Runtime, parts: Parts) -> Critic:
-    """Distribution matching's teacher (match.dm_teacher at its recorded guidance, frozen) and its fake network."""
-    loaded = load_for_sampling(match.dm_teacher, device=rt.device)
-    student = parts.model.config
-    if loaded.model.config.average_velocity or replace(loaded.model.config, average_velocity=True) != student:
-        raise ValueError(f"--dm-teacher {match.dm_teacher} holds another model than the student (the teacher must be "
-                         "the flow the student was converted from)")
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    wrap = (lambda m: nn.parallel.DistributedDataParallel(m, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                                                          else None)) if rt.ddp else (lambda m: m)
-    return Critic(loaded.model.to(memory_format=memory_format), loaded.sampler.guidance, match, wrap)
-
-
-def resume(run: Run) -> tuple[int, float]:
-    """(step, best validation loss) of --resume (OUT_DIR/last.pth for auto), or (0, inf) for a fresh run, which
-    --init-from starts from another checkpoint's EMA weights."""
-    cfg, parts = run.cfg, run.parts
+def resume(run: Run) -> tuple[int, float, dict | None]:
+    """(step, best validation loss, lineage) of --resume (OUT_DIR/last.pth for auto), or (0, inf, lineage) for a fresh
+    run, which --init-from starts from another checkpoint's EMA weights. The lineage is the record's where the script
+    knew it (reflow's stages name their pairs too), else the parent's that --init-from or the resumed run names."""
+    cfg, parts, lineage = run.cfg, run.parts, run.record.lineage
     path = str(Path(cfg.out_dir) / "last.pth") if cfg.resume == "auto" else cfg.resume
     if not path and cfg.init_from:  # raw and EMA weights both start from its EMA weights, its best estimate
         parent = load_ema_weights(cfg.init_from, run.model_cfg, [parts.model, parts.ema.model], run.rt.device)
-        run.extra["lineage"] = run.extra.get("lineage") or parent  # (reflow's stages record their pairs too)
         run.say(f"initialised from the EMA weights of {cfg.init_from}")
+        return 0, math.inf, lineage or parent
     if not path:
-        return 0, math.inf
+        return 0, math.inf, lineage
     ckpt = load_checkpoint(path, map_location=run.rt.device)
-    run.extra["lineage"] = run.extra.get("lineage") or ckpt.get("lineage")  # a resumed conversion keeps its parent
     check_resume(ckpt, run.model_cfg, cfg.batch_size, run.order.batches, run.rt.world, path)
     restore(ckpt, parts.model, parts.ema, parts.optimizer, parts.scaler)
     if parts.critic:
@@ -207,55 +190,58 @@ def resume(run: Run) -> tuple[int, float]:
                                   "--dm-weight, or start a new run with --init-from")
         parts.critic.load_state_dict(ckpt["critic_state"])
     if run.horizon.restore(ckpt):  # finish the run as it was planned, not a new budget
-        run.say(f"time budget: keeping the resumed run's end at step {run.horizon.schedule}")
+        run.say(f"time budget: keeping the resumed run's end at step {run.horizon.lr_end}")
     step, batches = ckpt["step"], run.order.batches
     run.say(f"resumed from {path} at step {step} (epoch {step // batches}, {step % batches} steps into the next)")
-    if step >= run.horizon.total:
-        run.say(f"nothing to do: that run already reached its end at step {run.horizon.total} (a longer --epochs or "
+    if step >= run.horizon.stop:
+        run.say(f"nothing to do: that run already reached its end at step {run.horizon.stop} (a longer --epochs or "
                 "--max-steps trains on)")
-    return step, ckpt.get("best_val_loss", math.inf)
+    return step, ckpt.get("best_val_loss", math.inf), lineage or ckpt.get("lineage")
 
 
-def checkpoint_state(run: Run, step: int, loss: float, val: float | None, best_val: float) -> dict:
-    """The checkpoint dict: enough to resume exactly and to sample."""
+def save_run(run: Run, path: Path, step: int, loss: float, val: float | None, best_val: float) -> None:
+    """Write the run's checkpoint at path: enough to resume exactly and to sample."""
     p, configs = run.parts, {**asdict(run.cfg), **(asdict(run.meanflow) if run.meanflow else {})}
-    return {"epoch": math.ceil(step / run.order.batches), "step": step, "loss": loss, "val_loss": val,
+    save_checkpoint(path, {"epoch": math.ceil(step / run.order.batches), "step": step, "loss": loss, "val_loss": val,
             "best_val_loss": best_val, "steps_per_epoch": run.order.batches, "world_size": run.rt.world,
             **run.horizon.state(), "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
             "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
-            "model_config": asdict(run.model_cfg), "train_config": configs, **run.extra,
-            **({"critic_state": p.critic.state_dict()} if p.critic else {})}
+            "model_config": asdict(run.model_cfg), "train_config": configs, **run.record.state(),
+            **({"critic_state": p.critic.state_dict()} if p.critic else {})})
 
 
-def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: Dataset | None = None,
-          class_names: list[str] | None = None, extra: dict | None = None,
-          meanflow: MeanFlowConfig | None = None, match: MatchConfig | None = None) -> dict:
-    """Train a ConditionalUNet on train_set (items (x1, y), or reflow pairs (x1, y, x0)); returns a summary."""
+def train(cfg: RunConfig, train_set: Dataset, val_set: Dataset | None = None, record: RunRecord = RunRecord()
+          ) -> dict:
+    """Train the checked run cfg (config.check_run) on train_set (items (x1, y), or reflow pairs (x1, y, x0, [path]))
+    with val_set held out; every checkpoint carries record. Returns a summary."""
     # build: processes, device, model, optimizer, data order, the planned end
-    run = prepare(cfg, model_cfg, train_set, val_set, {**(extra or {}), "class_names": class_names}, meanflow, match)
-    # resume: weights, optimizer, step and the planned end of an earlier run
-    step, best_val = resume(run)
-    if run.rt.main and (moved := make_room(cfg)):  # every check passed: only now is another run's folder moved
+    run = prepare(cfg, train_set, val_set, record)
+    # resume: weights, optimizer, step and the planned end of an earlier run; the record completed with its parent
+    step, best_val, lineage = resume(run)
+    run, tc = replace(run, record=replace(record, lineage=lineage)), cfg.train
+    if run.rt.main and (moved := make_room(tc)):  # every check passed: only now is another run's folder moved
         run.say(moved)
     conditional = run.model_cfg.num_classes is not None  # an epoch end's network evaluations: grid, validation
-    grid = grid_request(run.model_cfg.num_classes)[0] * run.sampler.planned_nfe(conditional) // cfg.sample_every
-    run.horizon.start(grid + (len(val_set) * cfg.val_t_points // run.rt.world if val_set is not None else 0),
-                      cfg.batch_size // run.rt.world, fit_early=not run.rt.ddp)
-    log = open_log(run, step if cfg.resume else None)
+    grid = grid_request(run.model_cfg.num_classes)[0] * run.sampler.planned_nfe(conditional) // tc.sample_every
+    run.horizon.start(grid + (len(val_set) * tc.val_t_points // run.rt.world if val_set is not None else 0),
+                      tc.batch_size // run.rt.world, fit_early=not run.rt.ddp)
+    log = open_log(run, step if tc.resume else None)
     start, loss = time.perf_counter(), math.nan
     try:
         with StopRequest() as stop:
-            while step < run.horizon.total:
-                # step: the optimizer steps of one epoch, or fewer (Ctrl-C, --max-steps: last.pth saved)
+            while step < run.horizon.stop:  # the run's one end: Horizon.stop
+                # step: the optimizer steps of one epoch, or fewer (the end of the LR schedule, Ctrl-C, --max-steps)
                 epoch = run_epoch(run, step, best_val, log, stop)
                 step, loss = epoch.step, epoch.loss
-                if not epoch.finished:
+                if not epoch.finished:  # inside an epoch: last.pth, for --resume
+                    save_last(run, step, loss, best_val, "stopped by --max-steps" if step >= run.horizon.stop
+                              else "Ctrl-C")
                     break
                 # validate, save, publish, draw: the epoch end
                 best_val = end_epoch(run, epoch, best_val, log, start)
                 # refit the planned end to the time left, the epoch end's time counted
                 spent = run.horizon.epoch_ended(step, run.rt, run.say)
-                if spent and run.rt.main and epoch_number(run, step) % cfg.sample_every:
+                if spent and run.rt.main and epoch_number(run, step) % tc.sample_every:
                     draw_epoch_grid(run, step, log)  # the time ran out at an epoch without a grid: the run's last one
                 if stop.agreed(run.rt):
                     run.say("Ctrl-C: stopped at an epoch end; continue with --resume auto")
@@ -265,7 +251,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig, train_set: Dataset, val_set: 
             log.close()
         if run.rt.ddp:
             dist.destroy_process_group()
-    best_path, last = output_path(cfg.out, cfg), Path(cfg.out_dir) / "last.pth"
+    best_path, last = output_path(tc.out, tc.out_dir), Path(tc.out_dir) / "last.pth"
     return {"step": step, "epoch": step // run.order.batches, "loss": loss, "best_val_loss": best_val,
             "checkpoint": str(best_path) if best_path.is_file() else None, "elapsed_s": time.perf_counter() - start,
             "files": [str(p) for p in (best_path, last) if run.rt.main and p.is_file()],
@@ -279,17 +265,17 @@ def open_log(run: Run, resumed: int | None) -> RunLog | None:
     budgeted = run.horizon.deadline is not None
     run.say(f"training {n_params / 1e6:.2f}M parameters on {rt.device} x{rt.world}, {run.order.size} images, "
             f"{run.order.batches} steps/epoch, batch {cfg.batch_size}, "
-            f"{f'for {cfg.time_budget:g} min' if budgeted and cfg.time_budget else f'until step {run.horizon.total}'}"
+            f"{f'for {cfg.time_budget:g} min' if budgeted and cfg.time_budget else f'until step {run.horizon.stop}'}"
             f"{f' (at most {cfg.time_limit:g} min)' if budgeted and cfg.time_limit else ''}; autocast {rt.amp}, "
             f"{'channels_last' if rt.channels_last else 'NCHW'}, lr {cfg.lr:g} {cfg.lr_schedule}")
     meanflow = {"meanflow": asdict(run.meanflow)} if run.meanflow else {}
-    config = {"train": asdict(cfg), **meanflow, "model": asdict(run.model_cfg), **run.extra}
+    config = {"train": asdict(cfg), **meanflow, "model": asdict(run.model_cfg), **run.record.state()}
     return RunLog(Path(cfg.out_dir), resumed, cfg.logger, config) if rt.main else None
 
 
 class Epoch(NamedTuple):
     """What one pass of run_epoch did: the step it ended at, its mean loss over all ranks, its seconds and steps, and
-    whether it reached the epoch's end (else it stopped inside it, Ctrl-C or --max-steps, and saved last.pth)."""
+    whether it reached the epoch's end or the LR schedule's (else it stopped inside it: Ctrl-C or --max-steps)."""
 
     step: int
     loss: float
@@ -299,7 +285,7 @@ class Epoch(NamedTuple):
 
 
 def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: StopRequest) -> Epoch:
-    """Optimizer steps from `step` to the epoch's end, or to an early stop."""
+    """Optimizer steps from `step` to the epoch's end, the run's end (Horizon.stop) or a Ctrl-C."""
     cfg, rt, parts, horizon = run.cfg, run.rt, run.parts, run.horizon
     first, epoch, conditional = step, step // run.order.batches, run.model_cfg.num_classes is not None
     run.order.set_epoch(epoch, step - epoch * run.order.batches)
@@ -314,7 +300,7 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
     for x, y, *pair in bar:
         batch = Batch(*(t.to(rt.device, non_blocking=True) if t is not None else None
                         for t in (x, y if conditional else None, *pair)))  # pairs: their noise, and their paths
-        lr, alpha = learning_rate(cfg, step, horizon.schedule), curriculum_alpha(step / horizon.schedule, curriculum)
+        lr, alpha = learning_rate(cfg, step, horizon.lr_end), curriculum_alpha(step / horizon.lr_end, curriculum)
         if parts.critic and step == parts.critic.start:
             horizon.retime()  # distribution matching joins: dearer steps from here, so the end is fitted on these
         loss = train_step(parts, cfg, batch, step, lr, run.meanflow, alpha)
@@ -328,21 +314,15 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
             mean, window_start, window_sum = (total - window_sum) / (step - window_start), step, total
             bar.set_postfix(loss=f"{mean:.4f}")
             if not live:
-                run.say(f"step {step}/{horizon.total}  loss {mean:.4f}  lr {lr:.3g}")
+                run.say(f"step {step}/{horizon.stop}  loss {mean:.4f}  lr {lr:.3g}")
             if log:
                 log.write({"kind": "step", "step": step, "epoch": epoch, "loss": mean, "lr": lr,
                            **({"mf_alpha": alpha} if curriculum else {})})
         at_epoch_end = step % run.order.batches == 0
         if horizon.step_ended(step, at_epoch_end, log_step, rt, run.say):
             bar.set_description(f"epoch {epoch + 1}/{horizon.epochs()}", refresh=False)
-        if at_epoch_end or step == horizon.schedule:
-            break  # the epoch's last step, or the run's (--time-budget): the epoch end saves
-        if (ctrl_c := stop.agreed(rt, log_step)) or step >= horizon.total:
-            bar.close()
-            loss = global_mean(loss_sum, rt) / (step - first)
-            check_finite(loss, first_bad, first, step, run.cfg.out_dir)
-            save_last(run, step, loss, best_val, "Ctrl-C" if ctrl_c else "stopped by --max-steps")
-            return Epoch(step, loss, time.perf_counter() - started, step - first, False)
+        if at_epoch_end or step >= horizon.stop or stop.agreed(rt, log_step):
+            break
         if rt.main and cfg.save_every and time.monotonic() - last_save >= 60 * cfg.save_every:
             mean = loss_sum.item() / (step - first)  # rank 0's share: no collective off the common path
             if math.isfinite(mean):  # (else the next log step stops every rank together)
@@ -351,14 +331,14 @@ def run_epoch(run: Run, step: int, best_val: float, log: RunLog | None, stop: St
     bar.close()
     loss = global_mean(loss_sum, rt) / max(step - first, 1)
     check_finite(loss, first_bad, first, step, run.cfg.out_dir)
-    return Epoch(step, loss, time.perf_counter() - started, step - first, True)
+    return Epoch(step, loss, time.perf_counter() - started, step - first, at_epoch_end or step == horizon.lr_end)
 
 
 def save_last(run: Run, step: int, loss: float, best_val: float, reason: str) -> None:
     """last.pth in the middle of an epoch: usable for sampling and exact --resume."""
     if run.rt.main:
         path = Path(run.cfg.out_dir) / "last.pth"
-        save_checkpoint(path, checkpoint_state(run, step, loss, None, best_val))
+        save_run(run, path, step, loss, None, best_val)
         run.say(f"{reason} at step {step}, inside epoch {step // run.order.batches + 1}: saved {path}; "
                 "continue with --resume auto")
 
@@ -370,8 +350,8 @@ def epoch_number(run: Run, step: int) -> int:
 
 def draw_epoch_grid(run: Run, step: int, log: RunLog | None) -> None:
     """Rank 0: draw the EMA model's sample grid of the epoch that ends at `step` into --sample-dir and the log."""
-    path = output_path(run.cfg.sample_dir, run.cfg) / f"epoch_{epoch_number(run, step)}.png"
-    log.image("samples", draw_grid(run.parts.ema.model, path, run.sampler, run.extra["class_names"]), step)
+    path = output_path(run.cfg.sample_dir, run.cfg.out_dir) / f"epoch_{epoch_number(run, step)}.png"
+    log.image("samples", draw_grid(run.parts.ema.model, path, run.sampler, run.record.class_names), step)
 
 
 def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start: float) -> float:
@@ -390,13 +370,13 @@ def end_epoch(run: Run, epoch: Epoch, best_val: float, log: RunLog | None, start
                   "elapsed_s": time.perf_counter() - start, "lr": run.parts.optimizer.param_groups[0]["lr"]}
         log.write(record)
         epoch_path = out_dir / f"epoch_{number}.pth"
-        save_checkpoint(epoch_path, checkpoint_state(run, step, loss, val, best_val))
+        save_run(run, epoch_path, step, loss, val, best_val)
         publish(epoch_path, out_dir / "last.pth")
         if improved or cfg.select_by == "last":
-            publish(epoch_path, output_path(cfg.out, cfg))
+            publish(epoch_path, output_path(cfg.out, cfg.out_dir))
         if cfg.keep_last:
             (out_dir / f"epoch_{number - cfg.keep_last}.pth").unlink(missing_ok=True)
-        if number % cfg.sample_every == 0 or step >= run.horizon.total:  # the run's last epoch always draws one
+        if number % cfg.sample_every == 0 or step >= run.horizon.stop:  # the run's last epoch always draws one
             draw_epoch_grid(run, step, log)
         plot_losses(out_dir / "log.jsonl", out_dir / "loss.png")
         val_text = f"val {val:.4f}{' (best)' if improved else ''}  " if val is not None else ""

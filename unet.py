@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin  # from_pretrained (folder or Hub id), save_pretrained, push_to_hub
 from torch import nn
 
-GROUPS = 8  # GroupNorm groups, as in the seed
+GROUPS = 8  # GroupNorm groups, as in FlowGen
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder's files that rebuild the model
 
 
 @dataclass
-class UNetConfig:
+class ModelConfig:
     """Constructor arguments of ConditionalUNet; stored in every checkpoint."""
 
     image_size: int = 28  # side of the square input in pixels
@@ -108,24 +108,72 @@ class Block(nn.Module):
         return self.attn(self.res(x, emb))
 
 
-class ConditionalUNet(nn.Module, PyTorchModelHubMixin, library_name="pytorch", license="mit",
-                      tags=["rectified-flow", "flow-matching"]):
-    """U-Net v(x, t, y): x (B, C, H, W) in [-1, 1]-scale, t (B,) in [0, 1], y (B,) class indices or None."""
+class VelocityNet(nn.Module, PyTorchModelHubMixin):
+    """A velocity network v(x, t, y) or, with `average_velocity`, u(x, t, t_end, y), built from a checked ModelConfig:
+    the U-Net below or the DiT (dit.py). Both embed t, t_end - t and the class the same way, and load from an
+    exported folder or a Hugging Face Hub repo id (`from_pretrained`)."""
 
-    def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
+    backbone = ""  # the ModelConfig.backbone a subclass builds
+    embed_mult = 1  # the embeddings' width in base_channels
+
+    def __init__(self, config: ModelConfig | dict | None = None, **kwargs):
         super().__init__()
         if isinstance(config, dict):  # config.json read back (the Hub mixin passes its keys again as kwargs)
             config, kwargs = config_from_dict(config), {}
         cfg = config or config_from_dict(kwargs)
         check_config(cfg)
-        if cfg.backbone != "unet":
-            raise ValueError(f"this config builds a {cfg.backbone}, not a U-Net: load it with load_for_sampling")
-        self.config = cfg
-        ch, emb_dim = cfg.base_channels, 4 * cfg.base_channels
-        self.time_embed = TimeEmbedding(emb_dim)
+        if cfg.backbone != self.backbone:
+            raise ValueError(f"this config builds a {cfg.backbone}, not a {self.backbone}: load it with "
+                             "load_for_sampling")
+        self.config, dim = cfg, self.embed_mult * cfg.base_channels
+        self.time_embed = TimeEmbedding(dim)
         # MeanFlow (Geng et al. 2025, Table 1c) embeds (t, t - r); here (t, t_end - t), which is 0 for the velocity
-        self.interval_embed = TimeEmbedding(emb_dim) if cfg.average_velocity else None
-        self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+        self.interval_embed = TimeEmbedding(dim) if cfg.average_velocity else None
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, dim) if cfg.num_classes is not None else None
+        self.build(cfg, dim)  # the backbone's layers, after the embeddings
+
+    def conditioning(self, t: torch.Tensor, y: torch.Tensor | None, t_end: torch.Tensor | None) -> torch.Tensor:
+        """(B, D): the time embedding, plus the interval embedding of t_end - t (average-velocity models) and the
+        class embedding."""
+        if (y is None) != (self.class_embed is None):
+            raise ValueError("labels y must be given exactly when the model is class-conditional "
+                             f"(num_classes={self.config.num_classes}, y {'missing' if y is None else 'given'})")
+        emb = self.time_embed(t)
+        if self.interval_embed is not None:
+            emb = emb + self.interval_embed(torch.zeros_like(t) if t_end is None else t_end - t)
+        elif t_end is not None:
+            raise ValueError("this model predicts the velocity at t only: an end time t_end needs a model trained "
+                             "with --objective meanflow")
+        return emb + self.class_embed(y) if y is not None else emb
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> VelocityNet:
+        """The model of an exported folder (`pretrained.py export`), or of a Hugging Face Hub repo id ("user/name",
+        downloaded by the Hub mixin). A path that looks local (it exists, its parent folder does, or it is not
+        user/name) but holds no model is refused in one line, without asking the Hub."""
+        name = str(pretrained_model_name_or_path)
+        folder = Path(name).expanduser()
+        local = folder.exists() or folder.parent.exists() and str(folder.parent) != "." or name.count("/") != 1 \
+            or name.startswith((".", "/", "~"))
+        if local and not ((folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()):
+            raise ValueError(f"{name} is not an exported model folder ({CONFIG} + {WEIGHTS}"
+                             f"{'' if folder.exists() else ': no such folder'}): make one with `python pretrained.py "
+                             "export`, or give a Hugging Face Hub repo id (user/name)")
+        try:
+            return super().from_pretrained(folder if local else name, *args, **kwargs)
+        except RuntimeError as e:  # a config.json and weights that do not belong together
+            raise ValueError(f"{name}: the weights do not match {CONFIG} ({str(e).strip().splitlines()[-1].strip()})"
+                             ) from None
+
+
+class ConditionalUNet(VelocityNet, library_name="pytorch", license="mit", tags=["rectified-flow", "flow-matching"]):
+    """U-Net v(x, t, y): x (B, C, H, W) in [-1, 1]-scale, t (B,) in [0, 1], y (B,) class indices or None."""
+
+    backbone, embed_mult = "unet", 4
+
+    def build(self, cfg: ModelConfig, emb_dim: int) -> None:
+        """Stem, the down path with its skips, the middle, the up path and the zero-initialised output conv."""
+        ch = cfg.base_channels
         self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -164,30 +212,11 @@ class ConditionalUNet(nn.Module, PyTorchModelHubMixin, library_name="pytorch", l
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> ConditionalUNet:
-        """The model of an exported folder (`pretrained.py export`), or of a Hugging Face Hub repo id ("user/name",
-        downloaded by the Hub mixin). A path that looks local (it exists, its parent folder does, or it is not
-        user/name) but holds no model is refused in one line, without asking the Hub."""
-        name = str(pretrained_model_name_or_path)
-        folder = Path(name).expanduser()
-        local = folder.exists() or folder.parent.exists() and str(folder.parent) != "." or name.count("/") != 1 \
-            or name.startswith((".", "/", "~"))
-        if local and not ((folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()):
-            raise ValueError(f"{name} is not an exported model folder ({CONFIG} + {WEIGHTS}"
-                             f"{'' if folder.exists() else ': no such folder'}): make one with `python pretrained.py "
-                             "export`, or give a Hugging Face Hub repo id (user/name)")
-        try:
-            return super().from_pretrained(folder if local else name, *args, **kwargs)
-        except RuntimeError as e:  # a config.json and weights that do not belong together
-            raise ValueError(f"{name}: the weights do not match {CONFIG} ({str(e).strip().splitlines()[-1].strip()})"
-                             ) from None
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 t_end: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, H, W) at x_t, or with t_end (B,) the average velocity over [t, t_end] (None: t_end = t);
         y may hold num_classes (the null token) for guidance."""
-        emb = conditioning(self, t, y, t_end)
+        emb = self.conditioning(t, y, t_end)
         h = self.stem(x)
         skips = [h]
         for layer in self.down:
@@ -201,28 +230,12 @@ class ConditionalUNet(nn.Module, PyTorchModelHubMixin, library_name="pytorch", l
         return self.out(h)
 
 
-def conditioning(model: nn.Module, t: torch.Tensor, y: torch.Tensor | None, t_end: torch.Tensor | None
-                 ) -> torch.Tensor:
-    """(B, D): a backbone's time embedding, plus its interval embedding of t_end - t (average-velocity models) and its
-    class embedding; both backbones (U-Net, DiT) hold time_embed, interval_embed and class_embed."""
-    if (y is None) != (model.class_embed is None):
-        raise ValueError("labels y must be given exactly when the model is class-conditional "
-                         f"(num_classes={model.config.num_classes}, y {'missing' if y is None else 'given'})")
-    emb = model.time_embed(t)
-    if model.interval_embed is not None:
-        emb = emb + model.interval_embed(torch.zeros_like(t) if t_end is None else t_end - t)
-    elif t_end is not None:
-        raise ValueError("this model predicts the velocity at t only: an end time t_end needs a model trained "
-                         "with --objective meanflow")
-    return emb + model.class_embed(y) if y is not None else emb
-
-
-def config_from_dict(stored: dict) -> UNetConfig:
-    """UNetConfig from its JSON form (lists back to tuples); unknown keys are refused."""
-    unknown = set(stored) - {f.name for f in fields(UNetConfig)}
+def config_from_dict(stored: dict) -> ModelConfig:
+    """ModelConfig from its JSON form (lists back to tuples); unknown keys are refused."""
+    unknown = set(stored) - {f.name for f in fields(ModelConfig)}
     if unknown:
         raise ValueError(f"unknown U-Net config keys {sorted(unknown)}: written by newer code, or not a U-Net config")
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
 
 
 BACKBONES = ("unet", "dit")
@@ -233,7 +246,7 @@ SIZE_LIMITS = {"image_size": 1024, "in_channels": 64, "base_channels": 4096, "nu
                "head_channels": 4096, "patch_size": 64, "depth": 256}
 
 
-def check_config(cfg: UNetConfig) -> None:
+def check_config(cfg: ModelConfig) -> None:
     """Raise ValueError with a readable message when the model cannot be built for cfg."""
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown --backbone {cfg.backbone!r}: choose one of {', '.join(BACKBONES)}")

@@ -15,9 +15,25 @@ def rows(name: str) -> list[dict]:
     return json.loads((DOCS / name).read_text())["rows"]
 
 
-def table(columns: list[str], body: list[str]) -> list[str]:
-    """A Markdown table: the header of columns, its separator, then the body's lines."""
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *body]
+def source(name: str) -> str:
+    """The line under a table that names its runs' date and machine, as its JSON records them."""
+    found = json.loads((DOCS / name).read_text())
+    machine = found["machine"]
+    if isinstance(machine, dict):
+        machine = machine.get("cpu") or machine["device"]
+    depth = 0
+    for i, c in enumerate(machine):  # the CPU up to its first bracket's end; its settings stay in the JSON
+        depth += (c == "(") - (c == ")")
+        if c == ")" and depth == 0:
+            machine = machine[:i + 1]
+            break
+    return f"Runs of {found.get('date') or found['machine']['date']}, {machine} (`{name}`)."
+
+
+def table(columns: list[str], body: list[str], name: str) -> list[str]:
+    """A Markdown table: the header of columns, its separator, the body's lines, then the runs' date and machine as
+    the JSON `name` records them."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *body, "", source(name)]
 
 
 def one_step(name: str = "one-step/xeon.json") -> list[str]:
@@ -35,7 +51,7 @@ def one_step(name: str = "one-step/xeon.json") -> list[str]:
             seeds = f" (seeds {', '.join(map(str, r['seeds']))})" if len(r.get("seeds", [0])) > 1 else ""
             body.append(f"| {row['route']} | {added} | {r['sampler']}{seeds} | {r['nfe']} | {' | '.join(cells)} |")
     return table(["route (commands in the JSON)", "minutes after the flow", "sampler", "NFE",
-                  "CNN: excess (x flow, as asked, P / R)", "BN-CNN: excess (x flow, as asked, P / R)"], body)
+                  "CNN: excess (x flow, as asked, P / R)", "BN-CNN: excess (x flow, as asked, P / R)"], body, name)
 
 
 def one_step_photos(name: str = "one-step/cifar-xeon.json") -> list[str]:
@@ -45,7 +61,8 @@ def one_step_photos(name: str = "one-step/cifar-xeon.json") -> list[str]:
     flow = found[0]["excess"]
     return table(["model", "minutes after the flow", "sampler", "NFE", "Inception FID", "excess (x flow)"],
                  [f"| {r['model']} | {r['added_minutes'] or '—'} | {r['solver']} {r['steps']}, w = {r['guidance']:g} | "
-                  f"{r['nfe']} | {r['fid']:.1f} | {r['excess']:.1f} ({r['excess'] / flow:.1f}x) |" for r in found])
+                  f"{r['nfe']} | {r['fid']:.1f} | {r['excess']:.1f} ({r['excess'] / flow:.1f}x) |" for r in found],
+                 name)
 
 
 def backbones(name: str = "results-mnist/zen4-backbones.json") -> list[str]:
@@ -57,14 +74,7 @@ def backbones(name: str = "results-mnist/zen4-backbones.json") -> list[str]:
         body.append(f"| {r['run']} | {r['params_M']:.2f}M | {r['steps']} | {speed} | "
                     f"{r['cnn_accuracy']:.1%}, {r['cnn_excess']:.1f} | {bn} |")
     return table(["run (commands in the JSON)", "parameters", "steps", "img/s (step)", "CNN: as asked, excess",
-                  "BN-CNN: as asked, excess"], body)
-
-
-def recipe(name: str = "results-mnist/zen4-recipe-levers.json") -> list[str]:
-    """MNIST levers screened at two thirds of make train's minutes: the CNN reader at N = 4,000."""
-    return table(["run (flags in the JSON)", "minutes", "steps", "CNN: as asked, excess"],
-                 [f"| {r['run']} | {r['minutes']:.1f} | {r['steps'] or '—'} | "
-                  f"{r['cnn_accuracy']:.1%}, {r['cnn_excess']:.1f} |" for r in rows(name)])
+                  "BN-CNN: as asked, excess"], body, name)
 
 
 def preset_change(name: str = "results-mnist/zen4-two-thirds.json") -> list[str]:
@@ -73,7 +83,7 @@ def preset_change(name: str = "results-mnist/zen4-two-thirds.json") -> list[str]
                   "BN-CNN: as asked, excess"],
                  [f"| {r['run']} | {r['minutes']:.1f} | {r['steps']} | {r['img_per_s'] or '—'} | "
                   f"{r['cnn_accuracy']:.1%}, **{r['cnn_excess']:.1f}** | {r['bn_accuracy']:.1%}, {r['bn_excess']:.2f} |"
-                  for r in rows(name)])
+                  for r in rows(name)], name)
 
 
 def sampler_name(r: dict) -> str:
@@ -88,24 +98,34 @@ def photos(name: str) -> list[str]:
     return table(["run", "sampler", "parameters", "minutes", "steps", "img/s", "FID", "floor", "excess"],
                  [f"| {r['run']} | {sampler_name(r)} | {r['params_M']:.2f}M | {r['minutes']:.1f} | {r['steps']} | "
                   f"{r['img_per_s']:.0f} | {r['fid']:.1f} | {r['floor']:.1f} | **{r['fid'] - r['floor']:.1f}** |"
-                  for r in rows(name)])
+                  for r in rows(name)], name)
 
 
 def photo_samplers(name: str = "results-cifar/zen4-sampler.json") -> list[str]:
     """One CIFAR-10 model under several samplers: Inception FID at N = 1,000 and its excess over the floor."""
     return table(["sampler", "NFE", "FID", "excess"],
                  [f"| {sampler_name(r)} | {r['nfe']} | {r['fid']:.1f} | **{r['fid'] - r['floor']:.1f}** |"
-                  for r in rows(name)])
+                  for r in rows(name)], name)
+
+
+def fid_sizes(name: str = "cifar/fid_sizes.json") -> list[str]:
+    """`benchmark.py fid-sizes`: the FID of real and generated photos against the same reference, per N."""
+    by = {(r["set"], r["n"]): r for r in rows(name)}
+    sizes = sorted({n for _, n in by})
+    return table(["N", *(f"{s} FID (mean of subsets)" for s in ("real", "generated")), "excess"],
+                 [f"| {n:,} | {by['real', n]['fid_mean']:.1f} ({by['real', n]['subsets']}) | "
+                  f"{by['generated', n]['fid_mean']:.1f} ({by['generated', n]['subsets']}) | "
+                  f"{by['generated', n]['fid_mean'] - by['real', n]['fid_mean']:.1f} |" for n in sizes], name)
 
 
 TABLES = {  # page -> {table: its rows}
     "one-step.md": {"one-step": one_step, "one-step-photos": one_step_photos},
     "results-mnist.md": {"preset-change": preset_change, "make-train-xeon": lambda: preset_change(
-        "results-mnist/xeon-make-train.json"), "backbones": backbones, "recipe": recipe},
+        "results-mnist/xeon-make-train.json"), "backbones": backbones},
     "results-cifar.md": {"photos-60": lambda: photos("results-cifar/zen4-60min.json"),
                          "photos-xeon": lambda: photos("results-cifar/xeon-60min.json"),
                          "photos-screen": lambda: photos("results-cifar/zen4-screen.json"),
-                         "photo-samplers": photo_samplers},
+                         "photo-samplers": photo_samplers, "fid-sizes": fid_sizes},
 }
 
 
@@ -116,7 +136,8 @@ def main(argv: list[str]) -> int:
         for name, make in tables.items():
             marker = f"<!-- table {name}: generated by docs/tables.py -->\n"
             assert marker in text, f"docs/{page} lost the marker of table {name}: {marker}"
-            text = re.sub(re.escape(marker) + r"(?:\|.*\n)*", lambda _: marker + "\n".join(make()) + "\n", text)
+            table_and_source = re.escape(marker) + r"(?:\|.*\n)*(?:\nRuns of .*\n)?"
+            text = re.sub(table_and_source, lambda _: marker + "\n".join(make()) + "\n", text)
         if text != old:
             stale.append(page)
             if "--check" not in argv:

@@ -14,8 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import TINY, blobs, ctrl_c_at_step, tiny_config  # noqa: E402
-from trainer import train  # noqa: E402
+from helpers import TINY, blobs, ctrl_c_at_step, fit, tiny_config  # noqa: E402
 
 if __name__ == "__main__":
     import os
@@ -29,6 +28,6 @@ if __name__ == "__main__":
     cfg = tiny_config(tmp, epochs=2, batch_size=16, device=device, time_budget=budget, objective=objective,
                       resume=resume)
     with ctrl_c_at_step(ctrl_c):  # (step 0: never)
-        summary = train(cfg, TINY, blobs(), blobs(24, seed=1))
+        summary = fit(cfg, TINY, blobs(), blobs(24, seed=1))
     rank = os.environ["RANK"]
     torch.save({"weights": summary["model"].state_dict(), "loss": summary["loss"]}, tmp / f"rank{rank}.pt")

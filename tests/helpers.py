@@ -7,18 +7,18 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import build_model, save_checkpoint
+from checkpoint import RunRecord, build_model, save_checkpoint
 from data import Batch, TensorImages
 from ema import EMA
-from config import TrainConfig
+from config import TrainConfig, check_run
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from unet import ConditionalUNet, UNetConfig
+from unet import ConditionalUNet, ModelConfig
 
-TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+TINY = ModelConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(4,), dropout=0.1, num_classes=3)
 TINY_DIT = replace(TINY, backbone="dit", base_channels=16, head_channels=8, patch_size=2, depth=2)
-TINY_MNIST = UNetConfig(base_channels=8, num_res_blocks=1, attention_resolutions=(), dropout=0.0)  # 28 px, 10 classes
+TINY_MNIST = ModelConfig(base_channels=8, num_res_blocks=1, attention_resolutions=(), dropout=0.0)  # 28 px, 10 classes
 
 
 def blobs(n: int = 96, seed: int = 0) -> TensorImages:
@@ -31,6 +31,14 @@ def blobs(n: int = 96, seed: int = 0) -> TensorImages:
     return TensorImages(images, labels, 8)
 
 
+def fit(cfg: TrainConfig, model_cfg: ModelConfig, train_set, val_set=None, record: RunRecord = RunRecord(),
+        meanflow=None, match=None) -> dict:
+    """trainer.train after config.check_run, as the training scripts call it."""
+    import trainer
+
+    return trainer.train(check_run(cfg, model_cfg, meanflow, match), train_set, val_set, record)
+
+
 def tiny_config(tmp: Path, **overrides) -> TrainConfig:
     """A TrainConfig writing everything under tmp."""
     base = dict(epochs=2, batch_size=16, lr=2e-3, log_every=2, out_dir=str(tmp / "ck"),
@@ -39,7 +47,7 @@ def tiny_config(tmp: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-def tiny_checkpoint(path: Path, cfg: UNetConfig = TINY, label_dropout: float | None = 0.1,
+def tiny_checkpoint(path: Path, cfg: ModelConfig = TINY, label_dropout: float | None = 0.1,
                     seed: int = 0) -> tuple[ConditionalUNet, EMA]:
     """Save a checkpoint without the trainer; returns its raw model and EMA, whose weights differ.
 
@@ -98,7 +106,7 @@ class Field(torch.nn.Module):
 
     def __init__(self, f, num_classes: int | None = None):
         super().__init__()
-        self.f, self.config = f, UNetConfig(num_classes=num_classes)
+        self.f, self.config = f, ModelConfig(num_classes=num_classes)
 
     def forward(self, x, t, y=None, t_end=None):
         return self.f(x, t, y, t_end)

@@ -9,8 +9,7 @@ import budget
 import trainer
 from budget import fit_horizon
 from checkpoint import load_checkpoint
-from helpers import TINY, assert_same_weights, blobs, tiny_config
-from trainer import train
+from helpers import TINY, assert_same_weights, blobs, fit, tiny_config
 
 
 @pytest.mark.parametrize("step,elapsed,step_s,end_s,budget_s,expected", [
@@ -64,7 +63,7 @@ def clock(monkeypatch) -> FakeClock:
 def budget_run(tmp_path, **overrides) -> dict:
     """96 images in batches of 16 = 6 steps per epoch, with a 63 s budget; --epochs 2 is replaced by the budget."""
     cfg = tiny_config(tmp_path, time_budget=63 / 60, lr_schedule="cosine", **overrides)
-    return train(cfg, TINY, blobs(), blobs(32, seed=1))
+    return fit(cfg, TINY, blobs(), blobs(32, seed=1))
 
 
 def test_a_budget_run_ends_where_the_budget_does_with_the_lr_at_zero(tmp_path, clock):
@@ -114,7 +113,7 @@ def test_the_last_epoch_end_of_max_steps_draws_one_grid_and_refits_nothing(tmp_p
 def test_steps_too_slow_to_calibrate_within_the_budget_are_fitted_sooner(tmp_path, clock, capsys):
     # 5 s steps, 25 per epoch, 60 s: the 23 steps of a full calibration alone would take 115 s
     clock.step_s = 5.0
-    summary = train(tiny_config(tmp_path, time_budget=1, log_every=1), TINY, blobs(400), blobs(32, seed=1))
+    summary = fit(tiny_config(tmp_path, time_budget=1, log_every=1), TINY, blobs(400), blobs(32, seed=1))
     assert 2 <= summary["step"] < 23 and clock.now <= 60
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["horizon_fitted"]
     # the epoch end, estimated from its forward passes at ~32 s, is over a quarter of the 60 s
@@ -141,9 +140,9 @@ def step_lrs(tmp_path) -> list[float]:
 
 def test_a_time_limit_that_the_planned_epochs_fit_changes_nothing(tmp_path, clock):
     # 5 epochs of 6 steps: 30 x 1 s + 5 ends x 5 s = 55 s, inside a 60 s limit
-    limited = train(tiny_config(tmp_path / "limited", epochs=5, time_limit=1, lr_schedule="cosine"), TINY, blobs(),
+    limited = fit(tiny_config(tmp_path / "limited", epochs=5, time_limit=1, lr_schedule="cosine"), TINY, blobs(),
                     blobs(32, seed=1))
-    plain = train(tiny_config(tmp_path / "plain", epochs=5, lr_schedule="cosine"), TINY, blobs(), blobs(32, seed=1))
+    plain = fit(tiny_config(tmp_path / "plain", epochs=5, lr_schedule="cosine"), TINY, blobs(), blobs(32, seed=1))
     assert limited["step"] == plain["step"] == 30
     last = load_checkpoint(tmp_path / "limited" / "ck" / "last.pth")
     assert (last["schedule_steps"], last["horizon_fitted"]) == (30, True)
@@ -154,7 +153,7 @@ def test_a_time_limit_that_the_planned_epochs_fit_changes_nothing(tmp_path, cloc
 @pytest.mark.parametrize("minutes", [dict(time_limit=63 / 60), dict(time_budget=2, time_limit=63 / 60)],
                          ids=["limit", "limit-caps-budget"])
 def test_a_time_limit_ends_a_run_that_would_not_fit_it_earlier_with_the_lr_at_zero(tmp_path, clock, capsys, minutes):
-    summary = train(tiny_config(tmp_path, epochs=10, lr_schedule="cosine", **minutes), TINY, blobs(), blobs(32, seed=1))
+    summary = fit(tiny_config(tmp_path, epochs=10, lr_schedule="cosine", **minutes), TINY, blobs(), blobs(32, seed=1))
     assert summary["step"] == 33 and clock.now == 63.0  # as the 63 s budget run above, not the 60 planned steps
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["schedule_steps"] == 33
     lrs = step_lrs(tmp_path)

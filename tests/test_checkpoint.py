@@ -1,15 +1,14 @@
 import torch
 import pytest
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from helpers import TINY, blobs, tiny_checkpoint, tiny_config
-from trainer import train
+from checkpoint import CheckpointError, RunRecord, load_checkpoint, model_from_checkpoint, save_checkpoint
+from helpers import TINY, blobs, fit, tiny_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    summary = train(tiny_config(tmp), TINY, blobs(), blobs(24, seed=1), class_names=["a", "b", "c"])
+    summary = fit(tiny_config(tmp), TINY, blobs(), blobs(24, seed=1), record=RunRecord(class_names=["a", "b", "c"]))
     return tmp, summary
 
 
@@ -111,7 +110,7 @@ def test_resume_continues_the_step_count(trained, tmp_path):
     tmp, summary = trained
     steps_per_epoch = summary["step"] // 2
     cfg = tiny_config(tmp_path, epochs=3, resume=str(tmp / "ck" / "last.pth"))
-    resumed = train(cfg, TINY, blobs(), None, class_names=["a", "b", "c"])
+    resumed = fit(cfg, TINY, blobs(), None, record=RunRecord(class_names=["a", "b", "c"]))
     assert resumed["step"] == 3 * steps_per_epoch
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["epoch"] == 3
     assert not (tmp_path / "ck" / "epoch_1.pth").exists()  # epochs 1-2 were not re-run
@@ -123,7 +122,7 @@ def test_resume_with_another_model_is_refused(trained, tmp_path):
 
     cfg = tiny_config(tmp_path, resume=str(tmp / "ck" / "last.pth"))
     with pytest.raises(CheckpointError, match="another model config.*base_channels: 8 vs 16"):
-        train(cfg, replace(TINY, base_channels=16), blobs(), None)
+        fit(cfg, replace(TINY, base_channels=16), blobs(), None)
 
 
 def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
@@ -137,8 +136,8 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
     # A launcher running in the background (nohup, `cmd &`) starts children with SIGINT ignored: restore Ctrl-C.
     code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
-            "from pathlib import Path; from helpers import TINY, blobs, tiny_config; from trainer import train\n"
-            "train(tiny_config(Path(sys.argv[2]), epochs=10_000), TINY, blobs(), None)\n")
+            "from pathlib import Path; from helpers import TINY, blobs, fit, tiny_config\n"
+            "fit(tiny_config(Path(sys.argv[2]), epochs=10_000), TINY, blobs(), None)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import reflow
-from checkpoint import CheckpointError, load_checkpoint, load_ema_weights, model_config_from, save_checkpoint, sha256
+from checkpoint import (CheckpointError, RunRecord, load_checkpoint, load_ema_weights, model_config_from,
+                        save_checkpoint, sha256)
 from flow import MeanFlowConfig, grid_map_loss
-from helpers import TINY, assert_same_weights, blobs, ctrl_c_at_step, tiny_checkpoint, tiny_config
+from helpers import TINY, assert_same_weights, blobs, ctrl_c_at_step, fit, tiny_checkpoint, tiny_config
 from sampling import SampleConfig
 from solvers import solve
-from trainer import train
 from unet import ConditionalUNet
 
 FLOW = Path(__file__).resolve().parent.parent / "pretrained" / "mnist-1rf"
@@ -37,8 +37,7 @@ def test_a_flow_starts_a_meanflow_model_with_u_equal_to_v_at_every_interval():
 
 def convert(tmp_path: Path, name: str, parent: Path, **overrides):
     cfg = tiny_config(tmp_path / name, objective="meanflow", **{"init_from": str(parent), **overrides})
-    return train(cfg, TINY, blobs(), blobs(24, seed=1), extra={"kind": "meanflow"},
-                 meanflow=MeanFlowConfig(mf_curriculum=0.3))
+    return fit(cfg, TINY, blobs(), blobs(24, seed=1), RunRecord("meanflow"), meanflow=MeanFlowConfig(mf_curriculum=0.3))
 
 
 def test_a_converted_run_records_its_parent_and_resumes_bit_exactly(tmp_path):
@@ -76,7 +75,7 @@ def test_a_parent_of_other_data_or_kind_is_one_line_and_nothing_is_written(tmp_p
     objective = "flow-matching" if change == "meanflow-into-flow" else "meanflow"
     cfg = tiny_config(tmp_path / "run", objective=objective, init_from=str(parent))
     with pytest.raises(CheckpointError, match=message) as error:
-        train(cfg, TINY, blobs(), None)
+        fit(cfg, TINY, blobs(), None)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run" / "ck").exists() or not any((tmp_path / "run" / "ck").iterdir())
 

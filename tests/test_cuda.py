@@ -10,9 +10,8 @@ import torch
 
 from checkpoint import load_checkpoint
 from device import resolve_amp
-from helpers import TINY, blobs, tiny_config
+from helpers import TINY, blobs, fit, tiny_config
 from sampling import load_for_sampling, sample_model
-from trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(tmp: Path, **overrides) -> dict:
     """Two tiny epochs on the GPU; returns the last checkpoint."""
-    train(tiny_config(tmp, device="cuda", **overrides), TINY, blobs(), blobs(24, seed=1))
+    fit(tiny_config(tmp, device="cuda", **overrides), TINY, blobs(), blobs(24, seed=1))
     return load_checkpoint(tmp / "ck" / "last.pth")
 
 

@@ -46,8 +46,8 @@ if sys.argv[1] == "keep":
 elif sys.argv[1] == "library":  # what a notebook does: import the library and sample, no script's main()
     from sampling import sample_model
     from solvers import Sampler
-    from unet import ConditionalUNet, UNetConfig
-    cfg = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+    from unet import ConditionalUNet, ModelConfig
+    cfg = ModelConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                     attention_resolutions=(4,), num_classes=None)
     sample_model(ConditionalUNet(cfg).eval(), 1, sampler=Sampler(steps=1))
 for _ in range(20):  # a 64 MB tensor, allocated and freed: page faults of each round

@@ -10,15 +10,14 @@ import pretrained
 from checkpoint import CheckpointError, build_model, load_checkpoint, load_ema_weights, model_from_checkpoint
 from cli import parse_configs
 from dit import DiT
-from helpers import TINY, TINY_DIT, assert_same_weights, blobs, tiny_checkpoint, tiny_config
+from helpers import TINY, TINY_DIT, assert_same_weights, blobs, fit, tiny_checkpoint, tiny_config
 from hubconf import from_checkpoint
 from sampling import load_for_sampling, sample_model
 from solvers import guided_velocity
-from trainer import train
-from unet import UNetConfig, check_config
+from unet import ModelConfig, check_config
 
 
-def shaken(cfg: UNetConfig, seed: int = 0) -> DiT:
+def shaken(cfg: ModelConfig, seed: int = 0) -> DiT:
     """A DiT with every weight moved off its initialisation (adaLN-zero would otherwise hide the conditioning)."""
     torch.manual_seed(seed)
     model = DiT(cfg)
@@ -30,7 +29,7 @@ def shaken(cfg: UNetConfig, seed: int = 0) -> DiT:
 
 @pytest.mark.parametrize("size,patch,channels", [(28, 2, 1), (28, 4, 1), (32, 2, 3), (32, 4, 3)])
 def test_shapes_at_28_and_32_px_and_a_zero_start(size, patch, channels):
-    cfg = UNetConfig(image_size=size, in_channels=channels, base_channels=32, head_channels=16, backbone="dit",
+    cfg = ModelConfig(image_size=size, in_channels=channels, base_channels=32, head_channels=16, backbone="dit",
                      patch_size=patch, depth=2, num_classes=10)
     model = build_model(cfg)
     x = torch.randn(3, channels, size, size)
@@ -72,9 +71,13 @@ def test_bad_dit_configs_are_one_line():
         check_config(replace(TINY_DIT, base_channels=12))
     with pytest.raises(ValueError, match="unknown --backbone 'vit'"):
         check_config(replace(TINY_DIT, backbone="vit"))
-    with pytest.raises(ValueError, match="builds a dit, not a U-Net"):
-        from unet import ConditionalUNet
+    from unet import ConditionalUNet
+    with pytest.raises(ValueError, match="builds a dit, not a unet"):
         ConditionalUNet(TINY_DIT)
+    with pytest.raises(ValueError, match="builds a unet, not a dit"):
+        DiT(TINY)
+    with pytest.raises(ValueError, match="patches of --patch-size 3"):  # the DiT checks its config as the U-Net does
+        DiT(replace(TINY_DIT, patch_size=3))
 
 
 def test_export_torch_hub_and_the_hub_mixin_load_a_dit_as_its_checkpoint(tmp_path):
@@ -91,13 +94,13 @@ def test_export_torch_hub_and_the_hub_mixin_load_a_dit_as_its_checkpoint(tmp_pat
 
 
 def test_a_dit_run_resumes_exactly_and_refuses_a_checkpoint_of_the_other_backbone(tmp_path):
-    train(tiny_config(tmp_path / "whole"), TINY_DIT, blobs(), None)
-    train(tiny_config(tmp_path / "cut", max_steps=5), TINY_DIT, blobs(), None)
-    train(tiny_config(tmp_path / "cut", resume="auto"), TINY_DIT, blobs(), None)
+    fit(tiny_config(tmp_path / "whole"), TINY_DIT, blobs(), None)
+    fit(tiny_config(tmp_path / "cut", max_steps=5), TINY_DIT, blobs(), None)
+    fit(tiny_config(tmp_path / "cut", resume="auto"), TINY_DIT, blobs(), None)
     assert_same_weights(load_checkpoint(tmp_path / "cut" / "ck" / "last.pth"),
                         load_checkpoint(tmp_path / "whole" / "ck" / "last.pth"))
     with pytest.raises(CheckpointError, match="backbone: dit vs unet"):
-        train(tiny_config(tmp_path / "cut", resume="auto", max_steps=13), TINY, blobs(), None)
+        fit(tiny_config(tmp_path / "cut", resume="auto", max_steps=13), TINY, blobs(), None)
 
 
 def test_a_dit_flow_starts_a_meanflow_dit_as_itself(tmp_path):

@@ -9,8 +9,9 @@ import checkpoint
 import evaluate
 from checkpoint import CheckpointError, load_checkpoint
 from data import TensorImages, load_mnist
-from evaluate import (MnistClassifier, frechet_distance, frechet_from_stats, load_classifier, mnist_quality, predict,
-                      tensors, train_classifier)
+import readers
+from evaluate import frechet_distance, frechet_from_stats, mnist_quality
+from readers import MnistClassifier, load_classifier, predict, tensors, train_classifier
 from helpers import TINY_MNIST, tiny_checkpoint
 from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_model
 from solvers import Sampler
@@ -75,7 +76,7 @@ def test_the_second_reader_trains_on_shifted_digits_and_loads_as_its_arch(classi
     path = tmp_path / "bn.pth"
     accuracy = train_classifier(str(root), epochs=1, subset=3000, out=str(path), arch="bn-cnn")
     model, stored = load_classifier(path)
-    assert isinstance(model, evaluate.MnistBNClassifier) and not model.training and stored == accuracy > 0.90
+    assert isinstance(model, readers.MnistBNClassifier) and not model.training and stored == accuracy > 0.90
     x, y = tensors(load_mnist(root, train=False, download=False), 500)
     preds, feats = predict(model, x)
     assert feats.shape == (500, 128) and (preds == y).float().mean().item() == pytest.approx(accuracy, abs=0.05)
@@ -87,7 +88,7 @@ def test_random_shift_moves_each_image_by_its_own_offset_within_the_limit():
     x = torch.full((200, 1, 9, 9), -1.0)
     x[:, 0, 4, 4] = 1.0  # one bright pixel in the centre
     torch.manual_seed(0)
-    where = (evaluate.random_shift(x, 2) == 1).nonzero()[:, 2:] - 4
+    where = (readers.random_shift(x, 2) == 1).nonzero()[:, 2:] - 4
     assert len(where) == 200 and where.abs().max() == 2  # every pixel kept, moved at most 2 each way
     assert len({tuple(w) for w in where.tolist()}) == 25  # all 5 x 5 offsets occur across the batch
 
@@ -101,7 +102,7 @@ def test_missing_classifier_is_a_clear_error(tmp_path, monkeypatch):
         load_classifier("checkpoints/mnist_classifier_bn.pth")
     foreign = {"kind": "mnist-classifier", "arch": "vit", "model_state": {}, "test_accuracy": 0.9}
     torch.save(foreign, tmp_path / "vit.pth")
-    with pytest.raises(CheckpointError, match="arch 'vit', which this evaluate.py does not know"):
+    with pytest.raises(CheckpointError, match="arch 'vit', which this repo does not know"):
         load_classifier(tmp_path / "vit.pth")
 
 

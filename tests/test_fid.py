@@ -20,10 +20,10 @@ import fid
 from checkpoint import CheckpointError
 from data import DataError
 from helpers import tiny_checkpoint
-from unet import UNetConfig
+from unet import ModelConfig
 
 CLASSES = ("airplane", "frog")
-RGB_TINY = UNetConfig(image_size=8, in_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+RGB_TINY = ModelConfig(image_size=8, in_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                       attention_resolutions=(), dropout=0.0, num_classes=2)
 
 

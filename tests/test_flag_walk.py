@@ -16,6 +16,8 @@ import gradio
 import pytest
 import torch
 
+from checkpoint import save_checkpoint
+
 import app
 import benchmark
 import config
@@ -26,6 +28,7 @@ import mnist_test
 import mnist_train
 import pretrained
 import rectified_flow_train
+import readers
 import reflow
 import solvers
 import trainer
@@ -63,7 +66,6 @@ COMMANDS = [
                             "--n", "20"]),
     (benchmark, "fid-sizes", ["--checkpoint", "G/photo.pth", "--real-dir", "G/photos", "--n", "4", "--sizes", "2"]),
     (benchmark, "inversion", ["--checkpoints", "G/mnist.pth", "--data-root", "D"]),
-    (benchmark, "library-path", ["--checkpoint", "G/mnist.pth"]),
     (benchmark, "train-speed", ["mnist"]),
     (app, None, ["--checkpoint", "G/mnist.pth", "--data-root", "D"]),
 ]
@@ -128,7 +130,7 @@ def given(tmp_path_factory) -> Path:
     tiny_checkpoint(root / "mnist.pth", TINY_MNIST)
     tiny_checkpoint(root / "tiny.pth", TINY)
     tiny_checkpoint(root / "photo.pth", replace(TINY, in_channels=3, num_classes=None))
-    evaluate.save_checkpoint(root / "reader.pth", {"model_state": evaluate.MnistClassifier().state_dict(),
+    save_checkpoint(root / "reader.pth", {"model_state": readers.MnistClassifier().state_dict(),
                                                    "test_accuracy": 0.1, "kind": "mnist-classifier", "arch": "cnn"})
     for i in range(8):
         (root / "photos").mkdir(exist_ok=True)
@@ -218,10 +220,9 @@ def stop_work(monkeypatch) -> None:
     monkeypatch.setattr(solvers, "solve", work)
     monkeypatch.setattr(evaluate, "solve", work)
     monkeypatch.setattr(evaluate, "straightness", work)
-    monkeypatch.setattr(evaluate, "progress", work)
+    monkeypatch.setattr(readers, "progress", work)
     monkeypatch.setattr(evaluate, "image_bits_per_dim", work)
     monkeypatch.setattr(benchmark, "train_speed", work)
-    monkeypatch.setattr(benchmark, "library_path", work)
     monkeypatch.setattr(gradio.Blocks, "launch", work)
     monkeypatch.setattr(config, "make_room", work)
 

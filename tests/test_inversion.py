@@ -3,20 +3,20 @@ import pytest
 import torch
 
 import editing
-from checkpoint import load_checkpoint, model_from_checkpoint
-from editing import class_swap, gaussianity, interpolate, invert_from_checkpoint, invert_model, psnr, regenerate, slerp
-from helpers import TINY, TINY_MNIST, blobs, tiny_checkpoint, tiny_config
+from checkpoint import RunRecord, load_checkpoint, model_from_checkpoint
+from editing import (class_swap, gaussianity, interpolate_images, invert_from_checkpoint, invert_model, psnr,
+                     regenerate, slerp)
+from helpers import TINY, TINY_MNIST, blobs, fit, tiny_checkpoint, tiny_config
 from sampling import MEANFLOW_SAMPLER
 from solvers import Sampler, integrate
-from trainer import train
-from unet import ConditionalUNet, UNetConfig
+from unet import ConditionalUNet, ModelConfig
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained on three classes of blobs, and eight of those images in [0, 1] with labels."""
     tmp = tmp_path_factory.mktemp("inv")
-    train(tiny_config(tmp, epochs=4), TINY, blobs(), blobs(24, seed=1), class_names=["a", "b", "c"])
+    fit(tiny_config(tmp, epochs=4), TINY, blobs(), blobs(24, seed=1), record=RunRecord(class_names=["a", "b", "c"]))
     path = tmp / "best.pth"
     data = blobs(8, seed=2)
     images = torch.stack([(data[i][0] + 1) / 2 for i in range(8)])
@@ -82,7 +82,7 @@ def test_interpolation_starts_and_ends_at_the_two_images(trained):
     _, model, images, labels = trained
     same_class = torch.nonzero(labels == labels[0]).flatten()[:2]
     for pair in (same_class, torch.tensor([0, 1])):
-        frames = interpolate(model, images[pair], labels[pair], frames=6, sampler=Sampler("dopri5", 1))
+        frames = interpolate_images(model, images[pair], labels[pair], frames=6, sampler=Sampler("dopri5", 1))
         assert frames.shape == (6, 1, 8, 8)
         assert psnr(frames[[0, -1]], images[pair]).min() > 25
 
@@ -113,11 +113,11 @@ def test_bad_input_gets_one_line(trained):
         invert_model(model, images, None)
     with pytest.raises(ValueError, match="forwards only"):
         integrate(model, images * 2 - 1, labels, Sampler("meanflow", 1), backwards=True)
-    unconditional = ConditionalUNet(UNetConfig(**{**TINY.__dict__, "num_classes": None}))
+    unconditional = ConditionalUNet(ModelConfig(**{**TINY.__dict__, "num_classes": None}))
     with pytest.raises(ValueError, match="unconditional"):
         invert_model(unconditional, images, labels)
     with pytest.raises(ValueError, match="frames"):
-        interpolate(model, images[:2], labels[:2], frames=1)
+        interpolate_images(model, images[:2], labels[:2], frames=1)
 
 
 def test_cli_inverts_swaps_and_interpolates_mnist_digits(tmp_path, mnist_root):

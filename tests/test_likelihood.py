@@ -14,7 +14,7 @@ import evaluate
 from helpers import TINY, TINY_MNIST, tiny_checkpoint
 from likelihood import bits_per_dim, dequantize, divergence, image_bits_per_dim, log_likelihood, rademacher
 from solvers import Sampler
-from unet import ConditionalUNet, UNetConfig
+from unet import ConditionalUNet, ModelConfig
 
 D = 6
 
@@ -144,7 +144,7 @@ def test_image_bits_per_dim_runs_on_a_unet_and_refuses_bad_input():
         image_bits_per_dim(model, pixels, torch.tensor([0, 1, 2, 4]))  # 3 is the null label: log p(x)
     with pytest.raises(ValueError, match="unknown divergence"):
         image_bits_per_dim(model, pixels, labels, divergence="skilling")
-    unconditional = ConditionalUNet(UNetConfig(**{**TINY.__dict__, "num_classes": None}))
+    unconditional = ConditionalUNet(ModelConfig(**{**TINY.__dict__, "num_classes": None}))
     with pytest.raises(ValueError, match="unconditional"):
         image_bits_per_dim(unconditional, pixels, labels)
 

@@ -10,15 +10,14 @@ import torch
 import flow
 import runlog
 import trainer
-from checkpoint import load_checkpoint
+from checkpoint import RunRecord, load_checkpoint
 from flow import (MeanFlowConfig, curriculum_alpha, difference_derivative, flow_matching_loss, interval_target,
                   mean_flow_loss)
-from helpers import TINY, Field, assert_same_weights, blobs, ctrl_c_at_step, tiny_config, total_derivative
+from helpers import Field, TINY, assert_same_weights, blobs, ctrl_c_at_step, fit, tiny_config, total_derivative
 from sampling import MEANFLOW_SAMPLER, load_for_sampling, sample_from_checkpoint, sample_model
 from solvers import Sampler
 from test_trainer import run_ddp_worker
 from config import run_kind
-from trainer import train
 from unet import ConditionalUNet
 
 MF = replace(TINY, average_velocity=True, dropout=0.0)  # no dropout: the same function in every call
@@ -175,13 +174,13 @@ def test_the_curriculum_anneals_alpha_from_flow_matching_to_meanflow():
 
 def test_a_curriculum_run_logs_alpha_falling_from_one_to_zero(tmp_path):
     cfg = tiny_config(tmp_path, objective="meanflow")
-    train(cfg, TINY, blobs(), None, meanflow=MeanFlowConfig(mf_curriculum=1.0))
+    fit(cfg, TINY, blobs(), None, meanflow=MeanFlowConfig(mf_curriculum=1.0))
     assert load_checkpoint(tmp_path / "ck" / "last.pth")["train_config"]["mf_guidance"] == 1.5  # the default, resolved
     records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
     alphas = [r["mf_alpha"] for r in records if r["kind"] == "step"]
     assert len(alphas) == 6 and alphas[0] == 1.0 and alphas[-1] == 0.0  # steps 2, 4, ..., 12 of 12
     assert all(a >= b for a, b in zip(alphas, alphas[1:])) and any(0 < a < 1 for a in alphas)
-    train(tiny_config(tmp_path / "fm"), TINY, blobs(), None)  # flow matching: the default curriculum has no α to log
+    fit(tiny_config(tmp_path / "fm"), TINY, blobs(), None)  # flow matching: the default curriculum has no α to log
     assert "mf_alpha" not in (tmp_path / "fm" / "ck" / "log.jsonl").read_text()
 
 
@@ -207,8 +206,8 @@ def test_folded_guidance_mixes_the_unconditional_velocity_into_the_target(monkey
 
 def test_a_meanflow_run_records_its_one_step_sampler_and_samples_in_one_evaluation(tmp_path):
     cfg = tiny_config(tmp_path, objective="meanflow")
-    extra = {"kind": run_kind(cfg), "sampler": MEANFLOW_SAMPLER.record()}
-    summary = train(cfg, TINY, blobs(), blobs(24, seed=1), extra=extra, meanflow=MeanFlowConfig(mf_share=0.5))
+    record = RunRecord(run_kind(cfg), MEANFLOW_SAMPLER.record())
+    summary = fit(cfg, TINY, blobs(), blobs(24, seed=1), record, meanflow=MeanFlowConfig(mf_share=0.5))
     ckpt = load_checkpoint(summary["checkpoint"])
     assert ckpt["kind"] == "meanflow" and ckpt["model_config"]["average_velocity"]
     loaded = load_for_sampling(ckpt)
@@ -229,10 +228,10 @@ def test_a_meanflow_run_records_its_one_step_sampler_and_samples_in_one_evaluati
 def test_meanflow_resume_equals_an_uninterrupted_run(tmp_path, curriculum):
     make = lambda name, **kw: tiny_config(tmp_path / name, objective="meanflow", **kw)  # noqa: E731
     mf = MeanFlowConfig(mf_guidance=2.0, mf_curriculum=curriculum)
-    train(make("straight"), TINY, blobs(), None, meanflow=mf)
+    fit(make("straight"), TINY, blobs(), None, meanflow=mf)
     with ctrl_c_at_step(5):
-        assert train(make("parts"), TINY, blobs(), None, meanflow=mf)["step"] == 5
-    train(make("parts", resume="auto"), TINY, blobs(), None, meanflow=mf)
+        assert fit(make("parts"), TINY, blobs(), None, meanflow=mf)["step"] == 5
+    fit(make("parts", resume="auto"), TINY, blobs(), None, meanflow=mf)
     assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"),
                         load_checkpoint(tmp_path / "parts" / "ck" / "last.pth"))
 
@@ -258,7 +257,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
     cfg = tiny_config(tmp_path, objective="meanflow", log_every=100)
     message = r"became nan at step 9: stopped, and the last good checkpoint is"
     with pytest.raises(runlog.TrainingDiverged, match=message):
-        train(cfg, TINY, blobs(), None)
+        fit(cfg, TINY, blobs(), None)
     last = load_checkpoint(tmp_path / "ck" / "last.pth")
     assert last["step"] == 6 and all(torch.isfinite(w).all() for w in last["model_state"].values())
     assert not (tmp_path / "ck" / "epoch_2.pth").exists()
@@ -274,14 +273,14 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
 def test_impossible_meanflow_settings_are_refused(tmp_path, flags, message):
     mf = {k: flags.pop(k) for k in list(flags) if k.startswith("mf_")}
     with pytest.raises(ValueError, match=message):
-        train(tiny_config(tmp_path, objective="meanflow", **flags), TINY, blobs(), None, meanflow=MeanFlowConfig(**mf))
+        fit(tiny_config(tmp_path, objective="meanflow", **flags), TINY, blobs(), None, meanflow=MeanFlowConfig(**mf))
     with pytest.raises(ValueError, match="unknown --objective 'mean'"):
-        train(tiny_config(tmp_path, objective="mean"), TINY, blobs(), None)
+        fit(tiny_config(tmp_path, objective="mean"), TINY, blobs(), None)
 
 
 def test_folded_guidance_needs_the_null_label(tmp_path):
     with pytest.raises(ValueError, match="--mf-guidance 2.0 folds classifier-free guidance"):
-        train(tiny_config(tmp_path, objective="meanflow", label_dropout=0.0), TINY, blobs(), None,
+        fit(tiny_config(tmp_path, objective="meanflow", label_dropout=0.0), TINY, blobs(), None,
               meanflow=MeanFlowConfig(mf_guidance=2.0))
 
 
@@ -290,6 +289,6 @@ def test_meanflow_trains_under_bf16_autocast(tmp_path, curriculum):
     """The derivative leaves autocast (forward-mode AD refuses its mixed dtypes) and runs in fp32; the loss pass and
     α-Flow's target pass are bf16."""
     cfg = tiny_config(tmp_path, objective="meanflow", amp="bf16", epochs=1)
-    summary = train(cfg, TINY, blobs(), None, meanflow=MeanFlowConfig(mf_curriculum=curriculum))
+    summary = fit(cfg, TINY, blobs(), None, meanflow=MeanFlowConfig(mf_curriculum=curriculum))
     ckpt = load_checkpoint(tmp_path / "ck" / "last.pth")
     assert math.isfinite(summary["loss"]) and ckpt["train_config"]["amp"] == "bf16" and ckpt["step"] == 6

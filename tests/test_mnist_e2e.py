@@ -127,9 +127,9 @@ def test_mnist_test_refuses_in_one_line(tmp_path, args, message):
 def test_guidance_with_an_unconditional_model_is_refused(tmp_path):
     from helpers import TINY, blobs, tiny_config
     from dataclasses import replace
-    from trainer import train
+    from helpers import fit
 
-    train(tiny_config(tmp_path, epochs=1), replace(TINY, num_classes=None), blobs(), None)
+    fit(tiny_config(tmp_path, epochs=1), replace(TINY, num_classes=None), blobs(), None)
     result = run("mnist_test.py", "--checkpoint", str(tmp_path / "best.pth"), "--device", "cpu", "--guidance", "2")
     assert result.returncode != 0 and "unconditional" in result.stderr and "Traceback" not in result.stderr
     from solvers import guided_velocity

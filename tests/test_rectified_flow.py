@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import rectified_flow_train
-from checkpoint import load_checkpoint
-from helpers import TINY, blobs, tiny_config
+from checkpoint import RunRecord, load_checkpoint
+from helpers import TINY, blobs, fit, tiny_config
 from solvers import Sampler
-from trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "small32", "--base-channels", "16", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "10",
@@ -85,11 +84,11 @@ def weights(path: Path) -> dict:
 def test_resume_is_exact(tmp_path):
     """12 steps straight == 7 steps, stop mid-epoch, resume, 5 more (same weights, EMA and optimizer)."""
     straight = tmp_path / "straight"
-    train(tiny_config(straight, epochs=2), TINY, blobs(), None)
+    fit(tiny_config(straight, epochs=2), TINY, blobs(), None)
     parts = tmp_path / "parts"
-    train(tiny_config(parts, epochs=2, max_steps=7), TINY, blobs(), None)
+    fit(tiny_config(parts, epochs=2, max_steps=7), TINY, blobs(), None)
     assert load_checkpoint(parts / "ck" / "last.pth")["step"] == 7
-    train(tiny_config(parts, epochs=2, resume="auto"), TINY, blobs(), None)
+    fit(tiny_config(parts, epochs=2, resume="auto"), TINY, blobs(), None)
     a, b = load_checkpoint(straight / "ck" / "last.pth"), load_checkpoint(parts / "ck" / "last.pth")
     assert a["step"] == b["step"] == 12
     for key in a["model_state"]:
@@ -105,13 +104,13 @@ def test_weights_saved_with_wrapper_prefixes_resume_and_sample(tmp_path):
     from checkpoint import save_checkpoint
     from sampling import sample_from_checkpoint
 
-    train(tiny_config(tmp_path / "a", epochs=1, parallel="dp"), TINY, blobs(), None)  # the DataParallel path runs
+    fit(tiny_config(tmp_path / "a", epochs=1, parallel="dp"), TINY, blobs(), None)  # the DataParallel path runs
     ckpt = load_checkpoint(tmp_path / "a" / "ck" / "last.pth")
     ema = {f"_orig_mod.{k}": v for k, v in ckpt["ema_state"]["weights"].items()}
     prefixed = dict(ckpt, model_state={f"module.{k}": v for k, v in ckpt["model_state"].items()},
                     ema_state=dict(ckpt["ema_state"], weights=ema))
     save_checkpoint(tmp_path / "b" / "ck" / "last.pth", prefixed)
-    resumed = train(tiny_config(tmp_path / "b", epochs=1, resume="auto"), TINY, blobs(), None)
+    resumed = fit(tiny_config(tmp_path / "b", epochs=1, resume="auto"), TINY, blobs(), None)
     assert resumed["step"] == 6  # nothing left to train: the prefixed weights were loaded as they are
     assert all(torch.equal(resumed["model"].state_dict()[k], v) for k, v in ckpt["model_state"].items())
     with_prefix = sample_from_checkpoint(tmp_path / "b" / "ck" / "last.pth", steps=2, batch_size=3, seed=0,
@@ -121,7 +120,7 @@ def test_weights_saved_with_wrapper_prefixes_resume_and_sample(tmp_path):
 
 
 def test_batch_smaller_than_world_is_refused(tmp_path, monkeypatch):
-    from trainer import check_train_config
+    from config import check_train_config
 
     with pytest.raises(ValueError, match="multiple of the 4 processes"):
         check_train_config(tiny_config(tmp_path, batch_size=2), world=4)
@@ -132,7 +131,7 @@ def test_sample_from_checkpoint(which, request, tmp_path):
     if which == "photos":
         path, channels, size = request.getfixturevalue("photo_run")[0] / "ck" / "rf_best.pth", 3, 32
     else:  # a class-conditional checkpoint like mnist_train.py writes
-        train(tiny_config(tmp_path, epochs=1), TINY, blobs(), None, class_names=["a", "b", "c"])
+        fit(tiny_config(tmp_path, epochs=1), TINY, blobs(), None, record=RunRecord(class_names=["a", "b", "c"]))
         path, channels, size = tmp_path / "best.pth", 1, 8
     out = tmp_path / "grid.png"
     images = rectified_flow_train.sample_from_checkpoint(path, out, steps=3, batch_size=5, seed=7, device="cpu")
@@ -147,11 +146,11 @@ def test_sample_from_checkpoint(which, request, tmp_path):
 def test_sample_from_checkpoint_label_errors(tmp_path):
     from dataclasses import replace
 
-    train(tiny_config(tmp_path / "cond", epochs=1), TINY, blobs(), None)
+    fit(tiny_config(tmp_path / "cond", epochs=1), TINY, blobs(), None)
     with pytest.raises(ValueError, match="label 3 is out of range: this model knows classes 0-2"):
         rectified_flow_train.sample_from_checkpoint(tmp_path / "cond" / "best.pth", labels=[0, 3], steps=1,
                                                     device="cpu")
-    train(tiny_config(tmp_path / "uncond", epochs=1), replace(TINY, num_classes=None), blobs(), None)
+    fit(tiny_config(tmp_path / "uncond", epochs=1), replace(TINY, num_classes=None), blobs(), None)
     with pytest.raises(ValueError, match="unconditional"):
         rectified_flow_train.sample_from_checkpoint(tmp_path / "uncond" / "best.pth", labels=[0], steps=1, device="cpu")
 

@@ -5,9 +5,10 @@ import torch
 import cpu
 import device
 from device import Runtime, resolve_amp, resolve_channels_last
+from config import check_train_config
 from helpers import TINY, tiny_config
 from data import Batch
-from trainer import build, check_train_config, train_step
+from trainer import build, train_step
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 

@@ -43,7 +43,7 @@ def test_there_is_no_import_cycle():
 
 
 MAX_LINES, MAX_PARAMETERS = 60, 8
-# the public calls that keep the seed's keyword arguments (checkpoint_path, out_path, steps, batch_size, ...)
+# the public calls that keep FlowGen's keyword arguments (checkpoint_path, out_path, steps, batch_size, ...)
 PUBLIC_KEYWORDS = {"sample_from_checkpoint", "invert_from_checkpoint"}
 
 

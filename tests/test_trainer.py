@@ -18,11 +18,11 @@ import device
 import trainer
 from checkpoint import CheckpointError, load_checkpoint
 from device import Runtime, setup_runtime
-from helpers import TINY, assert_same_weights, blobs, tiny_config, training_times
+from helpers import TINY, assert_same_weights, blobs, fit, tiny_config, training_times
 from budget import learning_rate
 from config import TrainConfig
 from data import Batch
-from trainer import build, train, train_step
+from trainer import build, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -127,7 +127,7 @@ def test_a_refused_setting_is_one_line_without_traceback(tmp_path):
 
 
 def test_max_steps_mid_epoch_names_only_files_that_exist(tmp_path):
-    summary = train(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
+    summary = fit(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
     assert summary["checkpoint"] is None and summary["files"] == [str(tmp_path / "ck" / "last.pth")]
     assert not (tmp_path / "best.pth").exists()
 
@@ -136,7 +136,7 @@ def test_max_steps_mid_epoch_names_only_files_that_exist(tmp_path):
 def test_select_by_picks_the_published_epoch(select_by, epoch, tmp_path, monkeypatch):
     losses = iter([0.5, 0.7])  # epoch 2 validates worse
     monkeypatch.setattr(trainer, "validation_loss", lambda *a, **k: next(losses))
-    summary = train(tiny_config(tmp_path, select_by=select_by), TINY, blobs(), blobs(32, seed=1))
+    summary = fit(tiny_config(tmp_path, select_by=select_by), TINY, blobs(), blobs(32, seed=1))
     assert load_checkpoint(tmp_path / "best.pth")["epoch"] == epoch and summary["best_val_loss"] == 0.5
 
 
@@ -151,22 +151,22 @@ def test_auto_amp_on_cuda_uses_bf16_only_where_it_is_native(monkeypatch, capabil
 
 
 def test_resume_with_another_batch_size_is_refused(tmp_path):
-    train(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
+    fit(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
     with pytest.raises(CheckpointError, match="--batch-size 16 then, 8 now"):
-        train(tiny_config(tmp_path, batch_size=8, resume="auto"), TINY, blobs(), None)
+        fit(tiny_config(tmp_path, batch_size=8, resume="auto"), TINY, blobs(), None)
     with pytest.raises(CheckpointError, match="steps per epoch 6 then, 4 now"):  # the training set changed
-        train(tiny_config(tmp_path, resume="auto"), TINY, blobs(64), None)
+        fit(tiny_config(tmp_path, resume="auto"), TINY, blobs(64), None)
 
 
 def test_resume_a_run_with_fp16_gets_a_fresh_grad_scaler(tmp_path, monkeypatch):
-    train(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
+    fit(tiny_config(tmp_path, max_steps=4), TINY, blobs(), None)
     monkeypatch.setattr(device, "resolve_amp", lambda amp, where: amp)  # fp16 autocast + scaler on the CPU
-    summary = train(tiny_config(tmp_path, amp="fp16", resume="auto"), TINY, blobs(), None)
+    summary = fit(tiny_config(tmp_path, amp="fp16", resume="auto"), TINY, blobs(), None)
     assert summary["step"] == 12 and load_checkpoint(tmp_path / "ck" / "last.pth")["scaler_state"]["scale"] > 0
 
 
 def test_ctrl_c_inside_a_step_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    train(tiny_config(tmp_path / "straight"), TINY, blobs(), None)
+    fit(tiny_config(tmp_path / "straight"), TINY, blobs(), None)
     original = trainer.EMA.update
     calls = []
 
@@ -177,23 +177,23 @@ def test_ctrl_c_inside_a_step_then_resume_equals_an_uninterrupted_run(tmp_path, 
         original(self, model)
 
     monkeypatch.setattr(trainer.EMA, "update", interrupted)
-    stopped = train(tiny_config(tmp_path / "parts"), TINY, blobs(), None)
+    stopped = fit(tiny_config(tmp_path / "parts"), TINY, blobs(), None)
     assert stopped["step"] == 5 and stopped["checkpoint"] is None
     monkeypatch.setattr(trainer.EMA, "update", original)
-    train(tiny_config(tmp_path / "parts", resume="auto"), TINY, blobs(), None)
+    fit(tiny_config(tmp_path / "parts", resume="auto"), TINY, blobs(), None)
     assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"),
                         load_checkpoint(tmp_path / "parts" / "ck" / "last.pth"))
 
 
 def test_kill_9_then_resume_from_the_periodic_save_equals_an_uninterrupted_run(tmp_path):
-    straight = train(tiny_config(tmp_path / "straight", epochs=3), TINY, blobs(), None)
+    straight = fit(tiny_config(tmp_path / "straight", epochs=3), TINY, blobs(), None)
     # save_every 1e-9 minutes: last.pth after every step; the process sleeps per step so the kill lands mid-epoch
     code = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
             "from pathlib import Path; import trainer\n"
-            "from helpers import TINY, assert_same_weights, blobs, tiny_config\n"
+            "from helpers import TINY, assert_same_weights, blobs, fit, tiny_config\n"
             "step = trainer.train_step\n"
             "trainer.train_step = lambda *a, **k: (time.sleep(0.3), step(*a, **k))[1]\n"
-            "trainer.train(tiny_config(Path(sys.argv[2]), epochs=3, save_every=1e-9), TINY, blobs(), None)\n")
+            "fit(tiny_config(Path(sys.argv[2]), epochs=3, save_every=1e-9), TINY, blobs(), None)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path / "parts")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "parts" / "ck" / "last.pth"
@@ -207,22 +207,22 @@ def test_kill_9_then_resume_from_the_periodic_save_equals_an_uninterrupted_run(t
         proc.kill()
     step = load_checkpoint(last)["step"]
     assert 8 <= step < 18 and step % 6, step  # killed inside an epoch, after a periodic save
-    resumed = train(tiny_config(tmp_path / "parts", epochs=3, resume="auto"), TINY, blobs(), None)
+    resumed = fit(tiny_config(tmp_path / "parts", epochs=3, resume="auto"), TINY, blobs(), None)
     assert resumed["step"] == straight["step"] == 18
     assert_same_weights(load_checkpoint(tmp_path / "straight" / "ck" / "last.pth"), load_checkpoint(last))
 
 
 def test_log_restarts_on_a_fresh_run_and_drops_records_past_the_resumed_step(tmp_path):
     log = tmp_path / "ck" / "log.jsonl"
-    train(tiny_config(tmp_path, log_every=1), TINY, blobs(), None)
+    fit(tiny_config(tmp_path, log_every=1), TINY, blobs(), None)
     first = log.read_bytes()
-    train(tiny_config(tmp_path, log_every=1), TINY, blobs(), None)  # a second run in the same out-dir
+    fit(tiny_config(tmp_path, log_every=1), TINY, blobs(), None)  # a second run in the same out-dir
     assert (tmp_path / "ck.1" / "log.jsonl").read_bytes() == first  # the first run's log kept aside, whole
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, 13))
     # a crash after step 12 left records up to 12, but the checkpoint we resume from is at step 6
     (tmp_path / "ck" / "epoch_1.pth").replace(tmp_path / "ck" / "last.pth")
-    train(tiny_config(tmp_path, log_every=1, resume="auto"), TINY, blobs(), None)
+    fit(tiny_config(tmp_path, log_every=1, resume="auto"), TINY, blobs(), None)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 13))
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
@@ -333,7 +333,7 @@ def test_a_loss_plot_with_nothing_to_label_writes_no_warning(tmp_path):
 
 def test_fractional_epochs_end_inside_the_last_with_the_lr_schedule(tmp_path):
     cfg = tiny_config(tmp_path, epochs=1.5, lr_schedule="linear", log_every=1)
-    summary = train(cfg, TINY, blobs(), blobs(24, seed=1))  # 6 steps an epoch: the run ends at step 9
+    summary = fit(cfg, TINY, blobs(), blobs(24, seed=1))  # 6 steps an epoch: the run ends at step 9
     records = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
     assert summary["step"] == 9 and [r["step"] for r in records if r["kind"] == "epoch"] == [6, 9]
     assert [r["lr"] for r in records if r["kind"] == "step"][-1] == pytest.approx(2e-3 / 9)  # the decay's last step
@@ -341,7 +341,7 @@ def test_fractional_epochs_end_inside_the_last_with_the_lr_schedule(tmp_path):
 
 
 def test_sample_every_draws_grids_at_its_multiples_and_the_last_epoch(tmp_path):
-    train(tiny_config(tmp_path, epochs=5, sample_every=2), TINY, blobs(), blobs(24, seed=1))
+    fit(tiny_config(tmp_path, epochs=5, sample_every=2), TINY, blobs(), blobs(24, seed=1))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_2.png", "epoch_4.png", "epoch_5.png"]
     assert (tmp_path / "ck" / "epoch_5.pth").is_file()  # the checkpoints of every epoch, as before
 
@@ -349,7 +349,7 @@ def test_sample_every_draws_grids_at_its_multiples_and_the_last_epoch(tmp_path):
 def test_tensorboard_log_holds_the_scalars_and_the_epoch_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(tiny_config(tmp_path, logger="tensorboard", log_every=3), TINY, blobs(), blobs(24, seed=1))
+    fit(tiny_config(tmp_path, logger="tensorboard", log_every=3), TINY, blobs(), blobs(24, seed=1))
     events = EventAccumulator(str(tmp_path / "ck" / "tensorboard"), size_guidance={"images": 0}).Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == [3, 6, 9, 12]  # 2 epochs of 6 steps, a record every 3
@@ -388,7 +388,7 @@ def test_wandb_offline_run_holds_the_scalars_and_the_epoch_grids(tmp_path, monke
     for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "cfg",
                         "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_DATA_DIR": tmp_path / "data"}.items():
         monkeypatch.setenv(name, str(value))  # no account, nothing written outside tmp_path
-    train(tiny_config(tmp_path, logger="wandb", log_every=3), TINY, blobs(), blobs(24, seed=1))
+    fit(tiny_config(tmp_path, logger="wandb", log_every=3), TINY, blobs(), blobs(24, seed=1))
     (run_file,) = (tmp_path / "ck" / "wandb").glob("offline-run-*/run-*.wandb")
     assert run_file.stem == "run-" + (tmp_path / "ck" / "wandb_id.txt").read_text()  # what a resume continues
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
@@ -407,17 +407,17 @@ def test_wandb_offline_run_holds_the_scalars_and_the_epoch_grids(tmp_path, monke
 def test_loggers_without_their_package_say_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ValueError, match="pip install tensorboard"):
-        train(tiny_config(tmp_path, logger="tensorboard"), TINY, blobs(), blobs(24, seed=1))
+        fit(tiny_config(tmp_path, logger="tensorboard"), TINY, blobs(), blobs(24, seed=1))
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ValueError, match="pip install wandb"):
-        train(tiny_config(tmp_path, logger="wandb"), TINY, blobs(), blobs(24, seed=1))
+        fit(tiny_config(tmp_path, logger="wandb"), TINY, blobs(), blobs(24, seed=1))
     with pytest.raises(ValueError, match="unknown --logger 'mlflow'"):
-        train(tiny_config(tmp_path, logger="mlflow"), TINY, blobs(), blobs(24, seed=1))
+        fit(tiny_config(tmp_path, logger="mlflow"), TINY, blobs(), blobs(24, seed=1))
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
-    train(tiny_config(tmp_path, epochs=1), TINY, blobs(), None)
+    fit(tiny_config(tmp_path, epochs=1), TINY, blobs(), None)
     capsys.readouterr()
-    summary = train(tiny_config(tmp_path, epochs=1, resume="auto"), TINY, blobs(), None)
+    summary = fit(tiny_config(tmp_path, epochs=1, resume="auto"), TINY, blobs(), None)
     said = capsys.readouterr().out
     assert summary["step"] == 6 and "nothing to do: that run already reached its end at step 6" in said
