@@ -1,5 +1,5 @@
-"""Benchmarks that print tables and write JSON + PNG: training speed, NFE vs quality, guidance sweep, FID vs N,
-inversion and likelihood against NFE.
+"""Benchmarks that write the JSON (and PNG) behind the docs' tables: training speed, NFE vs quality, guidance sweep,
+few-step stages, FID vs N, inversion and likelihood against NFE; each subcommand's help names its table.
 
     python benchmark.py train-speed mnist --preset cpu            # flags after the script name are its flags
     python benchmark.py train-speed rf --preset small32 --image-size 64
@@ -335,14 +335,16 @@ def parser() -> argparse.ArgumentParser:
     """benchmark.py's flags: per command its inputs, Reading's and SampleConfig's flags, and its own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("train-speed", help="images/s of the training step")
-    s.add_argument("script", choices=["mnist", "rf"],
-                   help="whose presets and flags: mnist_train or rectified_flow_train")
+    s = sub.add_parser("train-speed", help="images/s of the training step (docs/cpu-performance.md: the "
+                       "training-speed table)")
+    s.add_argument("script", choices=["mnist", "rf"], help="whose presets and flags: mnist_train, rectified_flow_train")
     s.add_argument("--steps", type=int, default=20, help="timed steps")
     s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     s.add_argument("--out", default="benchmarks/train_speed.json", help="JSON to write (default: %(default)s)")
-    commands = {"nfe": "sample quality per solver and steps", "guidance": "sample quality per guidance scale",
-                "fewstep": "1-RF vs reflowed vs distilled: quality at 1-8 NFE and straightness"}
+    commands = {"nfe": "sample quality per solver and steps (docs/results-mnist.md: the solver table)",
+                "guidance": "sample quality per guidance scale (docs/results-mnist.md: the guidance table)",
+                "fewstep": "1-RF vs reflowed vs distilled: quality at 1-8 NFE and straightness (docs/few-step.md: the "
+                           "table of stages)"}
     for name, helptext in commands.items():
         q = sub.add_parser(name, help=helptext)
         if name == "fewstep":
@@ -367,7 +369,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--guided", type=float, default=0.0, help="also one guided step at this w (2 NFE); 0 = none")
     f.add_argument("--minutes", default="", help="comma-separated total training minutes per checkpoint: "
                    "adds a plot of quality against training time")
-    z = sub.add_parser("fid-sizes", help="FID vs N (real-vs-real floor and generated), Inception throughput")
+    z = sub.add_parser("fid-sizes", help="FID vs N, real-vs-real and generated (docs/results-cifar.md: the FID "
+                       "against N table)")
     z.add_argument("--checkpoint", required=True, help="an image-folder checkpoint or exported folder")
     z.add_argument("--real-dir", required=True, help="folder of real images (all of them are used)")
     z.add_argument("--n", type=int, default=5000, help="generated images (class-balanced)")
@@ -375,7 +378,8 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("--stats-cache", default=STATS_DIR, help="folder of cached real FID statistics")
     z.add_argument("--out-dir", default="benchmarks", help="where fid_sizes.json goes (default: %(default)s)")
     add_flags(z, SampleConfig())
-    inv = sub.add_parser("inversion", help="invert-then-regenerate PSNR, noise Gaussianity and bits/dim against NFE")
+    inv = sub.add_parser("inversion", help="invert-then-regenerate PSNR, noise Gaussianity and bits/dim against NFE "
+                         "(docs/inversion.md: the table of models and solvers)")
     inv.add_argument("--checkpoints", required=True, help="comma-separated, e.g. the 1-rectified flow, then reflowed")
     inv.add_argument("--settings", default="euler:1,euler:2,euler:4,euler:8,euler:16,rk4:8,dopri5:1e-5",
                      help="solver:steps (dopri5:tolerance), comma-separated")

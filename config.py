@@ -27,6 +27,7 @@ class TrainConfig:
     lr: float = 1e-4  # AdamW learning rate after warm-up
     lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (both decay to 0 at the run's end)
     weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW's first-moment decay (0: no momentum, as distribution matching's second stage)
     adam_beta2: float = 0.999  # AdamW's second-moment decay (0.95 suits runs of a few hundred steps)
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -88,6 +89,9 @@ def check_run(cfg: TrainConfig, model_cfg: ModelConfig, meanflow: MeanFlowConfig
     rank, world, _ = launched_ranks()
     check_train_config(cfg, world)
     check_config(model_cfg)
+    if model_cfg.num_classes is None and cfg.label_dropout not in (0, TrainConfig.label_dropout):
+        raise ValueError(f"--label-dropout {cfg.label_dropout} drops labels, but this model is unconditional (no "
+                         "--num-classes, no --class-from-folders): there are none to drop (leave the flag out)")
     model_cfg = objective_model_config(cfg, model_cfg)
     if rank == 0:
         check_outputs(cfg)
@@ -148,8 +152,9 @@ def check_train_config(cfg: TrainConfig, world: int = 1) -> None:
     for name in ("ema_decay", "label_dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
-    if not 0 <= cfg.adam_beta2 < 1:
-        raise ValueError(f"--adam-beta2 must lie in [0, 1), got {cfg.adam_beta2}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{flag(name)} must lie in [0, 1), got {getattr(cfg, name)}")
     if cfg.label_dropout == 1:
         raise ValueError("--label-dropout 1 drops every label: the model would never see a class. Use 0.1 (guidance) "
                          "or 0 (no guidance); for an unconditional model pass --num-classes none")

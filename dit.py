@@ -1,6 +1,6 @@
 """Diffusion transformer (DiT; Peebles & Xie 2023, arXiv 2212.09748): the image cut into patches as tokens, a stack
 of transformer blocks conditioned by adaLN-zero on the time, the class and (MeanFlow) the interval, and the patches
-put back. The same interface as ConditionalUNet: `model(x, t, y, t_end)`, built from the same config
+put back. A VelocityNet like the U-Net: `model(x, t, y, t_end)`, built from the same config
 (`--backbone dit`), so loss, solvers, EMA, guidance, export, torch.hub and resume take it unchanged."""
 from __future__ import annotations
 

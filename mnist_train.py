@@ -71,7 +71,7 @@ def generate_sample(model: torch.nn.Module, img_size: tuple[int, int, int] = (1,
                     labels: list[int] | torch.Tensor | None = None, num_samples: int = 1,
                     solver: str = Sampler.solver, guidance: float = Sampler.guidance,
                     seed: int | None = None) -> torch.Tensor:
-    """Images (B, *img_size) in [0, 1] from a ConditionalUNet; B = len(labels) or num_samples (FlowGen's helper)."""
+    """Images (B, *img_size) in [0, 1] from a velocity network; B = len(labels) or num_samples (FlowGen's helper)."""
     cfg = model.config
     if tuple(img_size) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         want = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -97,9 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:  # a DiT sized by the U-Net's flags: name the preset that sizes one
         hint = " (--preset cpu-dit sets a DiT that trains on a CPU)" if "DiT" in str(e) else ""
         raise ValueError(f"{e}{hint}") from None
-    if model_cfg.num_classes is None and cfg.label_dropout not in (0, TrainConfig.label_dropout):
-        raise ValueError(f"--label-dropout {cfg.label_dropout} drops labels, but --num-classes none trains an "
-                         "unconditional model: there are none to drop (leave the flag out)")
     if model_cfg.in_channels != 1 or model_cfg.num_classes not in (10, None):
         raise ValueError("MNIST has 1 channel and 10 classes: --in-channels must be 1 and --num-classes 10 "
                          "(or none for an unconditional model)")

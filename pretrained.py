@@ -6,8 +6,9 @@ A folder holds `model.safetensors` (the EMA weights by default, fp32), `config.j
 constructor's arguments), `flow_config.json` (recorded sampler, class names, kind and lineage, a training summary,
 measured figures) and `README.md`, a model card whose header the Hugging Face Hub reads. The layout is huggingface_hub's
 PyTorchModelHubMixin's, so its loader reads a folder as it is, and one uploaded as it is (`hf upload user/repo
-FOLDER`) loads with `ConditionalUNet.from_pretrained("user/repo")`. Every loader that takes a `.pth` takes a
-folder: `sample_from_checkpoint`, `mnist_test.py --checkpoint`, `evaluate.py`, `reflow.py`, torch.hub and the notebook.
+FOLDER`) loads with `ConditionalUNet.from_pretrained("user/repo")` (a DiT: `DiT.from_pretrained`). Every loader that
+takes a `.pth` takes a folder: `sample_from_checkpoint`, `mnist_test.py --checkpoint`, `evaluate.py`, `reflow.py`,
+torch.hub and the notebook.
 """
 from __future__ import annotations
 
@@ -104,8 +105,8 @@ def model_card(config: dict, n_params: int, notes: str = "") -> str:
         f"| recorded sampler | {sampler_text} |",
         f"| training | step {train.get('step')}, epoch {train.get('epoch')}, batch {tc.get('batch_size')}, "
         f"lr {tc.get('lr')} ({tc.get('lr_schedule')}), objective {tc.get('objective', 'flow-matching')}, "
-        f"t {tc.get('t_schedule', 'uniform')}{shift}, "
-        f"noise {tc.get('coupling', 'independent')}, AdamW beta2 {tc.get('adam_beta2', 0.999)}, "
+        f"t {tc.get('t_schedule', 'uniform')}{shift}, noise {tc.get('coupling', 'independent')}, "
+        f"AdamW betas {tc.get('adam_beta1', 0.9)}, {tc.get('adam_beta2', 0.999)}, "
         f"label dropout {config.get('label_dropout')} |",
         f"| validation loss | {f'{val:.4f}' if val is not None and math.isfinite(val) else 'n/a (not validated)'} |",
     ]

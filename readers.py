@@ -105,6 +105,7 @@ def train_classifier(data_root: str, epochs: int | None = None, subset: int = 0,
     if not 1 <= epochs <= 100:
         raise ValueError(f"--epochs must lie in 1..100, got {epochs}")
     out = own_path if out == OWN_PATH else out
+    # its own loop, not trainer.train: that one learns velocities (noise, times, EMA, sample grids), this one labels
     torch.manual_seed(seed)
     train_set = load_mnist(data_root, train=True, download=False)
     if subset:

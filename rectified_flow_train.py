@@ -78,9 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     # every setting and output path, before any data is read; the flags say whether the model is class-conditional,
     # the folders later say how many classes
     run_cfg = check_run(cfg, replace(model_cfg, num_classes=1 if data_cfg.class_from_folders else None), meanflow)
-    if not data_cfg.class_from_folders and cfg.label_dropout not in (0, TrainConfig.label_dropout):
-        raise ValueError(f"--label-dropout {cfg.label_dropout} drops labels, but without --class-from-folders the "
-                         "model is unconditional: there are none to drop (leave the flag out)")
     if data_cfg.dataset == "celeba":
         train_set, val_set, class_names = load_celeba(data_cfg.data_root, model_cfg.image_size)
     elif data_cfg.dataset == "folder":

@@ -198,30 +198,40 @@ class PairData:
 
     pairs: str = "runs/reflow/pairs"  # folder written by `reflow.py pairs`
     val_size: int = 0  # the last N pairs, held out for the validation loss; 0 = a twentieth of them, at most 1000
-    k: int = 1  # distill only: Euler steps of the distilled model (1, 2, 4, ...)
-    recommend_steps: int = 2  # train only: the Euler steps recorded as this model's sampler
 
 
-DEFAULTS = [
-    # select_by last: distillation's held-out pair MSE rises after one epoch while its samples keep improving
-    # (docs/few-step.md); reflow's loss fell every epoch, so its last epoch is also its lowest.
-    TrainConfig(epochs=4, batch_size=64, lr=2e-4, lr_schedule="cosine", warmup_steps=100, out_dir="runs/reflow",
-                init_from="parent", select_by="last"),  # out_dir: runs/reflow/<kind> unless given
-    PairData(),
-    MatchConfig(),
-]
+@dataclass
+class Reflowed:
+    """What `reflow.py train` records."""
+
+    recommend_steps: int = 2  # the Euler steps recorded as this model's sampler
+
+
+@dataclass
+class Distilled:
+    """What `reflow.py distill` trains."""
+
+    k: int = 1  # Euler steps of the distilled model (1, 2, 4, ...); not with --objective meanflow (the paths' grid)
+
+
+# select_by last: distillation's held-out pair MSE rises after one epoch while its samples keep improving
+# (docs/few-step.md); reflow's loss fell every epoch, so its last epoch is also its lowest.
+TRAIN = TrainConfig(epochs=4, batch_size=64, lr=2e-4, lr_schedule="cosine", warmup_steps=100, out_dir="runs/reflow",
+                    init_from="parent", select_by="last")  # out_dir: runs/reflow/<kind> unless given
+DEFAULTS = {"train": [TRAIN, PairData(), Reflowed()], "distill": [replace(TRAIN, init_from=""), PairData(), Distilled(),
+                                                                   MatchConfig()]}
 
 
 def stage(command: str, argv: list[str]) -> dict:
     """reflow.py train / distill: the shared training loop on fixed pairs, from the parent's weights."""
     title = f"reflow.py {command}: " + (__doc__ or "").splitlines()[0]
-    defaults = [replace(DEFAULTS[0], init_from="parent" if command == "train" else ""), *DEFAULTS[1:]]
-    (cfg, data, match), _ = parse_configs(defaults, None, None, argv, title, prog=f"reflow.py {command}")
-    unused = {"train": ("k", 1), "distill": ("recommend_steps", 2)}[command]
-    if getattr(data, unused[0]) != unused[1]:
-        raise ValueError(f"--{unused[0].replace('_', '-')} does nothing in `reflow.py {command}`: leave it out")
-    if not (1 <= data.k <= 1000 and 1 <= data.recommend_steps <= 1000):
-        raise ValueError(f"--k and --recommend-steps must lie in 1..1000, got {data.k}, {data.recommend_steps}")
+    (cfg, data, own, *match), _ = parse_configs(DEFAULTS[command], None, None, argv, title, prog=f"reflow.py {command}")
+    steps, match = own.k if command == "distill" else own.recommend_steps, match[0] if match else None
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"--{'k' if command == 'distill' else 'recommend-steps'} must lie in 1..1000, got {steps}")
+    if cfg.objective == "meanflow" and steps != 1:
+        raise ValueError("--k sets k-step distillation's steps; --objective meanflow learns every jump of the paths' "
+                         "grid: leave --k out")
     if cfg.t_grid:
         raise ValueError("--t-grid is set by `reflow.py distill --k`")
     if cfg.objective == "meanflow" and command == "train":
@@ -244,14 +254,14 @@ def stage(command: str, argv: list[str]) -> dict:
         kind, sampler, cfg = "meanflow", MEANFLOW_SAMPLER, replace(cfg, label_dropout=0.0)
     elif command == "train":
         kind = f"{rectified_order(manifest['parent_kind']) + 1}-rectified"
-        sampler = Sampler("euler", data.recommend_steps)
+        sampler = Sampler("euler", steps)
     else:
-        kind, cfg = f"distilled-{data.k}", replace(cfg, t_grid=data.k)
-        sampler = Sampler("euler", data.k)
-    out_dir = cfg.out_dir if cfg.out_dir != DEFAULTS[0].out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
+        kind, cfg = f"distilled-{steps}", replace(cfg, t_grid=steps)
+        sampler = Sampler("euler", steps)
+    out_dir = cfg.out_dir if cfg.out_dir != TRAIN.out_dir else f"{cfg.out_dir}/{kind}"  # one folder per stage
     # --init-from names the stage's model, kept on resume: the weights come from the resumed run then
     cfg = replace(cfg, init_from="" if cfg.resume else init_from, out_dir=out_dir)
-    if match.dm_weight:  # the real side: the flow the pairs were drawn from, unless told
+    if match and match.dm_weight:  # the real side: the flow the pairs were drawn from, unless told
         match = replace(match, dm_teacher=match.dm_teacher or manifest["parent"])
         lineage["teacher"] = {"path": match.dm_teacher, "sha256": sha256(match.dm_teacher)}
     run_cfg = check_run(cfg, model_config_from(source), match=match)  # before the pairs are read

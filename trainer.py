@@ -67,7 +67,7 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, rt: Runtime) -> Parts:
         net = nn.parallel.DistributedDataParallel(net, device_ids=gpu)
     elif cfg.parallel == "dp":
         net = nn.DataParallel(net)  # on CPU or a single GPU this simply calls the module
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda" or None)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == "fp16")
     return Parts(model, net, EMA(model, cfg.ema_decay), optimizer, scaler, rt)
@@ -202,12 +202,13 @@ def resume(run: Run) -> tuple[int, float, dict | None]:
 def save_run(run: Run, path: Path, step: int, loss: float, val: float | None, best_val: float) -> None:
     """Write the run's checkpoint at path: enough to resume exactly and to sample."""
     p, configs = run.parts, {**asdict(run.cfg), **(asdict(run.meanflow) if run.meanflow else {})}
-    save_checkpoint(path, {"epoch": math.ceil(step / run.order.batches), "step": step, "loss": loss, "val_loss": val,
-            "best_val_loss": best_val, "steps_per_epoch": run.order.batches, "world_size": run.rt.world,
-            **run.horizon.state(), "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
-            "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
-            "model_config": asdict(run.model_cfg), "train_config": configs, **run.record.state(),
-            **({"critic_state": p.critic.state_dict()} if p.critic else {})})
+    state = {"epoch": math.ceil(step / run.order.batches), "step": step, "loss": loss, "val_loss": val,
+             "best_val_loss": best_val, "steps_per_epoch": run.order.batches, "world_size": run.rt.world,
+             **run.horizon.state(), "model_state": p.model.state_dict(), "ema_state": p.ema.state_dict(),
+             "optimizer_state": p.optimizer.state_dict(), "scaler_state": p.scaler.state_dict(),
+             "model_config": asdict(run.model_cfg), "train_config": configs, **run.record.state(),
+             **({"critic_state": p.critic.state_dict()} if p.critic else {})}
+    save_checkpoint(path, state)
 
 
 def train(cfg: RunConfig, train_set: Dataset, val_set: Dataset | None = None, record: RunRecord = RunRecord()

@@ -17,7 +17,7 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder's fil
 
 @dataclass
 class ModelConfig:
-    """Constructor arguments of ConditionalUNet; stored in every checkpoint."""
+    """A velocity network's config, either backbone's (`backbone`: the U-Net or the DiT); stored in every checkpoint."""
 
     image_size: int = 28  # side of the square input in pixels
     in_channels: int = 1  # 1 for MNIST, 3 for RGB

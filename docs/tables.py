@@ -86,6 +86,16 @@ def preset_change(name: str = "results-mnist/zen4-two-thirds.json") -> list[str]
                   for r in rows(name)], name)
 
 
+def mnist_sweep(name: str, first: str) -> list[str]:
+    """`benchmark.py nfe` or `guidance` on a committed MNIST model: accuracy and excess per setting (CNN reader)."""
+    body = []
+    for r in rows(name):
+        steps = f"tol {r['rtol']:g}" if r["solver"] == "dopri5" else r["steps"]
+        body.append(f"| {r['solver']} {steps}, w = {r['guidance']:g} | {r['nfe']} | {r['accuracy']:.1%} | "
+                    f"**{r['frechet'] - r['floor']:.1f}** |")
+    return table([first, "NFE", "as asked", "excess Fréchet"], body, name)
+
+
 def sampler_name(r: dict) -> str:
     """A row's sampler, e.g. 'euler 16, w = 2', and the noise seeds its FID averages where more than seed 0."""
     seeds = r.get("seeds", [0])
@@ -120,11 +130,12 @@ def fid_sizes(name: str = "cifar/fid_sizes.json") -> list[str]:
 
 TABLES = {  # page -> {table: its rows}
     "one-step.md": {"one-step": one_step, "one-step-photos": one_step_photos},
-    "results-mnist.md": {"preset-change": preset_change, "make-train-xeon": lambda: preset_change(
+    "results-mnist.md": {"solvers": lambda: mnist_sweep("results-mnist/xeon-solvers.json", "solver, steps"),
+                         "guidance": lambda: mnist_sweep("results-mnist/xeon-guidance.json", "sampler"),
+                         "preset-change": preset_change, "make-train-xeon": lambda: preset_change(
         "results-mnist/xeon-make-train.json"), "backbones": backbones},
     "results-cifar.md": {"photos-60": lambda: photos("results-cifar/zen4-60min.json"),
                          "photos-xeon": lambda: photos("results-cifar/xeon-60min.json"),
-                         "photos-screen": lambda: photos("results-cifar/zen4-screen.json"),
                          "photo-samplers": photo_samplers, "fid-sizes": fid_sizes},
 }
 

@@ -81,6 +81,7 @@ ACCEPTED = {
     ("--warmup-steps", "0"): "no warm-up", ("--weight-decay", "0"): "no decay", ("--grad-clip", "0"): "0 = off",
     ("--label-dropout", "0"): "no guidance training", ("--ema-decay", "0"): "no averaging",
     ("--t-mu", "-1"): "a shift toward the noise", ("--t-mu", "0"): "no shift", ("--adam-beta2", "0"): "RMS off",
+    ("--adam-beta1", "0"): "momentum off",
     ("--num-workers", "0"): "loading in the main process", ("--t-grid", "0"): "0 = continuous t",
     ("--guidance", "0"): "w = 0: the unconditional model", ("--mf-weight-power", "0"): "0 = plain MSE",
     ("--mf-share", "0"): "0 = flow matching", ("--mf-curriculum", "0"): "0 = MeanFlow throughout",

@@ -54,6 +54,18 @@ def test_the_optimizer_runs_at_the_scheduled_rate_and_gradients_are_clipped(tmp_
     assert parts.optimizer.param_groups[0]["lr"] == 0.025
 
 
+def test_without_momentum_a_step_moves_each_weight_by_lr_times_its_gradients_sign(tmp_path):
+    """--adam-beta1 0 (beta2 0 too): Adam's first step is lr * g / |g| per weight, the sign of the gradient."""
+    cfg = tiny_config(tmp_path, adam_beta1=0.0, adam_beta2=0.0, grad_clip=0.0)
+    parts = build(cfg, TINY, Runtime(CPU))
+    assert parts.optimizer.param_groups[0]["betas"] == (0.0, 0.0)
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    train_step(parts, cfg, Batch(torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 3), step=0, lr=0.01)
+    for p, b in zip(parts.model.parameters(), before):
+        moved = (b - p.detach())[p.grad.abs() > 1e-4]
+        assert torch.allclose(moved, 0.01 * p.grad.sign()[p.grad.abs() > 1e-4], atol=1e-5)
+
+
 def test_hflip_is_applied_and_repeats_on_resume(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, hflip=True)
     parts = build(cfg, TINY, Runtime(CPU))
