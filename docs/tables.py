@@ -27,7 +27,8 @@ def source(name: str) -> str:
         if c == ")" and depth == 0:
             machine = machine[:i + 1]
             break
-    return f"Runs of {found.get('date') or found['machine']['date']}, {machine} (`{name}`)."
+    dates = sorted({found.get("date") or found["machine"]["date"]} | {r["date"] for r in found["rows"] if "date" in r})
+    return f"Runs of {' and '.join(dates)}, {machine} (`{name}`)."
 
 
 def table(columns: list[str], body: list[str], name: str) -> list[str]:

@@ -78,8 +78,10 @@ def test_the_readme_quotes_figures_as_the_json_behind_them_has_them():
     made = [r for r in rows if r["command"] == "make one-step"]
     assert len(made) == 1
     jump = made[0]["readings"][0]
+    staged = one(rows, route="make one-step + a matching stage: weight 5, clip 10, AdamW beta1 0")["readings"][0]
     assert (f"one step from `make train`'s flow: `make one-step`, {made[0]['added_minutes']:.1f} min more | 1 NFE: "
-            f"excess Fréchet {jump['cnn']:.1f}, {jump['bn']:.2f} by the BatchNorm CNN; the flow at {flow['nfe']} NFE: "
+            f"excess Fréchet {jump['cnn']:.1f}, {jump['bn']:.2f} by the BatchNorm CNN; {staged['cnn']:.1f}, "
+            f"{staged['bn']:.2f} after 3.1 min of distribution matching; the flow at {flow['nfe']} NFE: "
             f"{flow['cnn']:.1f}, {flow['bn']:.2f} |") in README
     inversion = json_rows("inversion/inversion.json")
     euler8 = one(inversion, kind="2-rectified", solver="euler", steps=8)["psnr"]
@@ -97,10 +99,8 @@ def test_every_generated_docs_table_equals_its_json():
 def test_the_readme_quotes_the_make_train_model_as_its_json_has_it():
     flow, second = (json.loads((ROOT / "docs" / "results-mnist" / name).read_text())
                     for name in ("zen4-make-train.json", "zen4-make-train-bn-cnn.json"))
-    before = json_rows("results-mnist/zen4-two-thirds.json")[0]
     assert (f"| {flow['accuracy']:.1%} of digits as asked, N = {flow['n']:,}, excess Fréchet {flow['excess']:.1f} "
-            f"(floor {flow['floor']:.1f}); {second['accuracy']:.1%} by a second, BatchNorm CNN "
-            f"({before['steps']} steps before: {before['cnn_accuracy']:.1%}, {before['cnn_excess']:.1f}) |") in README
+            f"(floor {flow['floor']:.1f}); {second['accuracy']:.1%} by a second, BatchNorm CNN |") in README
 
 
 def test_the_readme_quotes_make_train_minutes_on_the_xeon_as_its_json_has_them():
