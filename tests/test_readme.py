@@ -78,7 +78,8 @@ def test_the_readme_quotes_figures_as_the_json_behind_them_has_them():
     made = [r for r in rows if r["command"] == "make one-step"]
     assert len(made) == 1
     jump = made[0]["readings"][0]
-    staged = one(rows, route="make one-step + a matching stage: weight 5, clip 10, AdamW beta1 0")["readings"][0]
+    staged = one(rows, route="make one-step + a matching stage: weight 5, clip 10, AdamW beta1 0 (2 training seeds)")
+    staged = staged["readings"][0]
     assert (f"one step from `make train`'s flow: `make one-step`, {made[0]['added_minutes']:.1f} min more | 1 NFE: "
             f"excess Fréchet {jump['cnn']:.1f}, {jump['bn']:.2f} by the BatchNorm CNN; {staged['cnn']:.1f}, "
             f"{staged['bn']:.2f} after 3.1 min of distribution matching; the flow at {flow['nfe']} NFE: "
