@@ -181,8 +181,8 @@ def output_folders(cfg: TrainConfig) -> list[tuple[Path, str]]:
 
 
 def check_outputs(cfg: TrainConfig) -> None:
-    """Every output path usable, and --existing refuse honoured: checks only, nothing is created or moved (the scripts
-    call it before any data is read, the loop again before its run)."""
+    """Every output path usable, and --existing refuse honoured: checks only, nothing is created or moved (check_run
+    calls it, before any data is read)."""
     checkpoint = output_path(cfg.out, cfg.out_dir)
     if checkpoint.is_dir():
         raise ValueError(f"--out {checkpoint} is a folder: give a file path (e.g. {checkpoint}/best.pth)")

@@ -116,6 +116,19 @@ class Runtime:
         """Only the main process prints and writes files."""
         return self.rank == 0
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of this run's inputs and weights: channels_last, or the usual NCHW."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def distributed(self, module: torch.nn.Module) -> torch.nn.Module:
+        """module as this run calls a trained network: wrapped for DDP under torchrun (its gradients averaged over
+        the ranks), else itself."""
+        if not self.ddp:
+            return module
+        gpu = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=gpu)
+
     def autocast(self):
         """The bf16/fp16 autocast context of this run, or a no-op."""
         if self.amp == "none":

@@ -124,7 +124,4 @@ def critic_for(cfg: MatchConfig, student: nn.Module, rt: Runtime) -> Critic:
     if loaded.model.config.average_velocity or replace(loaded.model.config, average_velocity=True) != student.config:
         raise ValueError(f"--dm-teacher {cfg.dm_teacher} holds another model than the student (the teacher must be "
                          "the flow the student was converted from)")
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    gpu = [rt.device.index] if rt.device.type == "cuda" else None
-    wrap = (lambda m: nn.parallel.DistributedDataParallel(m, device_ids=gpu)) if rt.ddp else (lambda m: m)
-    return Critic(loaded.model.to(memory_format=memory_format), loaded.sampler.guidance, cfg, wrap)
+    return Critic(loaded.model.to(memory_format=rt.memory_format), loaded.sampler.guidance, cfg, rt.distributed)

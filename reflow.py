@@ -245,8 +245,8 @@ def stage(command: str, argv: list[str]) -> dict:
     if not init_from:
         raise ValueError("--init-from is empty: reflow stages start from trained weights (the default: parent)")
     source = load_checkpoint(init_from)
-    lineage = {"parent": init_from, "parent_sha256": sha256(init_from),
-               "parent_kind": source.get("kind", "1-rectified"),
+    parent = RunRecord.read(source)
+    lineage = {"parent": init_from, "parent_sha256": sha256(init_from), "parent_kind": parent.kind,
                "pairs": {k: manifest[k] for k in ("parent", *PAIR_SETTINGS)}}
     # A stage's sampler is unguided, whatever its parent recommends: its point is few NFE, and a guided
     # step costs two. Guidance stays a choice at sampling time (--guidance).
@@ -267,7 +267,7 @@ def stage(command: str, argv: list[str]) -> dict:
     run_cfg = check_run(cfg, model_config_from(source), match=match)  # before the pairs are read
     train_set, val_set, _ = load_pairs(data.pairs, data.val_size, states=cfg.objective == "meanflow")
     record = RunRecord(kind, sampler.record(), manifest.get("class_names"),
-                       source.get("dataset") or "reflow-pairs", lineage)  # the parent's data, in its paths
+                       parent.dataset or "reflow-pairs", lineage)  # the parent's data, in its paths
     summary = train(run_cfg, train_set, val_set, record)
     print(f"done: {kind}, {', '.join(summary['files']) or 'no checkpoint written'} (step {summary['step']}, "
           f"{summary['elapsed_s'] / 60:.1f} min); sample with {sampler}")

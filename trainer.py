@@ -59,12 +59,10 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, rt: Runtime) -> Parts:
     """Model, EMA, optimizer and grad scaler for cfg on rt's device, in rt's memory format."""
     keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    model = build_model(model_cfg).to(rt.device, memory_format=memory_format)
+    model = build_model(model_cfg).to(rt.device, memory_format=rt.memory_format)
     net: nn.Module = torch.compile(model) if rt.compile else model
     if rt.ddp:
-        gpu = [rt.device.index] if rt.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=gpu)
+        net = rt.distributed(net)
     elif cfg.parallel == "dp":
         net = nn.DataParallel(net)  # on CPU or a single GPU this simply calls the module
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
